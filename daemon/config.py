@@ -1,0 +1,409 @@
+"""config.toml -> typed, validated settings.
+
+Every key is declared once in ``SCHEMA`` with its type, default and check; an unknown key, a
+wrong type or an impossible value raises ``ConfigError`` naming the key, so the daemon never
+starts half-configured. Secrets never live in the file: ``FAL_KEY`` comes from the
+environment only.
+"""
+
+from __future__ import annotations
+
+import os
+import string
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+BUILTIN_LAYERS = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
+
+#: Fallback URL hosts name the layer, as the original system did, under the reserved
+#: `.invalid` top-level domain so that nothing can ever be fetched from them.
+FALLBACK_HOSTS = {
+    "webhook": "webhook-handler",
+    "poller": "status-checker",
+    "delayed": "training-manager",
+    "startup": "startup-checker",
+    "completeness": "completeness-check",
+    "emergency": "emergency",
+}
+
+
+class ConfigError(ValueError):
+    """A configuration problem, with the offending key in the message."""
+
+
+@dataclass(frozen=True)
+class Key:
+    """One configuration key: its type(s), default and an optional value check."""
+
+    types: tuple[type, ...]
+    default: Any
+    check: Callable[[Any], str | None] | None = None
+    doc: str = ""
+
+
+def _positive(value: float) -> str | None:
+    return None if value > 0 else "must be greater than 0"
+
+
+def _non_negative(value: float) -> str | None:
+    return None if value >= 0 else "must be 0 or greater"
+
+
+def _fraction(value: float) -> str | None:
+    return None if 0 <= value <= 1 else "must be between 0 and 1"
+
+
+def _http_url(value: str) -> str | None:
+    parts = urlsplit(value)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        return "must be an http:// or https:// URL"
+    return None
+
+
+def _optional_http_url(value: str) -> str | None:
+    return None if value == "" else _http_url(value)
+
+
+def _listen(value: str) -> str | None:
+    host, sep, port = value.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        return 'must be "host:port", e.g. "127.0.0.1:8700"'
+    return None
+
+
+def _db_url(value: str) -> str | None:
+    scheme = value.split("://", 1)[0] if "://" in value else ""
+    if scheme not in ("sqlite", "postgresql", "postgres"):
+        return "must be sqlite:///PATH or postgresql://..."
+    return None
+
+
+def _level(value: str) -> str | None:
+    levels = ("debug", "info", "warning", "error", "critical")
+    return None if value.lower() in levels else f"must be one of {', '.join(levels)}"
+
+
+def _mode(value: str) -> str | None:
+    return None if value in ("complete", "fail") else 'must be "complete" or "fail"'
+
+
+def _non_empty(value: str) -> str | None:
+    return None if value.strip() else "must not be empty"
+
+
+def _template(value: str) -> str | None:
+    try:
+        fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
+    except ValueError as exc:
+        return f"is not a valid template ({exc})"
+    unknown = fields - {"name", "request_id"}
+    if unknown:
+        return f"may only use {{name}} and {{request_id}}, not {{{sorted(unknown)[0]}}}"
+    return None
+
+
+FLOAT = (int, float)
+
+# Section -> key -> Key. Layers and training types are tables of tables, declared below.
+SCHEMA: dict[str, dict[str, Key]] = {
+    "database": {"url": Key((str,), None, _db_url)},
+    "fal": {
+        "queue_url": Key((str,), "https://queue.fal.run", _http_url),
+        "jwks_url": Key((str,), "https://rest.alpha.fal.ai/.well-known/jwks.json", _http_url),
+        "max_requests_per_second": Key(FLOAT, 10.0, _positive),
+        "timeout_seconds": Key(FLOAT, 30.0, _positive),
+        "retries": Key((int,), 2, _non_negative),
+    },
+    "webhook": {
+        "listen": Key((str,), "127.0.0.1:8700", _listen),
+        "public_url": Key((str,), "http://127.0.0.1:8700/fal/webhook", _http_url),
+        "verify_signatures": Key((bool,), True),
+        "max_body_bytes": Key((int,), 1024 * 1024, _positive),
+        "timestamp_tolerance_seconds": Key(FLOAT, 300.0, _positive),
+        "jwks_cache_seconds": Key(FLOAT, 86400.0, _positive),
+        "rejected_kept": Key((int,), 1000, _non_negative),
+    },
+    "metrics": {"listen": Key((str,), "127.0.0.1:9700", _listen)},
+    "log": {"level": Key((str,), "info", _level)},
+    "fallback": {
+        "mode": Key((str,), "complete", _mode),
+        "trigger_phrase": Key((str,), "TOK", _non_empty),
+    },
+}
+
+LAYER_SCHEMA: dict[str, dict[str, Key]] = {
+    "webhook": {},
+    "poller": {
+        "first_check_after_seconds": Key(FLOAT, 90.0, _non_negative),
+        "interval_seconds": Key(FLOAT, 60.0, _positive),
+        "jitter": Key(FLOAT, 0.1, _fraction),
+        "concurrency": Key((int,), 8, _positive),
+        "max_backoff_seconds": Key(FLOAT, 900.0, _positive),
+    },
+    "delayed": {
+        "after_seconds": Key(FLOAT, 600.0, _non_negative),
+        "verify_after_seconds": Key(FLOAT, 60.0, _non_negative),
+    },
+    "startup": {"concurrency": Key((int,), 8, _positive)},
+    "completeness": {
+        "interval_seconds": Key(FLOAT, 300.0, _positive),
+        "check_lora_url": Key((bool,), True),
+        "batch": Key((int,), 200, _positive),
+    },
+    "emergency": {"deadline_seconds": Key(FLOAT, 21600.0, _positive)},
+}
+
+DEFAULT_TRAINING_TYPES = {
+    "portrait": {
+        "endpoint": "fal-ai/flux-lora-portrait-trainer",
+        "result_field": "diffusers_lora_file",
+        "images_field": "images_data_url",
+        "trigger_field": "trigger_phrase",
+    },
+    "fast": {
+        "endpoint": "fal-ai/flux-lora-fast-training",
+        "result_field": "diffusers_lora_file",
+        "images_field": "images_data_url",
+        "trigger_field": "trigger_word",
+    },
+    "style": {
+        "endpoint": "fal-ai/flux-pro-trainer",
+        "result_field": "finetune_id",
+        "images_field": "data_url",
+        "trigger_field": "trigger_word",
+    },
+}
+TRAINING_TYPE_SCHEMA = {
+    "endpoint": Key((str,), None, _non_empty),
+    "result_field": Key((str,), None, _non_empty),
+    "images_field": Key((str,), "images_data_url", _non_empty),
+    "trigger_field": Key((str,), "trigger_phrase", _non_empty),
+}
+
+
+@dataclass(frozen=True)
+class TrainingType:
+    name: str
+    endpoint: str
+    result_field: str
+    images_field: str = "images_data_url"
+    trigger_field: str = "trigger_phrase"
+
+
+@dataclass(frozen=True)
+class LayerSettings:
+    """One `[layers.NAME]` table: `enabled` plus the layer's own options."""
+
+    name: str
+    enabled: bool
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+    def __getitem__(self, key: str) -> Any:
+        return self.options[key]
+
+
+@dataclass(frozen=True)
+class Settings:
+    """The whole validated configuration."""
+
+    database: Mapping[str, Any]
+    fal: Mapping[str, Any]
+    webhook: Mapping[str, Any]
+    metrics: Mapping[str, Any]
+    log: Mapping[str, Any]
+    fallback: Mapping[str, Any]
+    url_templates: Mapping[str, str]
+    training_types: Mapping[str, TrainingType]
+    layers: Mapping[str, LayerSettings]
+    source: str
+    fal_key: str | None = field(default=None, repr=False)
+
+    def layer(self, name: str) -> LayerSettings:
+        """The settings of a layer; a layer not named in the file is enabled with no options."""
+        return self.layers.get(name) or LayerSettings(name, True)
+
+    def training_type(self, name: str) -> TrainingType:
+        try:
+            return self.training_types[name]
+        except KeyError:
+            known = ", ".join(sorted(self.training_types))
+            raise ConfigError(f"unknown training type {name!r} (known: {known})") from None
+
+    def type_for_endpoint(self, endpoint: str) -> TrainingType | None:
+        return next((t for t in self.training_types.values() if t.endpoint == endpoint), None)
+
+    def fallback_url(self, layer: str, *, name: str, request_id: str) -> str:
+        template = self.url_templates.get(layer) or _default_template(layer)
+        return template.format(name=name, request_id=request_id)
+
+
+def _default_template(layer: str) -> str:
+    host = FALLBACK_HOSTS.get(layer, f"{layer}-layer")
+    return f"https://{host}.fallback.invalid/lora/{{name}}.safetensors"
+
+
+def _type_name(types: tuple[type, ...]) -> str:
+    if types == FLOAT:
+        return "a number"
+    return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
+
+
+def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[str, Any]:
+    if not isinstance(table, dict):
+        raise ConfigError(f"[{where}] must be a table")
+    unknown = sorted(set(table) - set(schema))
+    if unknown:
+        known = ", ".join(sorted(schema)) or "none"
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (known keys: {known})")
+    out: dict[str, Any] = {}
+    for key, spec in schema.items():
+        name = f"{where}.{key}"
+        if key not in table:
+            out[key] = spec.default
+            continue
+        value = table[key]
+        # bool is an int in Python; a number key must not silently accept true/false.
+        if (isinstance(value, bool) and bool not in spec.types) or not isinstance(
+            value, spec.types
+        ):
+            raise ConfigError(f"{name}: must be {_type_name(spec.types)}, got {value!r}")
+        if spec.check is not None:
+            problem = spec.check(value)
+            if problem:
+                raise ConfigError(f"{name}: {problem} (got {value!r})")
+        out[key] = float(value) if spec.types == FLOAT else value
+    return out
+
+
+def default_database_url() -> str:
+    state = os.environ.get("STATE_DIRECTORY")
+    base = Path(state.split(":")[0]) if state else Path("var")
+    return f"sqlite:///{base / 'trainguard.db'}"
+
+
+def parse(
+    data: Mapping[str, Any], *, source: str = "<defaults>", env: Mapping[str, str] | None = None
+) -> Settings:
+    """Validate a decoded TOML document into Settings."""
+    env = os.environ if env is None else env
+    tables = set(SCHEMA) | {"layers", "training_types"}
+    unknown = sorted(set(data) - tables)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown table (known: {', '.join(sorted(tables))})")
+
+    sections: dict[str, dict[str, Any]] = {}
+    templates: Any = {}
+    for section, schema in SCHEMA.items():
+        raw = data.get(section, {})
+        if not isinstance(raw, dict):
+            raise ConfigError(f"{section}: must be a table")
+        raw = dict(raw)
+        if section == "fallback":
+            templates = raw.pop("url_templates", {})
+        sections[section] = _validate_table(raw, schema, section)
+    url_templates = _validate_templates(templates)
+    if sections["database"]["url"] is None:
+        sections["database"]["url"] = default_database_url()
+
+    types_raw = data.get("training_types", DEFAULT_TRAINING_TYPES)
+    if not isinstance(types_raw, dict) or not types_raw:
+        raise ConfigError("training_types: must be a table with at least one [training_types.NAME]")
+    training_types = {}
+    for name, table in types_raw.items():
+        values = _validate_table(table, TRAINING_TYPE_SCHEMA, f"training_types.{name}")
+        for key, value in values.items():
+            if value is None:
+                raise ConfigError(f"training_types.{name}.{key}: missing")
+        training_types[name] = TrainingType(name, **values)
+
+    layers_raw = data.get("layers", {})
+    if not isinstance(layers_raw, dict):
+        raise ConfigError("layers: must be a table of [layers.NAME] tables")
+    layers: dict[str, LayerSettings] = {}
+    for name in (*BUILTIN_LAYERS, *sorted(set(layers_raw) - set(BUILTIN_LAYERS))):
+        table = layers_raw.get(name, {})
+        if not isinstance(table, dict):
+            raise ConfigError(f"layers.{name}: must be a table")
+        enabled = table.get("enabled", True)
+        if not isinstance(enabled, bool):
+            raise ConfigError(f"layers.{name}.enabled: must be true or false, got {enabled!r}")
+        rest = {k: v for k, v in table.items() if k != "enabled"}
+        # Built-in layers are checked here; a plugin layer's options go to the plugin as given.
+        options = (
+            _validate_table(rest, LAYER_SCHEMA[name], f"layers.{name}")
+            if name in LAYER_SCHEMA
+            else rest
+        )
+        layers[name] = LayerSettings(name, enabled, options)
+
+    key = env.get("FAL_KEY") or None
+    return Settings(
+        database=sections["database"],
+        fal=sections["fal"],
+        webhook=sections["webhook"],
+        metrics=sections["metrics"],
+        log=sections["log"],
+        fallback=sections["fallback"],
+        url_templates=url_templates,
+        training_types=training_types,
+        layers=layers,
+        source=source,
+        fal_key=key,
+    )
+
+
+def _validate_templates(raw: Any) -> dict[str, str]:
+    if not isinstance(raw, dict):
+        raise ConfigError("fallback.url_templates: must be a table of layer = template")
+    out = {layer: _default_template(layer) for layer in BUILTIN_LAYERS}
+    for layer, template in raw.items():
+        name = f"fallback.url_templates.{layer}"
+        if not isinstance(template, str):
+            raise ConfigError(f"{name}: must be a string, got {template!r}")
+        problem = _template(template) or _http_url(template.format(name="n", request_id="r"))
+        if problem:
+            raise ConfigError(f"{name}: {problem} (got {template!r})")
+        out[layer] = template
+    return out
+
+
+def resolve_path(explicit: str | None, env: Mapping[str, str] | None = None) -> tuple[Path, bool]:
+    """Where the config comes from: --config, else $TRAINGUARD_CONFIG, else ./config.toml.
+
+    Returns the path and whether it was asked for explicitly (then it must exist).
+    """
+    env = os.environ if env is None else env
+    if explicit:
+        return Path(explicit), True
+    if env.get("TRAINGUARD_CONFIG"):
+        return Path(env["TRAINGUARD_CONFIG"]), True
+    return Path("config.toml"), False
+
+
+def load(explicit: str | None = None, env: Mapping[str, str] | None = None) -> Settings:
+    """Read and validate the configuration; the embedded defaults when no file exists."""
+    path, required = resolve_path(explicit, env)
+    if not path.exists():
+        if required:
+            raise ConfigError(f"{path}: config file not found")
+        return parse({}, source="<embedded defaults>", env=env)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot read config file ({exc})") from None
+    return loads(text, source=str(path), env=env)
+
+
+def loads(text: str, *, source: str = "<string>", env: Mapping[str, str] | None = None) -> Settings:
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{source}: not valid TOML ({exc})") from None
+    try:
+        return parse(data, source=source, env=env)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from None

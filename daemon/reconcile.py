@@ -1,0 +1,719 @@
+"""The only writer of training state: observations in, transitions out.
+
+Layers notice things (a webhook arrived, a status poll answered, a deadline passed) and hand
+each one to ``Reconciler.observe`` as an ``Observation``. Reconcile decides what it means and
+applies at most one transition in one transaction, with an event row; after the commit it
+counts, logs and calls the plugin hooks. The rules make overlapping layers safe:
+
+* idempotent: the same observation twice changes nothing the second time;
+* monotonic: a terminal state never regresses, a real result always beats a fallback, and a
+  fallback never overwrites a real result;
+* honest: a fallback is applied only when FAL has definitively no artifact (a failure, a result
+  without its proof field, a payload error, an expired result) or the deadline has passed, and
+  it is always marked with its layer, kind and reason. A transient error is never terminal:
+  it only moves the next check, with backoff.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+import structlog
+import trio
+
+from daemon import fal, logs
+from daemon.clock import Clock
+from daemon.config import Settings
+from daemon.store import (
+    TERMINAL,
+    Event,
+    Store,
+    Training,
+    TrainingView,
+    WebhookReceipt,
+)
+
+log = structlog.get_logger("trainguard.reconcile")
+
+HOOK_TIMEOUT_SECONDS = 10.0
+
+
+class Kind(StrEnum):
+    """What a layer saw."""
+
+    QUEUED = "queued"  # FAL: IN_QUEUE
+    RUNNING = "running"  # FAL: IN_PROGRESS (maybe with progress)
+    PENDING = "pending"  # FAL: not done yet, nothing more known
+    FAL_COMPLETED = "fal_completed"  # FAL: COMPLETED; the result is still to be fetched
+    SUCCEEDED = "succeeded"  # a model output (result fetch, OK webhook)
+    FAILED = "failed"  # FAL's definitive failure (error result, ERROR webhook)
+    PAYLOAD_ERROR = "payload_error"  # FAL finished but could not serialise the output
+    NOT_FOUND = "not_found"  # FAL does not know the request (expired after completion)
+    TRANSIENT = "transient"  # timeout, 429, 5xx, connection error: try again later
+    DEADLINE = "deadline"  # the emergency deadline has passed
+    CANCELLED = "cancelled"  # FAL accepted our cancel request
+    PROBED = "probed"  # the stored LoRA URL was asked whether it still answers
+
+
+@dataclass(frozen=True)
+class Observation:
+    request_id: str
+    layer: str
+    kind: Kind
+    progress: int | None = None
+    output: Mapping[str, Any] | None = None
+    detail: str | None = None
+    available: bool | None = None  # PROBED: whether the artifact URL answered 2xx
+
+
+@dataclass(frozen=True)
+class Change:
+    """What one observation did to its training (``kind == "none"``: nothing)."""
+
+    request_id: str
+    layer: str
+    kind: str
+    from_status: str | None = None
+    to_status: str | None = None
+    training: TrainingView | None = None
+    detail: Mapping[str, Any] = field(default_factory=dict)
+    time_to_result: float | None = None
+
+    @property
+    def changed(self) -> bool:
+        return self.kind not in ("none", "unknown", "backoff", "checked")
+
+
+class MalformedWebhook(ValueError):
+    """A webhook body that is not FAL's shape; the reason is safe to answer with."""
+
+
+class AlreadyTracked(ValueError):
+    """A training with this request_id is already in the store."""
+
+
+#: Changes that leave a row in the event history.
+EVENT_KINDS = frozenset(
+    {
+        "registered",
+        "status",
+        "result",
+        "fallback",
+        "upgrade",
+        "filled",
+        "cancelled",
+        "fal_completed",
+    }
+)
+
+
+# -- reading FAL's answers ---------------------------------------------------------------
+def observation_from_answer(answer: fal.Answer, request_id: str, layer: str) -> Observation:
+    """Translate a classified FAL answer into an observation."""
+    k = fal.Kind
+    if answer.kind == k.TRANSIENT:
+        return Observation(request_id, layer, Kind.TRANSIENT, detail=answer.detail)
+    if answer.kind == k.NOT_FOUND:
+        return Observation(request_id, layer, Kind.NOT_FOUND, detail=answer.detail)
+    if answer.kind == k.FAILED:
+        if answer.op == "cancel":  # ALREADY_COMPLETED: finished at FAL, fetch the result
+            return Observation(request_id, layer, Kind.FAL_COMPLETED, detail=answer.detail)
+        return Observation(request_id, layer, Kind.FAILED, detail=answer.detail)
+    if answer.kind == k.COMPLETED:
+        return Observation(request_id, layer, Kind.FAL_COMPLETED)
+    if answer.kind == k.SUCCEEDED:
+        if answer.op == "cancel":
+            return Observation(request_id, layer, Kind.CANCELLED)
+        return Observation(request_id, layer, Kind.SUCCEEDED, output=answer.output or {})
+    # PENDING
+    if answer.status == "IN_QUEUE":
+        return Observation(request_id, layer, Kind.QUEUED)
+    if answer.status == "IN_PROGRESS":
+        return Observation(request_id, layer, Kind.RUNNING, progress=answer.progress)
+    return Observation(request_id, layer, Kind.PENDING)
+
+
+def _detail_text(value: Any) -> str:
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False, sort_keys=True)[:2000]
+
+
+def parse_webhook(body: bytes) -> Observation:
+    """Read a FAL webhook body (OK / ERROR / payload_error) into an observation."""
+    try:
+        data = json.loads(body)
+    except (ValueError, UnicodeDecodeError):
+        raise MalformedWebhook("body is not JSON") from None
+    if not isinstance(data, dict):
+        raise MalformedWebhook("body is not a JSON object")
+    request_id = data.get("request_id")
+    if not isinstance(request_id, str) or not request_id:
+        raise MalformedWebhook("request_id is missing")
+    status = data.get("status")
+    payload = data.get("payload")
+    if status == "OK":
+        if isinstance(payload, dict):
+            return Observation(request_id, "webhook", Kind.SUCCEEDED, output=payload)
+        if payload is None and data.get("payload_error"):
+            detail = _detail_text(data["payload_error"])
+            return Observation(request_id, "webhook", Kind.PAYLOAD_ERROR, detail=detail)
+        raise MalformedWebhook("status OK without a payload object")
+    if status == "ERROR":
+        parts = [_detail_text(data.get("error") or "error")]
+        if payload is None and data.get("payload_error"):
+            parts.append(_detail_text(data["payload_error"]))
+        elif isinstance(payload, dict) and "detail" in payload:
+            parts.append(_detail_text(payload["detail"]))
+        detail = ": ".join(parts)
+        return Observation(request_id, "webhook", Kind.FAILED, detail=detail)
+    raise MalformedWebhook(f"unknown status {str(status)[:40]!r}")
+
+
+# -- the guaranteed fields ---------------------------------------------------------------
+def extract_result(output: Mapping[str, Any], result_field: str) -> dict[str, Any] | None:
+    """The stored fields of a real result, or None when the proof field is missing.
+
+    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id.
+    """
+    proof = output.get(result_field)
+    fields: dict[str, Any] = {"lora_url": None, "finetune_id": None, "config_url": None}
+    if isinstance(proof, dict) and isinstance(proof.get("url"), str) and proof["url"]:
+        fields["lora_url"] = proof["url"]
+    elif isinstance(proof, str) and proof:
+        fields["finetune_id"] = proof
+    else:
+        return None
+    config = output.get("config_file")
+    if isinstance(config, dict) and isinstance(config.get("url"), str) and config["url"]:
+        fields["config_url"] = config["url"]
+    return fields
+
+
+def missing_fields(view: TrainingView) -> list[str]:
+    """Guaranteed fields a finished training lacks (empty for unfinished or failed ones)."""
+    if view.status != "COMPLETED":
+        return []
+    missing = []
+    if not view.trigger_phrase:
+        missing.append("trigger_phrase")
+    if not (view.lora_url or view.finetune_id):
+        missing.append("lora_url")
+    if not view.is_fallback and view.lora_url and not view.config_url:
+        missing.append("config_url")
+    return missing
+
+
+# -- the reconciler ------------------------------------------------------------------------
+HookCaller = Callable[..., Awaitable[None]]
+
+
+class Reconciler:
+    """Applies observations through the store's writer; the only writer of trainings."""
+
+    def __init__(
+        self,
+        store: Store,
+        settings: Settings,
+        *,
+        clock: Clock | None = None,
+        metrics: Any = None,
+        hooks: HookCaller | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.store = store
+        self.settings = settings
+        self.clock = clock or Clock()
+        self.metrics = metrics
+        self.hooks = hooks
+        self.rng = rng or random.Random()
+        #: Set whenever a training is registered or rescheduled, so layers can wake early.
+        self.changed = trio.Event()
+
+    # ---- public API (trio side) ----------------------------------------------------------
+    async def observe(self, obs: Observation) -> Change:
+        now = self.clock.now()
+        change = await self.store.write(self._apply, obs, now)
+        await self._after([change])
+        return change
+
+    async def observe_answer(self, answer: fal.Answer, request_id: str, layer: str) -> Change:
+        return await self.observe(observation_from_answer(answer, request_id, layer))
+
+    async def register(
+        self,
+        *,
+        name: str,
+        training_type: str,
+        request_id: str,
+        layer: str,
+        endpoint: str | None = None,
+        status_url: str | None = None,
+        response_url: str | None = None,
+        cancel_url: str | None = None,
+        trigger_phrase: str | None = None,
+        arguments: Mapping[str, Any] | None = None,
+        submitted_at: float | None = None,
+    ) -> TrainingView:
+        """Record a new training (submitted here or adopted) and apply any webhook that
+        arrived before it; raises AlreadyTracked for a known request_id."""
+        ttype = self.settings.training_type(training_type)
+        now = self.clock.now()
+        row = {
+            "name": name,
+            "training_type": ttype.name,
+            "endpoint": endpoint or ttype.endpoint,
+            "request_id": request_id,
+            "status_url": status_url,
+            "response_url": response_url,
+            "cancel_url": cancel_url,
+            "trigger_phrase": trigger_phrase or None,
+            "input_json": json.dumps(arguments, ensure_ascii=False) if arguments else None,
+            "submitted_at": submitted_at if submitted_at is not None else now,
+        }
+        view, changes = await self.store.write(self._register, row, layer, now)
+        await self._after(changes)
+        self._poke()
+        return view
+
+    async def record_receipt(
+        self,
+        *,
+        body: bytes,
+        headers: Mapping[str, str],
+        verification: str,
+        request_id: str | None,
+        dedupe_key: str | None,
+        reject_reason: str | None = None,
+    ) -> tuple[int, bool]:
+        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate)."""
+        now = self.clock.now()
+        keep = int(self.settings.webhook["rejected_kept"])
+        return await self.store.write(
+            self._record_receipt,
+            body,
+            dict(headers),
+            verification,
+            request_id,
+            dedupe_key,
+            reject_reason,
+            now,
+            keep,
+        )
+
+    async def apply_receipt(self, receipt_id: int, *, verification: str | None = None) -> Change:
+        """Apply a stored receipt (optionally first settling its verification outcome)."""
+        now = self.clock.now()
+        change = await self.store.write(self._apply_receipt, receipt_id, verification, now)
+        await self._after([change])
+        return change
+
+    # ---- what runs on the database thread -----------------------------------------------
+    def _lock(self, request_id: str) -> Training | None:
+        query = Training.select().where(Training.request_id == request_id)
+        if self.store.supports_for_update:
+            query = query.for_update()
+        return query.first()
+
+    def _apply(self, obs: Observation, now: float) -> Change:
+        row = self._lock(obs.request_id)
+        if row is None:
+            return Change(obs.request_id, obs.layer, "unknown")
+        before = row.status
+        kind, detail, ttr = self._decide(row, obs, now)
+        row.last_checked_at = now
+        row.updated_at = now
+        row.save()
+        if kind in EVENT_KINDS:
+            self._event(row, obs.layer, kind, before, row.status, detail, now)
+        elif kind == "backoff" and row.attempts & (row.attempts - 1) == 0:
+            # Errors of a long outage: recorded at attempts 1, 2, 4, 8, ... not every time.
+            self._event(row, obs.layer, "error", before, row.status, detail, now)
+        return Change(
+            obs.request_id, obs.layer, kind, before, row.status, TrainingView.of(row), detail, ttr
+        )
+
+    def _event(
+        self,
+        row: Training,
+        layer: str,
+        kind: str,
+        before: str | None,
+        after: str | None,
+        detail: Mapping[str, Any],
+        now: float,
+    ) -> None:
+        Event.create(
+            training=row,
+            request_id=row.request_id,
+            at=now,
+            layer=layer,
+            kind=kind,
+            from_status=before,
+            to_status=after,
+            detail=json.dumps(detail, ensure_ascii=False) if detail else None,
+        )
+
+    def _poll_after(self, now: float) -> float:
+        poller = self.settings.layer("poller").options
+        interval = float(poller.get("interval_seconds", 60.0))
+        jitter = float(poller.get("jitter", 0.1))
+        return now + interval * (1 + self.rng.uniform(-jitter, jitter))
+
+    def _backoff(self, attempts: int, now: float) -> float:
+        poller = self.settings.layer("poller").options
+        interval = float(poller.get("interval_seconds", 60.0))
+        cap = float(poller.get("max_backoff_seconds", 900.0))
+        delay = min(cap, interval * 2 ** max(0, attempts - 1))
+        return now + delay * self.rng.uniform(0.8, 1.0)
+
+    def _decide(
+        self, row: Training, obs: Observation, now: float
+    ) -> tuple[str, dict[str, Any], float | None]:
+        k = obs.kind
+        terminal = row.status in TERMINAL
+        if obs.layer == "delayed":  # the delayed layer's one-off check is done (or retried)
+            row.delayed_check_at = (
+                self._backoff(row.attempts + 1, now) if k == Kind.TRANSIENT else None
+            )
+
+        if k == Kind.SUCCEEDED:
+            ttype = self.settings.training_types.get(row.training_type)
+            result_field = ttype.result_field if ttype else "diffusers_lora_file"
+            fields = extract_result(obs.output or {}, result_field)
+            if fields is None:
+                if terminal:
+                    return "none", {}, None
+                reason = f"FAL's result has no {result_field}"
+                return (
+                    self._fallback(row, obs, "no_artifact", reason, now),
+                    {"reason": reason},
+                    None,
+                )
+            if terminal and not row.is_fallback:
+                if row.status != "COMPLETED":  # a real failure or a cancel stays as it is
+                    return "none", {}, None
+                return self._fill(row, fields, obs), {}, None
+            kind = "upgrade" if terminal else "result"
+            previous = {
+                "fallback_layer": row.fallback_layer,
+                "fallback_reason": row.fallback_reason,
+            }
+            row.status = "COMPLETED"
+            row.progress = 100
+            row.lora_url = fields["lora_url"]
+            row.config_url = fields["config_url"]
+            row.finetune_id = fields["finetune_id"]
+            row.result_json = json.dumps(obs.output, ensure_ascii=False, sort_keys=True)
+            row.result_layer = obs.layer
+            row.trigger_phrase = row.trigger_phrase or self.settings.fallback["trigger_phrase"]
+            row.is_fallback = False
+            row.fallback_layer = row.fallback_reason = row.fallback_kind = None
+            row.completed_at = now
+            row.next_check_at = None
+            row.attempts = 0
+            ttr = now - row.fal_completed_at if row.fal_completed_at else None
+            if kind == "result":
+                row.delayed_check_at = now + self._verify_after()
+                return kind, {"lora_url": row.lora_url, "finetune_id": row.finetune_id}, ttr
+            return kind, {"replaced": previous, "lora_url": row.lora_url}, ttr
+
+        if k == Kind.PROBED:
+            if row.status != "COMPLETED" or row.is_fallback or obs.available is None:
+                return "none", {}, None
+            was = row.lora_available
+            row.lora_checked_at = now
+            row.lora_available = obs.available
+            if was is not False and not obs.available:
+                return "artifact_missing", {"lora_url": row.lora_url, "error": obs.detail}, None
+            return "checked", {}, None
+
+        if terminal:  # a terminal state never regresses; late or duplicate news changes nothing
+            return "none", {}, None
+
+        if k == Kind.TRANSIENT or (k == Kind.NOT_FOUND and not row.fal_completed_at):
+            row.attempts += 1
+            row.last_error = (obs.detail or k.value)[:2000]
+            row.next_check_at = self._backoff(row.attempts, now)
+            return "backoff", {"error": row.last_error, "attempts": row.attempts}, None
+        if k == Kind.NOT_FOUND:
+            reason = "FAL no longer has the result (expired)"
+            return self._fallback(row, obs, "expired", reason, now), {"reason": reason}, None
+        if k == Kind.FAILED:
+            row.failure_detail = (obs.detail or "")[:4000] or None
+            reason = f"FAL reported a failure: {obs.detail or 'no detail'}"[:2000]
+            return self._fallback(row, obs, "fal_failure", reason, now), {"reason": reason}, None
+        if k == Kind.PAYLOAD_ERROR:
+            reason = f"FAL could not deliver the output: {obs.detail or 'payload_error'}"[:2000]
+            return self._fallback(row, obs, "payload_error", reason, now), {"reason": reason}, None
+        if k == Kind.DEADLINE:
+            if row.deadline_at is None or now < row.deadline_at:
+                return "none", {}, None
+            reason = "no final answer from FAL before the deadline"
+            return self._fallback(row, obs, "deadline", reason, now), {"reason": reason}, None
+        if k == Kind.CANCELLED:
+            row.status = "CANCELLED"
+            row.completed_at = now
+            row.next_check_at = row.delayed_check_at = None
+            return "cancelled", {}, None
+
+        row.attempts = 0
+        if k == Kind.FAL_COMPLETED:
+            row.next_check_at = now  # fetch the result at once
+            if row.fal_completed_at is None:
+                row.fal_completed_at = now
+                return "fal_completed", {}, None
+            return "checked", {}, None
+        row.next_check_at = self._poll_after(now)
+        if k == Kind.QUEUED and row.status == "SUBMITTED":
+            row.status = "IN_QUEUE"
+            return "status", {}, None
+        if k == Kind.RUNNING:
+            progress = max(row.progress, min(99, obs.progress or 0))
+            if row.status != "IN_PROGRESS":
+                row.status = "IN_PROGRESS"
+                row.started_at = row.started_at or now
+                row.progress = progress
+                return "status", {}, None
+            if progress != row.progress:
+                row.progress = progress
+                return "progress", {}, None
+        return "checked", {}, None
+
+    def _verify_after(self) -> float:
+        return float(self.settings.layer("delayed").options.get("verify_after_seconds", 60.0))
+
+    def _fill(self, row: Training, fields: Mapping[str, Any], obs: Observation) -> str:
+        """A real result is stored; fill only what it lacks, never replace what it has."""
+        filled = [k for k, v in fields.items() if v and not getattr(row, k)]
+        for key in filled:
+            setattr(row, key, fields[key])
+        if not row.result_json and obs.output:
+            row.result_json = json.dumps(obs.output, ensure_ascii=False, sort_keys=True)
+        return "filled" if filled else "none"
+
+    def _fallback(self, row: Training, obs: Observation, kind: str, reason: str, now: float) -> str:
+        row.is_fallback = True
+        row.fallback_layer = obs.layer
+        row.fallback_kind = kind
+        row.fallback_reason = reason
+        row.trigger_phrase = row.trigger_phrase or self.settings.fallback["trigger_phrase"]
+        if self.settings.fallback["mode"] == "complete":
+            row.status = "COMPLETED"
+            row.progress = 100
+            row.lora_url = self.settings.fallback_url(
+                obs.layer, name=row.name, request_id=row.request_id
+            )
+        else:
+            row.status = "FAILED"
+        row.completed_at = now
+        row.next_check_at = None
+        row.delayed_check_at = now + self._verify_after()
+        return "fallback"
+
+    def _register(
+        self, values: dict[str, Any], layer: str, now: float
+    ) -> tuple[TrainingView, list[Change]]:
+        if Training.select().where(Training.request_id == values["request_id"]).exists():
+            raise AlreadyTracked(f"training {values['request_id']} is already tracked")
+        submitted = values["submitted_at"]
+        poller = self.settings.layer("poller").options
+        delayed = self.settings.layer("delayed").options
+        emergency = self.settings.layer("emergency").options
+        row = Training.create(
+            **values,
+            status="SUBMITTED",
+            next_check_at=submitted + float(poller.get("first_check_after_seconds", 90.0)),
+            delayed_check_at=submitted + float(delayed.get("after_seconds", 600.0)),
+            deadline_at=submitted + float(emergency.get("deadline_seconds", 21600.0)),
+            updated_at=now,
+        )
+        self._event(row, layer, "registered", None, "SUBMITTED", {"name": row.name}, now)
+        changes = []
+        pending = (
+            WebhookReceipt.select(WebhookReceipt.id)
+            .where(
+                WebhookReceipt.request_id == row.request_id,
+                WebhookReceipt.processed_at.is_null(),
+                WebhookReceipt.verification.in_(("verified", "skipped")),
+            )
+            .order_by(WebhookReceipt.id)
+        )
+        for receipt in pending:  # webhooks that came before the training was known
+            changes.append(self._apply_receipt(receipt.id, None, now))
+        row = Training.get_by_id(row.id)
+        return TrainingView.of(row), changes
+
+    def _record_receipt(
+        self,
+        body: bytes,
+        headers: dict[str, str],
+        verification: str,
+        request_id: str | None,
+        dedupe_key: str | None,
+        reject_reason: str | None,
+        now: float,
+        keep_rejected: int,
+    ) -> tuple[int, bool]:
+        if dedupe_key is not None:
+            existing = WebhookReceipt.get_or_none(WebhookReceipt.dedupe_key == dedupe_key)
+            if existing is not None:
+                return existing.id, True
+        receipt = WebhookReceipt.create(
+            request_id=request_id,
+            dedupe_key=dedupe_key,
+            body=body,
+            headers_json=json.dumps(headers, ensure_ascii=False),
+            verification=verification,
+            reject_reason=reject_reason,
+            received_at=now,
+            processed_at=now if verification == "rejected" else None,
+            outcome="rejected" if verification == "rejected" else None,
+        )
+        if verification == "rejected":  # kept for forensics, bounded
+            stale = (
+                WebhookReceipt.select(WebhookReceipt.id)
+                .where(WebhookReceipt.verification == "rejected")
+                .order_by(WebhookReceipt.id.desc())
+                .offset(keep_rejected)
+            )
+            WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        return receipt.id, False
+
+    def _apply_receipt(self, receipt_id: int, verification: str | None, now: float) -> Change:
+        receipt = WebhookReceipt.get_or_none(WebhookReceipt.id == receipt_id)
+        if receipt is None or receipt.processed_at is not None:
+            return Change(receipt.request_id if receipt else "", "webhook", "none")
+        if verification is not None:
+            receipt.verification = verification
+        if receipt.verification == "rejected":
+            receipt.processed_at = now
+            receipt.outcome = "rejected"
+            receipt.save()
+            return Change(receipt.request_id or "", "webhook", "none")
+        if receipt.verification not in ("verified", "skipped"):
+            receipt.save()  # still waiting for the keys
+            return Change(receipt.request_id or "", "webhook", "none")
+        try:
+            obs = parse_webhook(bytes(receipt.body))
+        except MalformedWebhook as exc:
+            receipt.processed_at = now
+            receipt.outcome = f"malformed: {exc}"
+            receipt.save()
+            return Change(receipt.request_id or "", "webhook", "none")
+        change = self._apply(obs, now)
+        if change.kind == "unknown":
+            receipt.outcome = "unknown_training"  # stays unprocessed until the training appears
+        else:
+            receipt.processed_at = now
+            receipt.outcome = change.kind
+        receipt.save()
+        return change
+
+    # ---- after the commit (trio side) ----------------------------------------------------
+    def _poke(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def _after(self, changes: Sequence[Change]) -> None:
+        for change in changes:
+            await self._announce(change)
+
+    async def _announce(self, change: Change) -> None:
+        view = change.training
+        if view is None or change.kind in ("none", "unknown", "checked", "progress"):
+            return
+        tag = logs.tag_for(change.layer)
+        m = self.metrics
+        with structlog.contextvars.bound_contextvars(
+            request_id=view.request_id, name=view.name, layer=change.layer
+        ):
+            if change.kind == "backoff":
+                log.info(f"{tag} FAL not reachable for this training; will retry", **change.detail)
+                return
+            if change.from_status != change.to_status and m is not None:
+                m.transition(change.to_status)
+            if change.kind in ("result", "upgrade"):
+                if m is not None:
+                    m.result_recovered(change.layer)
+                    if change.time_to_result is not None:
+                        m.time_to_result(change.time_to_result)
+                if change.kind == "upgrade":
+                    if m is not None:
+                        m.fallback_upgraded(change.layer)
+                    log.info(f"{tag} fallback replaced by the real result", **change.detail)
+                    await self._hook(
+                        "trainguard_fallback_upgraded", training=view, layer=change.layer
+                    )
+                else:
+                    log.info(f"{tag} result stored", status=view.status, **change.detail)
+                await self._hook("trainguard_training_finished", training=view, layer=change.layer)
+            elif change.kind == "fallback":
+                if m is not None:
+                    m.fallback_applied(change.layer)
+                log.warning(
+                    f"{logs.WARN} fallback applied",
+                    kind=view.fallback_kind,
+                    reason=view.fallback_reason,
+                    status=view.status,
+                    lora_url=view.lora_url,
+                )
+                await self._hook(
+                    "trainguard_fallback_applied",
+                    training=view,
+                    layer=change.layer,
+                    reason=view.fallback_reason,
+                )
+                await self._hook("trainguard_training_finished", training=view, layer=change.layer)
+            elif change.kind == "artifact_missing":
+                log.warning(f"{logs.WARN} stored LoRA URL does not answer", **change.detail)
+            elif change.kind == "cancelled":
+                log.info(f"{tag} training cancelled")
+                await self._hook("trainguard_training_finished", training=view, layer=change.layer)
+            else:
+                log.info(f"{tag} {change.kind}", status=view.status, progress=view.progress)
+
+    async def _hook(self, name: str, **kwargs: Any) -> None:
+        if self.hooks is not None:
+            await self.hooks(name, **kwargs)
+
+
+def view_as_dict(view: TrainingView) -> dict[str, Any]:
+    """The operator contract's JSON shape of a training (see design.md)."""
+    from datetime import UTC, datetime
+
+    def iso(ts: float | None) -> str | None:
+        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
+
+    return {
+        "request_id": view.request_id,
+        "name": view.name,
+        "training_type": view.training_type,
+        "endpoint": view.endpoint,
+        "status": view.status,
+        "progress": view.progress,
+        "trigger_phrase": view.trigger_phrase,
+        "lora_url": view.lora_url,
+        "config_url": view.config_url,
+        "finetune_id": view.finetune_id,
+        "is_fallback": bool(view.is_fallback),
+        "fallback_layer": view.fallback_layer,
+        "fallback_kind": view.fallback_kind,
+        "fallback_reason": view.fallback_reason,
+        "result_layer": view.result_layer,
+        "failure_detail": view.failure_detail,
+        "last_error": view.last_error,
+        "attempts": view.attempts,
+        "missing_fields": missing_fields(view),
+        "submitted_at": iso(view.submitted_at),
+        "started_at": iso(view.started_at),
+        "completed_at": iso(view.completed_at),
+        "last_checked_at": iso(view.last_checked_at),
+        "next_check_at": iso(view.next_check_at),
+        "deadline_at": iso(view.deadline_at),
+    }

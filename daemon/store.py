@@ -1,0 +1,446 @@
+"""Peewee models, database opening, migrations and the one-writer access path.
+
+All SQLite specifics live here (pragmas, `BEGIN IMMEDIATE`); the rest of the daemon sees a
+`Store` with two doors:
+
+* ``await store.write(fn, *args)``: ``fn`` runs on the database thread inside a savepoint of
+  a group-commit batch. A writer task collects up to ``batch_max`` pending writes and commits
+  them in ONE transaction (synchronous=FULL), then answers each caller; a caller that is
+  answered knows its data is on disk. One failing ``fn`` rolls back only its own savepoint.
+* ``await store.read(fn, *args)``: ``fn`` runs on the database thread between batches.
+
+Both go through one ``trio.CapacityLimiter(1)`` over one shared connection, so transactions
+never interleave and never span two thread hand-offs (a measured pitfall: an ``atomic()`` left
+open on a worker thread is silently joined by a later unrelated call).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncIterator, Callable, Iterable
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+import peewee
+import trio
+
+T = TypeVar("T")
+
+SCHEMA_VERSION = 1
+UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+STATUSES = UNFINISHED + TERMINAL
+
+database = peewee.DatabaseProxy()
+
+
+class StoreClosed(RuntimeError):
+    """The store's writer stopped before this write could be committed."""
+
+
+class BaseModel(peewee.Model):
+    class Meta:
+        database = database
+
+
+class Meta(BaseModel):
+    """Key/value facts about the database itself (the schema version)."""
+
+    key = peewee.CharField(primary_key=True)
+    value = peewee.TextField()
+
+    class Meta:
+        table_name = "meta"
+
+
+class Training(BaseModel):
+    """One row per FAL request: the one true state of a training."""
+
+    name = peewee.CharField()
+    training_type = peewee.CharField()
+    endpoint = peewee.CharField()
+    request_id = peewee.CharField(unique=True)
+    status_url = peewee.TextField(null=True)
+    response_url = peewee.TextField(null=True)
+    cancel_url = peewee.TextField(null=True)
+    input_json = peewee.TextField(null=True)
+    status = peewee.CharField(default="SUBMITTED", index=True)
+    progress = peewee.IntegerField(default=0)
+    trigger_phrase = peewee.TextField(null=True)
+    lora_url = peewee.TextField(null=True)
+    config_url = peewee.TextField(null=True)
+    finetune_id = peewee.TextField(null=True)
+    result_json = peewee.TextField(null=True)
+    result_layer = peewee.CharField(null=True)
+    is_fallback = peewee.BooleanField(default=False)
+    fallback_layer = peewee.CharField(null=True)
+    fallback_reason = peewee.TextField(null=True)
+    fallback_kind = peewee.CharField(null=True)
+    failure_detail = peewee.TextField(null=True)
+    submitted_at = peewee.FloatField()
+    started_at = peewee.FloatField(null=True)
+    fal_completed_at = peewee.FloatField(null=True)
+    completed_at = peewee.FloatField(null=True)
+    last_checked_at = peewee.FloatField(null=True)
+    next_check_at = peewee.FloatField(null=True, index=True)
+    delayed_check_at = peewee.FloatField(null=True, index=True)
+    deadline_at = peewee.FloatField(null=True, index=True)
+    attempts = peewee.IntegerField(default=0)
+    last_error = peewee.TextField(null=True)
+    lora_checked_at = peewee.FloatField(null=True)
+    lora_available = peewee.BooleanField(null=True)
+    updated_at = peewee.FloatField()
+
+    class Meta:
+        table_name = "trainings"
+
+
+class WebhookReceipt(BaseModel):
+    """A webhook as it arrived: raw bytes first, meaning later (by reconcile)."""
+
+    request_id = peewee.CharField(null=True, index=True)
+    dedupe_key = peewee.CharField(null=True, unique=True)
+    body = peewee.BlobField()
+    headers_json = peewee.TextField()
+    verification = peewee.CharField()  # verified | unverified | skipped | rejected
+    reject_reason = peewee.TextField(null=True)
+    received_at = peewee.FloatField()
+    processed_at = peewee.FloatField(null=True, index=True)
+    outcome = peewee.CharField(null=True)
+
+    class Meta:
+        table_name = "webhook_receipts"
+
+
+class Event(BaseModel):
+    """Every transition, fallback, upgrade and error of a training (the history)."""
+
+    training = peewee.ForeignKeyField(Training, null=True, backref="events", on_delete="CASCADE")
+    request_id = peewee.CharField(index=True)
+    at = peewee.FloatField()
+    layer = peewee.CharField()
+    kind = peewee.CharField()
+    from_status = peewee.CharField(null=True)
+    to_status = peewee.CharField(null=True)
+    detail = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "events"
+
+
+class Schedule(BaseModel):
+    """When a periodic layer runs next: a time in the database, never an in-memory sleep."""
+
+    name = peewee.CharField(primary_key=True)
+    next_at = peewee.FloatField()
+
+    class Meta:
+        table_name = "schedules"
+
+
+MODELS = (Meta, Training, WebhookReceipt, Event, Schedule)
+
+
+def _migrate_1(db: peewee.Database) -> None:
+    db.create_tables([Training, WebhookReceipt, Event, Schedule])
+
+
+#: Forward migrations, applied in order at open; never edit a released one, append.
+MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = ((1, _migrate_1),)
+
+
+@dataclass(frozen=True)
+class TrainingView:
+    """An immutable snapshot of a training, safe to hand to layers, hooks and plugins."""
+
+    id: int
+    name: str
+    training_type: str
+    endpoint: str
+    request_id: str
+    status_url: str | None
+    response_url: str | None
+    cancel_url: str | None
+    input_json: str | None
+    status: str
+    progress: int
+    trigger_phrase: str | None
+    lora_url: str | None
+    config_url: str | None
+    finetune_id: str | None
+    result_json: str | None
+    result_layer: str | None
+    is_fallback: bool
+    fallback_layer: str | None
+    fallback_reason: str | None
+    fallback_kind: str | None
+    failure_detail: str | None
+    submitted_at: float
+    started_at: float | None
+    fal_completed_at: float | None
+    completed_at: float | None
+    last_checked_at: float | None
+    next_check_at: float | None
+    delayed_check_at: float | None
+    deadline_at: float | None
+    attempts: int
+    last_error: str | None
+    lora_checked_at: float | None
+    lora_available: bool | None
+    updated_at: float
+
+    @classmethod
+    def of(cls, row: Training) -> TrainingView:
+        return cls(**{f.name: getattr(row, f.name) for f in fields(cls)})
+
+    @property
+    def finished(self) -> bool:
+        return self.status in TERMINAL
+
+    @property
+    def result(self) -> dict[str, Any] | None:
+        return json.loads(self.result_json) if self.result_json else None
+
+
+@dataclass
+class _Write:
+    fn: Callable[..., Any]
+    args: tuple[Any, ...]
+    done: trio.Event
+    ok: bool = False
+    value: Any = None
+
+
+def open_database(url: str) -> peewee.Database:
+    """A peewee database for a URL: ``sqlite:///PATH`` (``sqlite:///:memory:``) or PostgreSQL."""
+    if url.startswith("sqlite:///"):
+        path = url.removeprefix("sqlite:///")  # "var/x.db" is relative, "/srv/x.db" absolute
+        if path != ":memory:":
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+        return peewee.SqliteDatabase(
+            path,
+            thread_safe=False,  # one connection, shared by the database thread slot
+            check_same_thread=False,
+            lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
+            pragmas={
+                "journal_mode": "wal",
+                "synchronous": 2,  # FULL: a commit that answers a webhook is on disk
+                "busy_timeout": 10_000,
+                "foreign_keys": 1,
+            },
+        )
+    from playhouse.db_url import connect
+
+    return connect(url, thread_safe=False)
+
+
+def migrate(db: peewee.Database) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION``; returns the version found before."""
+    with db.atomic():
+        db.create_tables([Meta])
+        row = Meta.get_or_none(Meta.key == "schema_version")
+        before = int(row.value) if row else 0
+        if before > SCHEMA_VERSION:
+            raise RuntimeError(
+                f"database schema version {before} is newer than this trainguard ({SCHEMA_VERSION})"
+            )
+        for version, step in MIGRATIONS:
+            if version > before:
+                step(db)
+        Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).execute()
+    return before
+
+
+class Store:
+    """The database behind one limiter, with a group-commit writer (see module doc)."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        batch_max: int = 100,
+        on_commit: Callable[[int], None] | None = None,
+    ) -> None:
+        self.url = url
+        self.batch_max = batch_max
+        self._on_commit = on_commit
+        self._limiter = trio.CapacityLimiter(1)
+        self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
+        self._writer_running = False
+        self.db = open_database(url)
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _open(self) -> None:
+        if database.obj is not None and not database.obj.is_closed():
+            raise RuntimeError("another Store is open in this process; close it first")
+        database.initialize(self.db)
+        self.db.connect(reuse_if_open=True)
+        migrate(self.db)
+
+    def _close(self) -> None:
+        if not self.db.is_closed():
+            self.db.close()
+        if database.obj is self.db:
+            database.initialize(None)
+
+    @property
+    def supports_for_update(self) -> bool:
+        return bool(self.db.for_update)
+
+    async def _writer(
+        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        self._writer_running = True
+        task_status.started()
+        try:
+            while True:
+                batch = [await self._receive.receive()]
+                while len(batch) < self.batch_max:
+                    try:
+                        batch.append(self._receive.receive_nowait())
+                    except trio.WouldBlock:
+                        break
+                # Not cancellable once handed over: a batch is committed whole or not at all.
+                results = await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+                for item, (ok, value) in zip(batch, results, strict=True):
+                    item.ok, item.value = ok, value
+                    item.done.set()
+                if self._on_commit is not None:
+                    self._on_commit(len(batch))
+        finally:
+            self._writer_running = False
+            while True:
+                try:
+                    item = self._receive.receive_nowait()
+                except (trio.WouldBlock, trio.ClosedResourceError):
+                    break
+                item.value = StoreClosed("the store was closed before this write was committed")
+                item.done.set()
+
+    def _commit(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        try:
+            with self.db.atomic():
+                for item in batch:
+                    try:
+                        with self.db.atomic():  # a savepoint: one failure spoils only itself
+                            results.append((True, item.fn(*item.args)))
+                    except Exception as exc:
+                        results.append((False, exc))
+        except Exception as exc:  # the commit itself failed: nothing of the batch is stored
+            return [(False, exc)] * len(batch)
+        return results
+
+    # -- the two doors ---------------------------------------------------------------------
+    async def write(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` in a durable transaction; return its value once committed."""
+        if not self._writer_running:
+            raise StoreClosed("the store is not open for writing")
+        item = _Write(fn, args, trio.Event())
+        self._send.send_nowait(item)
+        await item.done.wait()
+        if not item.ok:
+            raise item.value
+        return item.value
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run ``fn(*args)`` on the database thread between write batches."""
+        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
+
+    # -- queries the layers share ----------------------------------------------------------
+    async def training(self, request_id: str) -> TrainingView | None:
+        def get() -> TrainingView | None:
+            row = Training.get_or_none(Training.request_id == request_id)
+            return TrainingView.of(row) if row else None
+
+        return await self.read(get)
+
+    async def trainings(
+        self,
+        *where: peewee.Expression,
+        order: Iterable[peewee.Node] = (),
+        limit: int | None = None,
+    ) -> list[TrainingView]:
+        """Trainings matching every expression, as snapshots."""
+
+        def get() -> list[TrainingView]:
+            query = Training.select()
+            if where:
+                query = query.where(*where)
+            query = query.order_by(*order, Training.id)
+            if limit is not None:
+                query = query.limit(limit)
+            return [TrainingView.of(row) for row in query]
+
+        return await self.read(get)
+
+    async def earliest(self, column: peewee.Field, *where: peewee.Expression) -> float | None:
+        """The smallest value of a time column among matching trainings (the next thing due)."""
+
+        def get() -> float | None:
+            query = Training.select(peewee.fn.MIN(column)).where(column.is_null(False), *where)
+            return query.scalar()
+
+        return await self.read(get)
+
+    async def status_counts(self) -> dict[str, int]:
+        def get() -> dict[str, int]:
+            query = Training.select(Training.status, peewee.fn.COUNT(Training.id)).group_by(
+                Training.status
+            )
+            return {status: count for status, count in query.tuples()}
+
+        return await self.read(get)
+
+    async def events(self, request_id: str) -> list[dict[str, Any]]:
+        def get() -> list[dict[str, Any]]:
+            query = Event.select().where(Event.request_id == request_id).order_by(Event.id)
+            return [
+                {
+                    "at": e.at,
+                    "layer": e.layer,
+                    "kind": e.kind,
+                    "from_status": e.from_status,
+                    "to_status": e.to_status,
+                    "detail": json.loads(e.detail) if e.detail else None,
+                }
+                for e in query
+            ]
+
+        return await self.read(get)
+
+    async def schedule(self, name: str) -> float | None:
+        def get() -> float | None:
+            row = Schedule.get_or_none(Schedule.name == name)
+            return row.next_at if row else None
+
+        return await self.read(get)
+
+    async def set_schedule(self, name: str, next_at: float) -> None:
+        await self.write(lambda: Schedule.replace(name=name, next_at=next_at).execute())
+
+    async def writable(self) -> bool:
+        """Whether a durable write goes through right now (for /readyz)."""
+        try:
+            await self.write(lambda: Meta.select().count())
+        except Exception:
+            return False
+        return True
+
+
+@asynccontextmanager
+async def open_store(url: str, **kwargs: Any) -> AsyncIterator[Store]:
+    """Open, migrate and run a Store's writer for the duration of the block."""
+    store = Store(url, **kwargs)
+    try:
+        await trio.to_thread.run_sync(store._open, limiter=store._limiter)
+        async with trio.open_nursery() as nursery:
+            await nursery.start(store._writer)
+            yield store
+            nursery.cancel_scope.cancel()
+    finally:
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(store._close, limiter=store._limiter)

@@ -1,0 +1,142 @@
+"""Configuration: defaults, the shipped config.toml, and one clear error per bad key."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon import config
+from daemon.config import ConfigError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_defaults_are_the_documented_ones() -> None:
+    s = config.parse({}, env={})
+    assert s.fal["queue_url"] == "https://queue.fal.run"
+    assert s.layer("poller")["first_check_after_seconds"] == 90
+    assert s.layer("poller")["interval_seconds"] == 60
+    assert s.layer("delayed")["after_seconds"] == 600
+    assert s.layer("completeness")["interval_seconds"] == 300
+    assert s.layer("emergency")["deadline_seconds"] == 21600
+    assert s.fallback == {"mode": "complete", "trigger_phrase": "TOK"}
+    assert s.training_type("portrait").endpoint == "fal-ai/flux-lora-portrait-trainer"
+    assert s.training_type("style").result_field == "finetune_id"
+    assert s.metrics["listen"].startswith("127.0.0.1:")
+    assert s.fal_key is None
+
+
+def test_shipped_config_toml_equals_the_embedded_defaults() -> None:
+    shipped = config.load(str(ROOT / "config.toml"), env={})
+    embedded = config.parse({}, env={})
+    for section in ("fal", "webhook", "metrics", "log", "fallback", "url_templates"):
+        assert getattr(shipped, section) == getattr(embedded, section), section
+    assert shipped.layers == embedded.layers
+    assert shipped.training_types == embedded.training_types
+
+
+def test_database_default_follows_state_directory(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("STATE_DIRECTORY", "/var/lib/trainguard")
+    assert config.parse({}, env={}).database["url"] == "sqlite:////var/lib/trainguard/trainguard.db"
+    monkeypatch.delenv("STATE_DIRECTORY")
+    assert config.parse({}, env={}).database["url"] == "sqlite:///var/trainguard.db"
+
+
+def test_secret_comes_from_environment_only() -> None:
+    s = config.parse({}, env={"FAL_KEY": "sekrit-key-123"})
+    assert s.fal_key == "sekrit-key-123"
+    assert "sekrit" not in repr(s)
+    with pytest.raises(ConfigError, match=r"fal\.key: unknown key"):
+        config.parse({"fal": {"key": "x"}}, env={})
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("[fal]\nqueue_url = 3", r"fal\.queue_url: must be a string"),
+        ("[fal]\nqueue_url = 'ftp://x'", r"fal\.queue_url: must be an http"),
+        ("[fal]\nmax_requests_per_second = 0", r"fal\.max_requests_per_second: must be greater"),
+        ("[fal]\ntimeout_seconds = true", r"fal\.timeout_seconds: must be a number"),
+        ("[webhook]\nlisten = 'localhost'", r"webhook\.listen: must be \"host:port\""),
+        (
+            "[webhook]\nverify_signatures = 'yes'",
+            r"webhook\.verify_signatures: must be true or false",
+        ),
+        (
+            "[layers.poller]\ninterval_seconds = -1",
+            r"layers\.poller\.interval_seconds: must be greater",
+        ),
+        ("[layers.poller]\nenabled = 1", r"layers\.poller\.enabled: must be true or false"),
+        (
+            "[layers.poller]\nintervall_seconds = 5",
+            r"layers\.poller\.intervall_seconds: unknown key",
+        ),
+        ("[fallback]\nmode = 'maybe'", r"fallback\.mode: must be \"complete\" or \"fail\""),
+        (
+            "[fallback.url_templates]\npoller = 'https://x/{user}'",
+            r"fallback\.url_templates\.poller",
+        ),
+        ("[training_types.x]\nendpoint = 'a/b'", r"training_types\.x\.result_field: missing"),
+        ("[database]\nurl = 'mysql://x'", r"database\.url: must be sqlite"),
+        ("[nonsense]\na = 1", r"nonsense: unknown table"),
+        ("layers = 3", r"layers: must be a table"),
+        ("[log]\nlevel = 'loud'", r"log\.level: must be one of"),
+        ("x = ", r"not valid TOML"),
+    ],
+)
+def test_bad_config_names_the_key(text: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        config.loads(text, env={})
+
+
+def test_fractional_timings_and_plugin_layer_tables() -> None:
+    s = config.loads(
+        "[layers.poller]\ninterval_seconds = 0.25\n[layers.my_layer]\nenabled = false\nthreshold = 3\n",
+        env={},
+    )
+    assert s.layer("poller")["interval_seconds"] == 0.25
+    assert s.layer("my_layer").enabled is False
+    assert s.layer("my_layer")["threshold"] == 3
+
+
+def test_fallback_templates_default_to_invalid_tld() -> None:
+    s = config.parse({}, env={})
+    for layer in config.BUILTIN_LAYERS:
+        url = s.fallback_url(layer, name="ann", request_id="r-1")
+        assert ".fallback.invalid/" in url
+    assert s.fallback_url("poller", name="ann", request_id="r") == (
+        "https://status-checker.fallback.invalid/lora/ann.safetensors"
+    )
+    custom = config.loads(
+        "[fallback.url_templates]\nemergency = 'https://cdn.example.org/house/{request_id}.safetensors'",
+        env={},
+    )
+    assert custom.fallback_url("emergency", name="x", request_id="r9").endswith(
+        "/house/r9.safetensors"
+    )
+
+
+def test_config_path_resolution(tmp_path: Path) -> None:
+    assert config.resolve_path(None, env={}) == (Path("config.toml"), False)
+    assert config.resolve_path(None, env={"TRAINGUARD_CONFIG": "/etc/x.toml"}) == (
+        Path("/etc/x.toml"),
+        True,
+    )
+    assert config.resolve_path("a.toml", env={"TRAINGUARD_CONFIG": "/etc/x.toml"}) == (
+        Path("a.toml"),
+        True,
+    )
+    with pytest.raises(ConfigError, match="config file not found"):
+        config.load(str(tmp_path / "missing.toml"), env={})
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text(max_size=200))
+def test_any_text_is_either_valid_or_a_config_error(text: str) -> None:
+    try:
+        config.loads(text, env={})
+    except ConfigError as exc:
+        assert str(exc)

@@ -1,0 +1,432 @@
+"""Reconcile: the only writer. Idempotent, monotonic, honest about fallbacks."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trio
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from daemon import config
+from daemon.reconcile import (
+    AlreadyTracked,
+    Kind,
+    MalformedWebhook,
+    Observation,
+    Reconciler,
+    extract_result,
+    missing_fields,
+    parse_webhook,
+)
+from daemon.store import Store, TrainingView, open_store
+from tests.conftest import make_settings
+
+LORA = {
+    "diffusers_lora_file": {"url": "https://v3.fal.media/files/x/pytorch_lora_weights.safetensors"},
+    "config_file": {"url": "https://v3.fal.media/files/x/config.json"},
+}
+
+
+async def register(
+    r: Reconciler, rid: str = "req-1", ttype: str = "portrait", **kw: Any
+) -> TrainingView:
+    return await r.register(name="ann", training_type=ttype, request_id=rid, layer="test", **kw)
+
+
+def obs(kind: Kind, layer: str = "poller", rid: str = "req-1", **kw: Any) -> Observation:
+    return Observation(rid, layer, kind, **kw)
+
+
+async def test_register_sets_schedules_and_refuses_duplicates(
+    reconciler: Reconciler, settings: config.Settings
+) -> None:
+    view = await register(reconciler, trigger_phrase="ann person")
+    assert view.status == "SUBMITTED"
+    assert view.next_check_at == pytest.approx(view.submitted_at + 90)
+    assert view.delayed_check_at == pytest.approx(view.submitted_at + 600)
+    assert view.deadline_at == pytest.approx(view.submitted_at + 21600)
+    with pytest.raises(AlreadyTracked):
+        await register(reconciler)
+    events = await reconciler.store.events("req-1")
+    assert [e["kind"] for e in events] == ["registered"]
+
+
+async def test_clean_success_path(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler, trigger_phrase="ann person")
+    assert (await reconciler.observe(obs(Kind.QUEUED))).to_status == "IN_QUEUE"
+    change = await reconciler.observe(obs(Kind.RUNNING, progress=40))
+    assert change.to_status == "IN_PROGRESS" and change.training and change.training.progress == 40
+    change = await reconciler.observe(obs(Kind.SUCCEEDED, layer="webhook", output=LORA))
+    assert change.kind == "result"
+    view = await store.training("req-1")
+    assert view is not None
+    assert view.status == "COMPLETED" and view.progress == 100
+    assert view.lora_url == LORA["diffusers_lora_file"]["url"]
+    assert view.config_url == LORA["config_file"]["url"]
+    assert view.trigger_phrase == "ann person"
+    assert view.result_layer == "webhook" and not view.is_fallback
+    assert view.completed_at is not None and view.next_check_at is None
+    assert missing_fields(view) == []
+    kinds = [e["kind"] for e in await store.events("req-1")]
+    assert kinds == ["registered", "status", "status", "result"]
+
+
+async def test_duplicate_and_late_observations_change_nothing(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))
+    before = await store.training("req-1")
+    for late in (
+        Kind.RUNNING,
+        Kind.QUEUED,
+        Kind.FAILED,
+        Kind.PAYLOAD_ERROR,
+        Kind.TRANSIENT,
+        Kind.NOT_FOUND,
+    ):
+        change = await reconciler.observe(obs(late, progress=5, detail="late"))
+        assert not change.changed
+    again = await reconciler.observe(obs(Kind.SUCCEEDED, layer="webhook", output=LORA))
+    assert again.kind == "none"
+    after = await store.training("req-1")
+    assert after is not None and before is not None
+    assert (after.status, after.lora_url, after.result_layer, after.is_fallback) == (
+        before.status,
+        before.lora_url,
+        before.result_layer,
+        before.is_fallback,
+    )
+    assert len([e for e in await store.events("req-1") if e["kind"] == "result"]) == 1
+
+
+async def test_default_trigger_phrase_when_none_given(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler)
+    await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))
+    view = await store.training("req-1")
+    assert view is not None and view.trigger_phrase == "TOK"
+
+
+async def test_style_result_is_a_finetune_id(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler, ttype="style")
+    await reconciler.observe(obs(Kind.SUCCEEDED, output={"finetune_id": "ft-123"}))
+    view = await store.training("req-1")
+    assert view is not None
+    assert (view.status, view.finetune_id, view.lora_url, view.is_fallback) == (
+        "COMPLETED",
+        "ft-123",
+        None,
+        False,
+    )
+    assert missing_fields(view) == []
+
+
+@pytest.mark.parametrize(
+    ("observation", "fallback_kind"),
+    [
+        (obs(Kind.FAILED, detail="Invalid status code: 422"), "fal_failure"),
+        (obs(Kind.SUCCEEDED, output={"config_file": {"url": "https://x/c.json"}}), "no_artifact"),
+        (obs(Kind.PAYLOAD_ERROR, detail="too big"), "payload_error"),
+    ],
+)
+async def test_definitive_no_artifact_applies_marked_fallback(
+    reconciler: Reconciler, store: Store, observation: Observation, fallback_kind: str
+) -> None:
+    await register(reconciler)
+    change = await reconciler.observe(observation)
+    assert change.kind == "fallback"
+    view = await store.training("req-1")
+    assert view is not None
+    assert view.status == "COMPLETED" and view.is_fallback
+    assert view.fallback_layer == "poller" and view.fallback_kind == fallback_kind
+    assert view.fallback_reason
+    assert view.lora_url == "https://status-checker.fallback.invalid/lora/ann.safetensors"
+    assert view.result_layer is None
+    events = await store.events("req-1")
+    assert events[-1]["kind"] == "fallback" and events[-1]["layer"] == "poller"
+
+
+async def test_fail_mode_finishes_failed_without_url(settings_factory: Any) -> None:
+    s = settings_factory({"fallback": {"mode": "fail"}})
+    async with open_store(s.database["url"]) as st_:
+        r = Reconciler(st_, s)
+        await register(r)
+        await r.observe(obs(Kind.FAILED, layer="webhook", detail="boom"))
+        view = await st_.training("req-1")
+    assert view is not None
+    assert (view.status, view.lora_url, view.is_fallback, view.fallback_layer) == (
+        "FAILED",
+        None,
+        True,
+        "webhook",
+    )
+    assert view.failure_detail == "boom"
+
+
+async def test_transient_errors_back_off_and_never_finish(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    delays = []
+    for _ in range(12):
+        change = await reconciler.observe(obs(Kind.TRANSIENT, detail="HTTP 503"))
+        assert change.kind == "backoff"
+        assert change.training is not None
+        delays.append(change.training.next_check_at - change.training.last_checked_at)
+    view = await store.training("req-1")
+    assert view is not None and view.status == "SUBMITTED" and view.attempts == 12
+    assert delays[1] > delays[0] and delays[3] > delays[2]
+    assert max(delays) <= 900  # capped
+    errors = [e for e in await store.events("req-1") if e["kind"] == "error"]
+    assert len(errors) == 4  # attempts 1, 2, 4, 8: an outage does not flood the history
+    # a NOT_FOUND before FAL ever said COMPLETED is not a verdict either
+    assert (await reconciler.observe(obs(Kind.NOT_FOUND))).kind == "backoff"
+    # a good answer resets the backoff
+    await reconciler.observe(obs(Kind.RUNNING, progress=10))
+    assert (await store.training("req-1")).attempts == 0  # type: ignore[union-attr]
+
+
+async def test_expired_result_after_completion_is_a_fallback(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    assert (await reconciler.observe(obs(Kind.FAL_COMPLETED))).kind == "fal_completed"
+    change = await reconciler.observe(obs(Kind.NOT_FOUND))
+    assert change.kind == "fallback"
+    assert change.training is not None and change.training.fallback_kind == "expired"
+
+
+async def test_deadline_only_after_deadline(settings_factory: Any) -> None:
+    s = settings_factory({"layers": {"emergency": {"deadline_seconds": 0.01}}})
+    async with open_store(s.database["url"]) as st_:
+        r = Reconciler(st_, s)
+        await register(r, submitted_at=r.clock.now() + 3600)  # deadline far in the future
+        assert (await r.observe(obs(Kind.DEADLINE, layer="emergency"))).kind == "none"
+        await register(r, rid="req-2")
+        await trio.sleep(0.02)
+        change = await r.observe(obs(Kind.DEADLINE, layer="emergency", rid="req-2"))
+    assert change.kind == "fallback"
+    assert change.training is not None
+    assert change.training.fallback_layer == "emergency"
+    assert change.training.lora_url == "https://emergency.fallback.invalid/lora/ann.safetensors"
+
+
+async def test_real_result_upgrades_fallback_and_fallback_never_overwrites_real(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    await reconciler.observe(obs(Kind.PAYLOAD_ERROR, layer="webhook", detail="x"))
+    change = await reconciler.observe(obs(Kind.SUCCEEDED, layer="completeness", output=LORA))
+    assert change.kind == "upgrade"
+    view = await store.training("req-1")
+    assert view is not None
+    assert not view.is_fallback and view.fallback_layer is None and view.fallback_reason is None
+    assert (
+        view.lora_url == LORA["diffusers_lora_file"]["url"] and view.result_layer == "completeness"
+    )
+    # and now no fallback can take its place
+    for kind in (Kind.FAILED, Kind.PAYLOAD_ERROR, Kind.DEADLINE, Kind.NOT_FOUND):
+        assert not (await reconciler.observe(obs(kind, layer="emergency", detail="x"))).changed
+    view = await store.training("req-1")
+    assert view is not None and not view.is_fallback
+    kinds = [e["kind"] for e in await store.events("req-1")]
+    assert kinds == ["registered", "fallback", "upgrade"]
+
+
+async def test_missing_config_url_is_filled_later_never_replaced(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    partial = {"diffusers_lora_file": LORA["diffusers_lora_file"]}
+    await reconciler.observe(obs(Kind.SUCCEEDED, output=partial))
+    view = await store.training("req-1")
+    assert view is not None and missing_fields(view) == ["config_url"]
+    other = {
+        "diffusers_lora_file": {"url": "https://elsewhere/other.safetensors"},
+        "config_file": LORA["config_file"],
+    }
+    change = await reconciler.observe(obs(Kind.SUCCEEDED, layer="completeness", output=other))
+    assert change.kind == "filled"
+    view = await store.training("req-1")
+    assert view is not None
+    assert view.config_url == LORA["config_file"]["url"]
+    assert view.lora_url == LORA["diffusers_lora_file"]["url"]  # the stored result stays
+
+
+async def test_cancel_is_terminal(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler)
+    assert (await reconciler.observe(obs(Kind.CANCELLED, layer="admin"))).kind == "cancelled"
+    assert not (await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))).changed
+    view = await store.training("req-1")
+    assert view is not None and view.status == "CANCELLED" and view.lora_url is None
+
+
+async def test_unknown_training_is_reported_not_created(
+    reconciler: Reconciler, store: Store
+) -> None:
+    change = await reconciler.observe(obs(Kind.SUCCEEDED, rid="nobody", output=LORA))
+    assert change.kind == "unknown"
+    assert await store.training("nobody") is None
+
+
+def _webhook(status: str = "OK", **extra: Any) -> bytes:
+    body = {"request_id": "req-1", "gateway_request_id": "g", "status": status, **extra}
+    return json.dumps(body).encode()
+
+
+def test_parse_webhook_shapes() -> None:
+    ok = parse_webhook(_webhook(payload=LORA))
+    assert ok.kind == Kind.SUCCEEDED and ok.output == LORA and ok.request_id == "req-1"
+    err = parse_webhook(
+        _webhook("ERROR", error="Invalid status code: 422", payload={"detail": [{"msg": "bad"}]})
+    )
+    assert err.kind == Kind.FAILED and err.detail and "422" in err.detail and "bad" in err.detail
+    perr = parse_webhook(_webhook(payload=None, payload_error="not serialisable"))
+    assert perr.kind == Kind.PAYLOAD_ERROR
+    for bad in (
+        b"",
+        b"[]",
+        b"{",
+        _webhook("completed", result=LORA),
+        _webhook(payload=None),
+        b'{"status":"OK"}',
+    ):
+        with pytest.raises(MalformedWebhook):
+            parse_webhook(bad)
+
+
+async def test_receipt_before_track_is_applied_on_register(
+    reconciler: Reconciler, store: Store
+) -> None:
+    receipt, dup = await reconciler.record_receipt(
+        body=_webhook(payload=LORA),
+        headers={},
+        verification="verified",
+        request_id="req-1",
+        dedupe_key="k1",
+    )
+    assert not dup
+    assert (await reconciler.apply_receipt(receipt)).kind == "unknown"
+    again, dup = await reconciler.record_receipt(
+        body=_webhook(payload=LORA),
+        headers={},
+        verification="verified",
+        request_id="req-1",
+        dedupe_key="k1",
+    )
+    assert dup and again == receipt
+    view = await register(reconciler)
+    assert view.status == "COMPLETED" and view.result_layer == "webhook"
+
+
+async def test_rejected_receipts_are_bounded(settings_factory: Any) -> None:
+    s = settings_factory({"webhook": {"rejected_kept": 3}})
+    async with open_store(s.database["url"]) as st_:
+        r = Reconciler(st_, s)
+        for i in range(10):
+            await r.record_receipt(
+                body=b"x%d" % i,
+                headers={},
+                verification="rejected",
+                request_id=None,
+                dedupe_key=None,
+            )
+        from daemon.store import WebhookReceipt
+
+        kept = await st_.read(
+            lambda: [bytes(w.body) for w in WebhookReceipt.select().order_by(WebhookReceipt.id)]
+        )
+    assert kept == [b"x7", b"x8", b"x9"]
+
+
+def test_extract_result() -> None:
+    assert extract_result(LORA, "diffusers_lora_file") == {
+        "lora_url": LORA["diffusers_lora_file"]["url"],
+        "finetune_id": None,
+        "config_url": LORA["config_file"]["url"],
+    }
+    assert extract_result({"diffusers_lora_file": {"url": ""}}, "diffusers_lora_file") is None
+    assert extract_result({"diffusers_lora_file": None}, "diffusers_lora_file") is None
+    assert extract_result({"finetune_id": "f"}, "finetune_id") == {
+        "lora_url": None,
+        "finetune_id": "f",
+        "config_url": None,
+    }
+
+
+# -- property: any interleaving of one training's observations ends like the clean story --
+SEMANTIC = (
+    "status",
+    "progress",
+    "lora_url",
+    "config_url",
+    "finetune_id",
+    "trigger_phrase",
+    "is_fallback",
+    "fallback_kind",
+    "result_json",
+)
+
+SUCCESS_STORY = [
+    (Kind.QUEUED, {}),
+    (Kind.RUNNING, {"progress": 30}),
+    (Kind.RUNNING, {"progress": 70}),
+    (Kind.FAL_COMPLETED, {}),
+    (Kind.SUCCEEDED, {"output": LORA}),
+]
+FAILURE_STORY = [
+    (Kind.QUEUED, {}),
+    (Kind.RUNNING, {"progress": 50}),
+    (Kind.FAL_COMPLETED, {}),
+    (Kind.FAILED, {"detail": "Invalid status code: 422"}),
+]
+
+
+def _final_rows(
+    db: Path, sequences: list[list[tuple[Kind, dict[str, Any]]]]
+) -> list[dict[str, Any]]:
+    s = make_settings(db)
+
+    async def run() -> list[dict[str, Any]]:
+        rows = []
+        async with open_store(s.database["url"]) as st_:
+            r = Reconciler(st_, s)
+            for i, seq in enumerate(sequences):
+                rid = f"r{i}"
+                await register(r, rid=rid, trigger_phrase="ann")
+                for kind, kw in seq:
+                    await r.observe(Observation(rid, "poller", kind, **kw))
+                view = await st_.training(rid)
+                assert view is not None
+                rows.append({k: getattr(view, k) for k in SEMANTIC})
+        return rows
+
+    return trio.run(run)
+
+
+@st.composite
+def shuffled(
+    draw: st.DrawFn, story: list[tuple[Kind, dict[str, Any]]]
+) -> list[tuple[Kind, dict[str, Any]]]:
+    steps = draw(st.lists(st.sampled_from(story), min_size=0, max_size=12))
+    steps += story  # every true observation at least once, plus duplicates
+    noise = draw(st.lists(st.just((Kind.TRANSIENT, {"detail": "HTTP 503"})), max_size=3))
+    return draw(st.permutations(steps + noise))
+
+
+@settings(max_examples=40, deadline=None)
+@given(success=shuffled(SUCCESS_STORY), failure=shuffled(FAILURE_STORY))
+def test_any_order_or_duplication_ends_like_the_clean_sequence(
+    success: list[tuple[Kind, dict[str, Any]]], failure: list[tuple[Kind, dict[str, Any]]]
+) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        clean = _final_rows(Path(tmp) / "clean.db", [SUCCESS_STORY, FAILURE_STORY])
+        messy = _final_rows(Path(tmp) / "messy.db", [success, failure])
+    assert messy == clean
+    assert clean[0]["status"] == "COMPLETED" and not clean[0]["is_fallback"]
+    assert clean[1]["is_fallback"] and clean[1]["fallback_kind"] == "fal_failure"
