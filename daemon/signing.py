@@ -1,0 +1,162 @@
+"""FAL webhook signatures: ED25519 over request id, user id, timestamp and the body's SHA-256.
+
+Pure functions, no I/O. The message signed is, as fal documents it::
+
+    "\\n".join([request_id, user_id, timestamp, sha256(raw_body).hexdigest()]).encode()
+
+and the public keys come as OKP/Ed25519 JWKs (``x`` = unpadded base64url of the raw key).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
+HEADER_USER_ID = "X-Fal-Webhook-User-Id"
+HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
+HEADER_SIGNATURE = "X-Fal-Webhook-Signature"
+REQUIRED_HEADERS: tuple[str, ...] = (
+    HEADER_REQUEST_ID,
+    HEADER_USER_ID,
+    HEADER_TIMESTAMP,
+    HEADER_SIGNATURE,
+)
+DEFAULT_TOLERANCE_SECONDS = 300.0
+
+
+class WebhookRejected(Exception):
+    """A webhook failed verification; ``code`` is missing_header, stale or bad_signature."""
+
+    def __init__(self, reason: str, code: str) -> None:
+        super().__init__(f"{code}: {reason}")
+        self.reason = reason
+        self.code = code
+
+
+def _b64url_encode(raw: bytes) -> str:
+    return base64.urlsafe_b64encode(raw).rstrip(b"=").decode("ascii")
+
+
+def _b64url_decode(text: str) -> bytes:
+    padded = text + "=" * (-len(text) % 4)
+    return base64.b64decode(padded, altchars=b"-_", validate=True)
+
+
+def public_jwk(public_key: Ed25519PublicKey, kid: str | None = None) -> dict[str, str]:
+    """The OKP/Ed25519 JWK of a public key; ``kid`` defaults to a thumbprint of the key."""
+    raw = public_key.public_bytes(Encoding.Raw, PublicFormat.Raw)
+    return {
+        "kty": "OKP",
+        "crv": "Ed25519",
+        "x": _b64url_encode(raw),
+        "kid": kid or hashlib.sha256(raw).hexdigest()[:16],
+    }
+
+
+def generate_keypair(kid: str | None = None) -> tuple[Ed25519PrivateKey, dict[str, str]]:
+    """A fresh signing key and the JWK that publishes its public half."""
+    private_key = Ed25519PrivateKey.generate()
+    return private_key, public_jwk(private_key.public_key(), kid)
+
+
+def jwks_document(jwks: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
+    """The JSON document served at ``/.well-known/jwks.json``."""
+    return {"keys": list(jwks)}
+
+
+def parse_jwks(doc: dict[str, Any]) -> list[Ed25519PublicKey]:
+    """The Ed25519 public keys of a JWKS document; other key types are skipped.
+
+    Raises ValueError when the document is malformed, an Ed25519 key cannot be decoded, or
+    no Ed25519 key is left (an empty set would reject every webhook, so the caller should
+    keep its previous keys instead).
+    """
+    if not isinstance(doc, dict) or not isinstance(doc.get("keys"), list):
+        raise ValueError("JWKS document must be a JSON object with a 'keys' list")
+    keys: list[Ed25519PublicKey] = []
+    for index, jwk in enumerate(doc["keys"]):
+        if not isinstance(jwk, dict):
+            raise ValueError(f"JWKS key #{index} is not a JSON object")
+        if jwk.get("kty") != "OKP" or jwk.get("crv") != "Ed25519":
+            continue
+        x = jwk.get("x")
+        if not isinstance(x, str):
+            raise ValueError(f"JWKS key #{index} (Ed25519) has no string 'x'")
+        try:
+            keys.append(Ed25519PublicKey.from_public_bytes(_b64url_decode(x)))
+        except (binascii.Error, ValueError) as exc:
+            raise ValueError(f"JWKS key #{index} (Ed25519) has an undecodable 'x': {exc}") from exc
+    if not keys:
+        raise ValueError("JWKS document holds no OKP/Ed25519 key")
+    return keys
+
+
+def signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
+    """The exact bytes fal signs for a webhook."""
+    digest = hashlib.sha256(body).hexdigest()
+    return "\n".join([request_id, user_id, timestamp, digest]).encode("utf-8")
+
+
+def sign_webhook(
+    private_key: Ed25519PrivateKey, request_id: str, user_id: str, timestamp: int, body: bytes
+) -> dict[str, str]:
+    """The four ``X-Fal-Webhook-*`` headers for ``body`` (signature in hex)."""
+    message = signed_message(request_id, user_id, str(timestamp), body)
+    return {
+        HEADER_REQUEST_ID: request_id,
+        HEADER_USER_ID: user_id,
+        HEADER_TIMESTAMP: str(timestamp),
+        HEADER_SIGNATURE: private_key.sign(message).hex(),
+    }
+
+
+def verify_webhook(
+    headers: Mapping[str, str],
+    body: bytes,
+    keys: Sequence[Ed25519PublicKey],
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> None:
+    """Return when some key verifies the webhook, else raise WebhookRejected.
+
+    Header names match in any casing. Checks run in order: headers present, timestamp
+    an integer within ``tolerance`` seconds of ``now`` (either direction), signature.
+    """
+    lowered = {name.lower(): value for name, value in headers.items()}
+    values: dict[str, str] = {}
+    for name in REQUIRED_HEADERS:
+        value = lowered.get(name.lower())
+        if not value:
+            raise WebhookRejected(f"header {name} is missing or empty", "missing_header")
+        values[name] = value
+
+    raw_timestamp = values[HEADER_TIMESTAMP]
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()):
+        raise WebhookRejected(f"timestamp {raw_timestamp!r} is not an integer", "stale")
+    timestamp = int(raw_timestamp)
+    if abs(now - timestamp) > tolerance:
+        raise WebhookRejected(
+            f"timestamp {timestamp} is {now - timestamp:+.0f} s from now (limit {tolerance:g} s)",
+            "stale",
+        )
+
+    try:
+        signature = bytes.fromhex(values[HEADER_SIGNATURE])
+    except ValueError:
+        raise WebhookRejected("signature is not hex", "bad_signature") from None
+    message = signed_message(values[HEADER_REQUEST_ID], values[HEADER_USER_ID], raw_timestamp, body)
+    for key in keys:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return
+    raise WebhookRejected(f"no key of {len(keys)} verifies the signature", "bad_signature")

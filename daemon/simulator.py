@@ -1,0 +1,900 @@
+"""A FAL-compatible queue on loopback, with signed webhooks and fault injection.
+
+Tests and the demo point the daemon here instead of ``https://queue.fal.run``. The queue
+API, the webhook bodies and the signatures follow /work/shared/fal-api.md. Where that page
+is silent the simulator picks one plausible behaviour and says so here:
+
+- Cancel takes effect at once: the training becomes COMPLETED (status carries
+  ``error``/``error_type`` ``client_cancelled``), its result answers 499
+  ``{"detail": ..., "error_type": "client_cancelled"}`` with ``X-Fal-Error-Type`` (fal's
+  documented error type for a client cancellation), and a webhook, if registered, is sent
+  with ``status: "ERROR"`` and ``error: "Invalid status code: 499"``.
+- A failed training answers its result with 422 ``{"detail": [...]}``; about half of the
+  failed trainings (seeded) also show ``error: "Invalid status code: 422"`` on the COMPLETED
+  status, so a client cannot rely on it.
+- ``payload_error``: only the webhook carries ``payload: null`` + ``payload_error``; the
+  result fetch still answers 200 with the real output.
+- Once a result expires (``result_expiry_seconds``), status, result, cancel and files all
+  answer 404, as for an unknown id.
+- Inputs missing the trainer's required field (``images_data_url``, or ``data_url`` for the
+  pro trainer) fail like fal's runner does (422 ``field required``) unless ``sim_outcome``
+  says otherwise. Unknown apps are treated as generic LoRA trainers.
+- 429 carries ``error_type: "rate_limited"`` (fal documents none for it); ``api_down``
+  answers 503 ``runner_scheduling_failure``.
+
+Time is ``trio.current_time()`` read lazily on every request, so no task runs per training
+except the webhook sender; ``Truth.completed_at`` is on that clock too.
+"""
+
+from __future__ import annotations
+
+import argparse
+import bisect
+import hashlib
+import json
+import logging
+import math
+import random
+import ssl
+import time
+import uuid
+from collections import Counter
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, fields
+from datetime import UTC, datetime
+from functools import partial
+from typing import Any
+from urllib.parse import parse_qs
+
+import httpx
+import hypercorn.config
+import hypercorn.trio
+import trio
+
+from daemon import signing
+
+logger = logging.getLogger("trainguard.simulator")
+
+Scope = dict[str, Any]
+Message = dict[str, Any]
+Receive = Callable[[], Awaitable[Message]]
+Send = Callable[[Message], Awaitable[None]]
+
+OUTCOMES = ("ok", "fail", "no_lora", "payload_error", "never")
+"""Values accepted in an input's ``sim_outcome`` key ("cancelled" comes only from a cancel)."""
+
+DEFAULT_WEBHOOK_RETRY_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240)
+"""Real fal retries 10 times over about 2 hours; same count and shape, ~15x shorter."""
+
+WEBHOOK_USER_ID = "sim-user-0001"
+LORA_FILE_NAME = "pytorch_lora_weights.safetensors"
+CONFIG_FILE_NAME = "config.json"
+LORA_FILE_SIZE = 4096
+PAYLOAD_ERROR_TEXT = (
+    "Response payload is not JSON serializable. Either return a JSON serializable object "
+    "or use the queue endpoint to retrieve the response."
+)
+CANCELLED_DETAIL = "Request was cancelled by the client"
+LOG_CHECKPOINTS = 10
+
+_API_ERRORS: tuple[tuple[int, str, str], ...] = (
+    (429, "rate_limited", "Too many concurrent requests"),
+    (500, "internal_error", "An unexpected internal error occurred"),
+    (502, "runner_incomplete_response", "The runner sent an incomplete response payload"),
+    (503, "runner_scheduling_failure", "No runner could be allocated to handle the request"),
+    (504, "request_timeout", "Request timed out"),
+)
+
+
+@dataclass
+class Faults:
+    """Independent fault knobs; mutable at runtime (read on every request or delivery).
+
+    Probabilities are in [0, 1] and drawn from seeded generators.
+    """
+
+    drop_webhook: float = 0.0
+    """A training's webhook is never sent."""
+    duplicate_webhook: float = 0.0
+    """An acknowledged webhook is sent once more."""
+    delay_webhook_seconds: float = 0.0
+    """Max random extra delay before the first delivery (reorders deliveries)."""
+    bad_signature: float = 0.0
+    """A delivery attempt is signed over different bytes."""
+    api_error_rate: float = 0.0
+    """A queue API call answers 429 (with Retry-After) or 500/502/503/504 in FAL's shape."""
+    api_timeout_rate: float = 0.0
+    """A queue API call hangs ``api_timeout_seconds`` before answering."""
+    api_timeout_seconds: float = 30.0
+    fail_training: float = 0.0
+    """The training fails: COMPLETED, then 422 on the result, ERROR webhook."""
+    missing_lora: float = 0.0
+    """Success output without diffusers_lora_file / finetune_id."""
+    payload_error: float = 0.0
+    """The webhook carries ``payload: null`` and ``payload_error``."""
+    never_finish: float = 0.0
+    """The training stays IN_PROGRESS forever."""
+    result_expiry_seconds: float | None = None
+    """Result and files answer 404 this long after completion; None keeps them."""
+    jwks_down: bool = False
+    """The JWKS endpoint answers 503."""
+    api_down: bool = False
+    """Every queue API call answers 503."""
+
+    def __post_init__(self) -> None:
+        for item in fields(self):
+            value = getattr(self, item.name)
+            if item.name in _BOOL_FAULTS:
+                if not isinstance(value, bool):
+                    raise ValueError(f"fault {item.name} must be a boolean, got {value!r}")
+            elif value is None and item.name in _OPTIONAL_FAULTS:
+                continue
+            elif not isinstance(value, int | float) or isinstance(value, bool):
+                raise ValueError(f"fault {item.name} must be a number, got {value!r}")
+            elif item.name in _PROBABILITY_FAULTS and not 0 <= value <= 1:
+                raise ValueError(f"fault {item.name} is a probability in [0, 1], got {value}")
+            elif value < 0:
+                raise ValueError(f"fault {item.name} must not be negative, got {value}")
+
+
+_BOOL_FAULTS = frozenset({"jwks_down", "api_down"})
+_OPTIONAL_FAULTS = frozenset({"result_expiry_seconds"})
+_PROBABILITY_FAULTS = frozenset(
+    {
+        "drop_webhook",
+        "duplicate_webhook",
+        "bad_signature",
+        "api_error_rate",
+        "api_timeout_rate",
+        "fail_training",
+        "missing_lora",
+        "payload_error",
+        "never_finish",
+    }
+)
+
+
+def parse_fault(spec: str) -> tuple[str, float | bool | None]:
+    """Parse ``NAME=VALUE`` from ``--fault``; raises ValueError naming what is wrong."""
+    name, sep, raw = spec.partition("=")
+    name, raw = name.strip(), raw.strip()
+    known = [item.name for item in fields(Faults)]
+    if not sep or not name:
+        raise ValueError(f"--fault {spec!r}: expected NAME=VALUE")
+    if name not in known:
+        raise ValueError(f"--fault {spec!r}: unknown fault {name!r}; known: {', '.join(known)}")
+    if name in _BOOL_FAULTS:
+        lowered = raw.lower()
+        if lowered in {"1", "true", "yes", "on"}:
+            return name, True
+        if lowered in {"0", "false", "no", "off"}:
+            return name, False
+        raise ValueError(f"--fault {spec!r}: {name} takes true or false")
+    if name in _OPTIONAL_FAULTS and raw.lower() == "none":
+        return name, None
+    try:
+        value = float(raw)
+    except ValueError:
+        raise ValueError(f"--fault {spec!r}: {name} takes a number, got {raw!r}") from None
+    if not math.isfinite(value):
+        raise ValueError(f"--fault {spec!r}: {name} must be finite")
+    return name, value
+
+
+@dataclass
+class SimConfig:
+    """How the simulator listens and how fast trainings move."""
+
+    host: str = "127.0.0.1"
+    port: int = 0
+    queue_seconds: float = 2.0
+    run_seconds: float = 10.0
+    seed: int = 0
+    faults: Faults = field(default_factory=Faults)
+    webhook_retry_delays: tuple[float, ...] = DEFAULT_WEBHOOK_RETRY_DELAYS
+    webhook_timeout_seconds: float = 10.0
+    webhook_ca_file: str | None = None
+    """CA bundle for https webhook receivers (default: certifi's)."""
+    tls: bool = False
+    certfile: str | None = None
+    keyfile: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.queue_seconds < 0 or self.run_seconds < 0:
+            raise ValueError("queue_seconds and run_seconds must not be negative")
+        if any(delay < 0 for delay in self.webhook_retry_delays):
+            raise ValueError("webhook_retry_delays must not be negative")
+        if self.tls and not (self.certfile and self.keyfile):
+            raise ValueError("tls needs both certfile and keyfile")
+
+
+@dataclass
+class Truth:
+    """What really happened to one training, for tests to compare the daemon against."""
+
+    request_id: str
+    endpoint: str
+    """As submitted: owner/app plus the subpath, if any."""
+    input: dict[str, Any]
+    outcome: str
+    """ok, fail, no_lora, payload_error, never or cancelled."""
+    output: dict[str, Any] | None
+    """What a result fetch answers with 200, or None when it never will."""
+    completed_at: float | None
+    """trio clock time of completion (planned or past); None while it never finishes."""
+    webhook_url: str | None
+    webhook_dropped: bool = False
+    webhook_attempts: int = 0
+    webhook_acks: int = 0
+    webhook_signatures: list[str] = field(default_factory=list)
+    """Per delivery attempt, in order: "good" or "bad" signature."""
+    webhook_gave_up: bool = False
+
+
+@dataclass(frozen=True)
+class _Trainer:
+    output: str  # "lora" or "finetune"
+    required_field: str | None
+    steps_field: str
+    default_steps: int
+    debug_output: bool = False
+
+
+_TRAINERS = {
+    "fal-ai/flux-lora-portrait-trainer": _Trainer("lora", "images_data_url", "steps", 2500),
+    "fal-ai/flux-lora-fast-training": _Trainer(
+        "lora", "images_data_url", "steps", 1000, debug_output=True
+    ),
+    "fal-ai/flux-pro-trainer": _Trainer("finetune", "data_url", "iterations", 300),
+}
+_GENERIC_TRAINER = _Trainer("lora", None, "steps", 1000)
+
+
+@dataclass
+class _Training:
+    truth: Truth
+    app_id: str
+    index: int
+    submitted_at: float
+    wall_offset: float
+    steps: int
+    error_detail: list[dict[str, Any]] | None
+    error_on_status: bool
+    rng: random.Random
+    files: dict[str, tuple[str, int]]
+    config_bytes: bytes
+    cancelled: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def request_id(self) -> str:
+        return self.truth.request_id
+
+
+@dataclass
+class _Reply:
+    status: int
+    body: bytes = b""
+    content_type: str = "application/json"
+    headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+
+
+def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
+    extra = [(k.lower().encode(), v.encode()) for k, v in (headers or {}).items()]
+    return _Reply(status, json.dumps(payload).encode(), headers=extra)
+
+
+def _fal_error(status: int, error_type: str, detail: str) -> _Reply:
+    headers = {"X-Fal-Error-Type": error_type}
+    if status == 429:
+        headers["Retry-After"] = "1"
+    return _json_reply(status, {"detail": detail, "error_type": error_type}, headers)
+
+
+def _lora_bytes(request_id: str) -> bytes:
+    """Deterministic stand-in for a LoRA file: a SHA-256 chain of the request id."""
+    chunks = [
+        hashlib.sha256(f"{request_id}:{i}".encode()).digest() for i in range(LORA_FILE_SIZE // 32)
+    ]
+    return b"".join(chunks)
+
+
+class Simulator:
+    """The FAL queue, webhook sender and JWKS server; serve it with :meth:`serve`."""
+
+    def __init__(self, config: SimConfig | None = None) -> None:
+        self.config = config or SimConfig()
+        self.truth: dict[str, Truth] = {}
+        self.stats: Counter[tuple[str, int]] = Counter()
+        """Answers by (route, status code); routes: submit, status, result, cancel, files,
+        jwks, unknown."""
+        self.private_key, jwk = signing.generate_keypair()
+        self.jwks: list[dict[str, str]] = [jwk]
+        self._trainings: dict[str, _Training] = {}
+        self._submit_times: list[float] = []
+        self._api_rng = random.Random(f"{self.config.seed}:api")
+        self._base_url: str | None = None
+        self._nursery: trio.Nursery | None = None
+        self._client: httpx.AsyncClient | None = None
+
+    @property
+    def faults(self) -> Faults:
+        """The live fault knobs (the same object as ``config.faults``)."""
+        return self.config.faults
+
+    @property
+    def base_url(self) -> str:
+        """``http(s)://127.0.0.1:PORT`` once :meth:`serve` has started."""
+        if self._base_url is None:
+            raise RuntimeError("the simulator is not serving yet")
+        return self._base_url
+
+    @property
+    def jwks_url(self) -> str:
+        return f"{self.base_url}/.well-known/jwks.json"
+
+    # -- serving ---------------------------------------------------------------------------
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        """Bind, report the base URL through ``task_status``, serve until cancelled."""
+        hconfig = hypercorn.config.Config()
+        hconfig.bind = [f"{self.config.host}:{self.config.port}"]
+        hconfig.errorlog = logger
+        if self.config.tls:
+            hconfig.certfile = self.config.certfile
+            hconfig.keyfile = self.config.keyfile
+        verify: ssl.SSLContext | bool = True
+        if self.config.webhook_ca_file:
+            verify = ssl.create_default_context(cafile=self.config.webhook_ca_file)
+        client = httpx.AsyncClient(
+            timeout=self.config.webhook_timeout_seconds, verify=verify, trust_env=False
+        )
+        try:
+            async with trio.open_nursery() as nursery:
+                self._client = client
+                self._nursery = nursery
+                binds = await nursery.start(
+                    partial(hypercorn.trio.serve, self.app, hconfig, mode="asgi")
+                )
+                self._base_url = binds[0]
+                task_status.started(self._base_url)
+        finally:
+            self._nursery = None
+            self._client = None
+            with trio.CancelScope(shield=True):
+                await client.aclose()
+
+    async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
+        """The ASGI application."""
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body", False):
+                break
+        route, reply = await self._dispatch(scope, body)
+        self.stats[(route, reply.status)] += 1
+        headers = [
+            (b"content-type", reply.content_type.encode()),
+            (b"content-length", str(len(reply.body)).encode()),
+            *reply.headers,
+        ]
+        await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+        payload = b"" if scope["method"] == "HEAD" else reply.body
+        await send({"type": "http.response.body", "body": payload})
+
+    # -- routing ---------------------------------------------------------------------------
+
+    async def _dispatch(self, scope: Scope, body: bytes) -> tuple[str, _Reply]:
+        method: str = scope["method"]
+        parts = [part for part in scope["path"].split("/") if part]
+        query = parse_qs(scope["query_string"].decode("latin-1"))
+        base = self._base_url or f"{scope['scheme']}://{_host_header(scope)}"
+
+        if method == "GET" and parts == [".well-known", "jwks.json"]:
+            if self.faults.jwks_down:
+                return "jwks", _fal_error(503, "internal_error", "JWKS temporarily unavailable")
+            return "jwks", _json_reply(
+                200, signing.jwks_document(self.jwks), {"Cache-Control": "max-age=86400"}
+            )
+        if method in ("GET", "HEAD") and len(parts) == 3 and parts[0] == "files":
+            return "files", self._file(parts[1], parts[2])
+
+        queue_route = len(parts) >= 4 and parts[2] == "requests"
+        if method == "POST" and len(parts) >= 2:
+            route = "submit"
+        elif queue_route and len(parts) == 4 and method == "GET":
+            route = "result"
+        elif queue_route and len(parts) == 5 and parts[4] == "status" and method == "GET":
+            route = "status"
+        elif queue_route and len(parts) == 5 and parts[4] == "cancel" and method == "PUT":
+            route = "cancel"
+        else:
+            return "unknown", _json_reply(404, {"detail": "Not Found"})
+
+        fault = await self._api_fault()
+        if fault is not None:
+            return route, fault
+        if not _authorized(scope):
+            return route, _json_reply(
+                401, {"detail": "Missing or invalid credentials: use 'Authorization: Key <key>'"}
+            )
+        if route == "submit":
+            return route, self._submit(parts, query, body, base)
+
+        app_id = f"{parts[0]}/{parts[1]}"
+        training = self._trainings.get(parts[3])
+        now = trio.current_time()
+        if training is None or training.app_id != app_id or self._expired(training, now):
+            training = None
+        if route == "status":
+            return route, self._status(training, now, query, base)
+        if route == "result":
+            return route, self._result(training, now)
+        return route, self._cancel(training, now)
+
+    async def _api_fault(self) -> _Reply | None:
+        """An injected infrastructure failure for this queue call, if any."""
+        faults = self.faults
+        if faults.api_down:
+            return _fal_error(503, "runner_scheduling_failure", "Service temporarily unavailable")
+        if self._api_rng.random() < faults.api_timeout_rate:
+            await trio.sleep(faults.api_timeout_seconds)
+        if self._api_rng.random() < faults.api_error_rate:
+            return _fal_error(*self._api_rng.choice(_API_ERRORS))
+        return None
+
+    # -- queue operations ------------------------------------------------------------------
+
+    def _submit(
+        self, parts: list[str], query: dict[str, list[str]], body: bytes, base: str
+    ) -> _Reply:
+        try:
+            payload = json.loads(body or b"{}")
+        except ValueError:
+            payload = None
+        if not isinstance(payload, dict):
+            return _json_reply(
+                422,
+                {
+                    "detail": [
+                        {"loc": ["body"], "msg": "expected a JSON object", "type": "type_error"}
+                    ]
+                },
+            )
+        forced = payload.get("sim_outcome")
+        if forced is not None and forced not in OUTCOMES:
+            return _json_reply(
+                422,
+                {
+                    "detail": [
+                        {
+                            "loc": ["body", "sim_outcome"],
+                            "msg": f"sim_outcome must be one of {', '.join(OUTCOMES)}",
+                            "type": "value_error",
+                        }
+                    ]
+                },
+            )
+
+        webhook_url = (query.get("fal_webhook") or [None])[0]
+        if webhook_url and self._nursery is None:
+            raise RuntimeError("webhooks need the simulator running under serve()")
+        app_id = f"{parts[0]}/{parts[1]}"
+        trainer = _TRAINERS.get(app_id, _GENERIC_TRAINER)
+        request_id = str(uuid.uuid4())
+        index = len(self._submit_times)
+        rng = random.Random(f"{self.config.seed}:training:{index}")
+        outcome, error_detail = self._draw_outcome(rng, forced, trainer, payload)
+        now = trio.current_time()
+        steps = payload.get(trainer.steps_field)
+        if not isinstance(steps, int) or isinstance(steps, bool) or steps <= 0:
+            steps = trainer.default_steps
+
+        config_bytes = json.dumps(
+            {"request_id": request_id, "endpoint": app_id, "steps": steps, "input": payload},
+            sort_keys=True,
+        ).encode()
+        files: dict[str, tuple[str, int]] = {}
+        output = None
+        if outcome in ("ok", "no_lora", "payload_error"):
+            output, files = _model_output(
+                trainer, f"{base}/files/{request_id}", config_bytes, lora=outcome != "no_lora"
+            )
+        completed_at = None if outcome == "never" else now + self._duration
+        truth = Truth(
+            request_id=request_id,
+            endpoint="/".join(parts),
+            input=payload,
+            outcome=outcome,
+            output=output,
+            completed_at=completed_at,
+            webhook_url=webhook_url,
+        )
+        training = _Training(
+            truth=truth,
+            app_id=app_id,
+            index=index,
+            submitted_at=now,
+            wall_offset=time.time() - now,
+            steps=steps,
+            error_detail=error_detail,
+            error_on_status=rng.random() < 0.5,
+            rng=rng,
+            files=files,
+            config_bytes=config_bytes,
+        )
+        self.truth[request_id] = truth
+        self._trainings[request_id] = training
+        self._submit_times.append(now)
+        if webhook_url:
+            if rng.random() < self.faults.drop_webhook:
+                truth.webhook_dropped = True
+            else:
+                assert self._nursery is not None
+                self._nursery.start_soon(self._deliver, training)
+
+        urls = _urls(base, app_id, request_id)
+        return _json_reply(
+            200,
+            {
+                "status": "IN_QUEUE",
+                "request_id": request_id,
+                **urls,
+                "gateway_request_id": request_id,
+                "queue_position": self._queue_position(training, now),
+            },
+        )
+
+    def _draw_outcome(
+        self,
+        rng: random.Random,
+        forced: str | None,
+        trainer: _Trainer,
+        payload: dict[str, Any],
+    ) -> tuple[str, list[dict[str, Any]] | None]:
+        """The outcome and, for "fail", the model's 422 detail. Draws are always taken in
+        the same order so a seed reproduces the same trainings whatever the knobs."""
+        faults = self.faults
+        draws = {
+            "never": rng.random() < faults.never_finish,
+            "fail": rng.random() < faults.fail_training,
+            "payload_error": rng.random() < faults.payload_error,
+            "no_lora": rng.random() < faults.missing_lora,
+        }
+        missing = trainer.required_field is not None and trainer.required_field not in payload
+        if forced is None and missing:
+            forced = "fail"
+        outcome = forced or next((name for name, hit in draws.items() if hit), "ok")
+        if outcome != "fail":
+            return outcome, None
+        if missing:
+            detail = {
+                "loc": ["body", trainer.required_field],
+                "msg": "field required",
+                "type": "value_error.missing",
+            }
+        else:
+            detail = {
+                "loc": ["body", trainer.required_field or "input"],
+                "msg": "Training failed: could not load the training images",
+                "type": "value_error",
+            }
+        return outcome, [detail]
+
+    @property
+    def _duration(self) -> float:
+        return self.config.queue_seconds + self.config.run_seconds
+
+    def _expired(self, training: _Training, now: float) -> bool:
+        expiry = self.faults.result_expiry_seconds
+        done = training.truth.completed_at
+        return expiry is not None and done is not None and now >= done + expiry
+
+    def _phase(self, training: _Training, now: float) -> str:
+        done = training.truth.completed_at
+        if done is not None and now >= done:
+            return "COMPLETED"
+        if now >= training.submitted_at + self.config.queue_seconds:
+            return "IN_PROGRESS"
+        return "IN_QUEUE"
+
+    def _queue_position(self, training: _Training, now: float) -> int:
+        """Trainings submitted earlier and still queued (FIFO: all wait queue_seconds)."""
+        left_queue = bisect.bisect_right(self._submit_times, now - self.config.queue_seconds)
+        return max(0, training.index - left_queue)
+
+    def _status(
+        self,
+        training: _Training | None,
+        now: float,
+        query: dict[str, list[str]],
+        base: str,
+    ) -> _Reply:
+        if training is None:
+            return _json_reply(404, {"detail": "Request not found"})
+        phase = self._phase(training, now)
+        want_logs = (query.get("logs") or ["0"])[0].lower() in {"1", "true"}
+        body: dict[str, Any] = {
+            "status": phase,
+            "request_id": training.request_id,
+            **_urls(base, training.app_id, training.request_id),
+            "logs": self._logs(training, now) if want_logs else None,
+            "metrics": {},
+        }
+        if phase == "IN_QUEUE":
+            body["queue_position"] = self._queue_position(training, now)
+            return _json_reply(202, body)
+        if phase == "IN_PROGRESS":
+            return _json_reply(202, body)
+        started = training.submitted_at + self.config.queue_seconds
+        body["metrics"] = {"inference_time": max(0.0, min(now, self._end(training)) - started)}
+        if training.truth.outcome == "cancelled":
+            body["error"], body["error_type"] = CANCELLED_DETAIL, "client_cancelled"
+        elif training.truth.outcome == "fail" and training.error_on_status:
+            body["error"] = "Invalid status code: 422"
+        return _json_reply(200, body)
+
+    def _end(self, training: _Training) -> float:
+        done = training.truth.completed_at
+        return math.inf if done is None else done
+
+    def _logs(self, training: _Training, now: float) -> list[dict[str, str]]:
+        """Step logs up to now: one line per tenth of the run, then the closing line."""
+        started = training.submitted_at + self.config.queue_seconds
+        run = self.config.run_seconds
+        until = min(now, self._end(training))
+        outcome = training.truth.outcome
+        if until < started:
+            reached = 0
+        elif run > 0:
+            # The epsilon keeps the last checkpoint when until == started + run in floats.
+            reached = min(LOG_CHECKPOINTS, int((until - started) / run * LOG_CHECKPOINTS + 1e-9))
+        else:
+            reached = LOG_CHECKPOINTS
+        if outcome == "never":
+            reached = min(reached, LOG_CHECKPOINTS - 1)
+        logs = []
+        for k in range(1, reached + 1):
+            at = started + run * k / LOG_CHECKPOINTS
+            step = training.steps * k // LOG_CHECKPOINTS
+            logs.append(self._log(training, at, f"step {step}/{training.steps}", "INFO"))
+        if now >= self._end(training):
+            if outcome == "cancelled":
+                logs.append(self._log(training, until, CANCELLED_DETAIL, "WARNING"))
+            elif outcome == "fail":
+                detail = training.error_detail or []
+                message = detail[0]["msg"] if detail else "Training failed"
+                logs.append(self._log(training, until, message, "ERROR"))
+            else:
+                logs.append(self._log(training, until, "Training completed", "INFO"))
+        return logs
+
+    def _log(self, training: _Training, at: float, message: str, level: str) -> dict[str, str]:
+        stamp = datetime.fromtimestamp(at + training.wall_offset, UTC).isoformat()
+        return {"message": message, "level": level, "source": "user", "timestamp": stamp}
+
+    def _result(self, training: _Training | None, now: float) -> _Reply:
+        if training is None:
+            return _json_reply(404, {"detail": "Request not found"})
+        if self._phase(training, now) != "COMPLETED":
+            return _json_reply(400, {"detail": "Request is still in progress"})
+        truth = training.truth
+        if truth.outcome == "fail":
+            return _json_reply(422, {"detail": training.error_detail})
+        if truth.outcome == "cancelled":
+            return _fal_error(499, "client_cancelled", CANCELLED_DETAIL)
+        return _json_reply(200, truth.output)
+
+    def _cancel(self, training: _Training | None, now: float) -> _Reply:
+        if training is None:
+            return _json_reply(404, {"status": "NOT_FOUND"})
+        if self._phase(training, now) == "COMPLETED":
+            return _json_reply(400, {"status": "ALREADY_COMPLETED"})
+        truth = training.truth
+        truth.outcome, truth.output, truth.completed_at = "cancelled", None, now
+        training.files.clear()
+        training.cancelled.set()
+        return _json_reply(202, {"status": "CANCELLATION_REQUESTED"})
+
+    def _file(self, request_id: str, name: str) -> _Reply:
+        training = self._trainings.get(request_id)
+        now = trio.current_time()
+        if (
+            training is None
+            or name not in training.files
+            or self._phase(training, now) != "COMPLETED"
+            or self._expired(training, now)
+        ):
+            return _json_reply(404, {"detail": "File not found"})
+        content_type, _size = training.files[name]
+        data = training.config_bytes if name == CONFIG_FILE_NAME else _lora_bytes(request_id)
+        return _Reply(200, data, content_type=content_type)
+
+    # -- webhooks --------------------------------------------------------------------------
+
+    async def _deliver(self, training: _Training) -> None:
+        """Wait for completion (or a cancel), then POST the webhook with fal's retries."""
+        with trio.move_on_at(self._end(training)):
+            await training.cancelled.wait()
+        extra = self.faults.delay_webhook_seconds
+        if extra > 0:
+            await trio.sleep(training.rng.uniform(0, extra))
+        body = json.dumps(self._webhook_body(training)).encode()
+        delays = self.config.webhook_retry_delays
+        for attempt in range(len(delays) + 1):
+            if await self._send_webhook(training, body):
+                break
+            if attempt < len(delays):
+                await trio.sleep(delays[attempt])
+        else:
+            training.truth.webhook_gave_up = True
+            logger.info("webhook for %s given up", training.request_id)
+            return
+        if training.rng.random() < self.faults.duplicate_webhook:
+            await self._send_webhook(training, body)
+
+    def _webhook_body(self, training: _Training) -> dict[str, Any]:
+        truth = training.truth
+        body: dict[str, Any] = {
+            "request_id": truth.request_id,
+            "gateway_request_id": truth.request_id,
+        }
+        if truth.outcome == "fail":
+            body.update(
+                status="ERROR",
+                error="Invalid status code: 422",
+                payload={"detail": training.error_detail},
+            )
+        elif truth.outcome == "cancelled":
+            body.update(
+                status="ERROR",
+                error="Invalid status code: 499",
+                payload={"detail": CANCELLED_DETAIL, "error_type": "client_cancelled"},
+            )
+        elif truth.outcome == "payload_error":
+            body.update(status="OK", payload=None, payload_error=PAYLOAD_ERROR_TEXT)
+        else:
+            body.update(status="OK", payload=truth.output)
+        return body
+
+    async def _send_webhook(self, training: _Training, body: bytes) -> bool:
+        """One delivery attempt; True when the receiver answered 2xx."""
+        truth = training.truth
+        assert truth.webhook_url is not None and self._client is not None
+        bad = training.rng.random() < self.faults.bad_signature
+        signed = body + b" " if bad else body
+        headers = signing.sign_webhook(
+            self.private_key, truth.request_id, WEBHOOK_USER_ID, int(time.time()), signed
+        )
+        headers["Content-Type"] = "application/json"
+        truth.webhook_attempts += 1
+        truth.webhook_signatures.append("bad" if bad else "good")
+        try:
+            response = await self._client.post(truth.webhook_url, content=body, headers=headers)
+        except httpx.HTTPError as exc:
+            logger.info("webhook for %s failed: %r", truth.request_id, exc)
+            return False
+        if not response.is_success:
+            logger.info("webhook for %s answered %d", truth.request_id, response.status_code)
+            return False
+        truth.webhook_acks += 1
+        return True
+
+
+def _urls(base: str, app_id: str, request_id: str) -> dict[str, str]:
+    """Response, status and cancel URLs: owner/app only, never the subpath."""
+    response_url = f"{base}/{app_id}/requests/{request_id}"
+    return {
+        "response_url": response_url,
+        "status_url": f"{response_url}/status",
+        "cancel_url": f"{response_url}/cancel",
+    }
+
+
+def _model_output(
+    trainer: _Trainer, files_base: str, config_bytes: bytes, *, lora: bool
+) -> tuple[dict[str, Any], dict[str, tuple[str, int]]]:
+    """The trainer's success output and the files it points at (name -> type, size)."""
+    if trainer.output == "finetune":
+        return ({"finetune_id": str(uuid.uuid4())} if lora else {}), {}
+    files = {CONFIG_FILE_NAME: ("application/json", len(config_bytes))}
+    if lora:
+        files[LORA_FILE_NAME] = ("application/octet-stream", LORA_FILE_SIZE)
+    described = {
+        name: {
+            "url": f"{files_base}/{name}",
+            "content_type": content_type,
+            "file_name": name,
+            "file_size": size,
+        }
+        for name, (content_type, size) in files.items()
+    }
+    output: dict[str, Any] = {}
+    if lora:
+        output["diffusers_lora_file"] = described[LORA_FILE_NAME]
+    output["config_file"] = described[CONFIG_FILE_NAME]
+    if trainer.debug_output:
+        output["debug_preprocessed_output"] = None
+    return output, files
+
+
+def _header(scope: Scope, name: bytes) -> str | None:
+    for key, value in scope["headers"]:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return None
+
+
+def _host_header(scope: Scope) -> str:
+    host = _header(scope, b"host")
+    if host:
+        return host
+    server_host, server_port = scope["server"]
+    return f"{server_host}:{server_port}"
+
+
+def _authorized(scope: Scope) -> bool:
+    value = _header(scope, b"authorization") or ""
+    scheme, _, key = value.partition(" ")
+    return scheme == "Key" and bool(key.strip())
+
+
+# -- CLI glue (wired into `trainguard simulate`) ---------------------------------------------
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add the simulator's options to ``parser``."""
+    defaults = SimConfig()
+    parser.add_argument("--host", default=defaults.host, help="address to bind (loopback)")
+    parser.add_argument("--port", type=int, default=defaults.port, help="port; 0 picks one")
+    parser.add_argument(
+        "--queue-seconds", type=float, default=defaults.queue_seconds, help="time IN_QUEUE"
+    )
+    parser.add_argument(
+        "--run-seconds", type=float, default=defaults.run_seconds, help="time IN_PROGRESS"
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed, help="seed for fault draws")
+    parser.add_argument("--tls", action="store_true", help="serve https (needs cert and key)")
+    parser.add_argument("--certfile", help="PEM certificate chain for --tls")
+    parser.add_argument("--keyfile", help="PEM private key for --tls")
+    parser.add_argument(
+        "--fault",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="set a fault knob, e.g. fail_training=0.2 or jwks_down=true (repeatable)",
+    )
+
+
+def config_from_args(args: argparse.Namespace) -> SimConfig:
+    """A SimConfig from parsed arguments; raises ValueError on a bad --fault."""
+    faults = Faults(**dict(parse_fault(spec) for spec in args.fault))
+    return SimConfig(
+        host=args.host,
+        port=args.port,
+        queue_seconds=args.queue_seconds,
+        run_seconds=args.run_seconds,
+        seed=args.seed,
+        faults=faults,
+        tls=args.tls,
+        certfile=args.certfile,
+        keyfile=args.keyfile,
+    )
+
+
+async def run_from_args(args: argparse.Namespace) -> None:
+    """Serve the simulator until cancelled; print its base and JWKS URLs once ready."""
+    simulator = Simulator(config_from_args(args))
+    async with trio.open_nursery() as nursery:
+        await nursery.start(simulator.serve)
+        print(f"FAL simulator at {simulator.base_url} (JWKS {simulator.jwks_url})", flush=True)
