@@ -140,7 +140,7 @@ def _bind(listen: str) -> socket.socket:
     return sock
 
 
-async def _respond(
+async def respond(
     send: Send,
     status: int,
     body: bytes,
@@ -165,7 +165,7 @@ async def _respond(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
-async def _lifespan(receive: Receive, send: Send) -> None:
+async def lifespan(receive: Receive, send: Send) -> None:
     """Answer the ASGI lifespan protocol: nothing to set up or tear down."""
     while True:
         message = await receive()
@@ -192,31 +192,29 @@ def ops_app(
 
     async def app(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "lifespan":
-            await _lifespan(receive, send)
+            await lifespan(receive, send)
             return
         path = scope.get("path")
         if scope["type"] != "http" or path not in ("/metrics", "/healthz", "/readyz"):
             if extra is not None:
                 await extra(scope, receive, send)
             elif scope["type"] == "http":
-                await _respond(send, 404, b"not found\n", head=scope["method"] == "HEAD")
+                await respond(send, 404, b"not found\n", head=scope["method"] == "HEAD")
             elif scope["type"] == "websocket":
                 await send({"type": "websocket.close"})
             return
         head = scope["method"] == "HEAD"
         if scope["method"] not in ("GET", "HEAD"):
-            await _respond(send, 405, b"method not allowed\n", headers=((b"allow", b"GET, HEAD"),))
+            await respond(send, 405, b"method not allowed\n", headers=((b"allow", b"GET, HEAD"),))
         elif path == "/metrics":
             body = metrics.render()
-            await _respond(send, 200, body, content_type=metrics.content_type, head=head)
+            await respond(send, 200, body, content_type=metrics.content_type, head=head)
         elif path == "/healthz":
             ok = healthy()
-            await _respond(send, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", head=head)
+            await respond(send, 200 if ok else 503, b"ok\n" if ok else b"unhealthy\n", head=head)
         else:
             ok = ready()
-            await _respond(
-                send, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", head=head
-            )
+            await respond(send, 200 if ok else 503, b"ready\n" if ok else b"not ready\n", head=head)
 
     return app
 
@@ -228,7 +226,7 @@ def _limit_body(app: ASGIApp, max_bytes: int) -> ASGIApp:
     grows past it looks like a client disconnect to ``app``, and the 413 is sent unless
     ``app`` had already started its response.
     """
-    too_large = partial(_respond, status=413, body=b"request body too large\n")
+    too_large = partial(respond, status=413, body=b"request body too large\n")
 
     async def limited(scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":

@@ -118,18 +118,14 @@ def sign_webhook(
     }
 
 
-def verify_webhook(
+def check_envelope(
     headers: Mapping[str, str],
-    body: bytes,
-    keys: Sequence[Ed25519PublicKey],
     now: float,
     tolerance: float = DEFAULT_TOLERANCE_SECONDS,
-) -> None:
-    """Return when some key verifies the webhook, else raise WebhookRejected.
-
-    Header names match in any casing. Checks run in order: headers present, timestamp
-    an integer within ``tolerance`` seconds of ``now`` (either direction), signature.
-    """
+) -> dict[str, str]:
+    """The checks that need no key: the four headers present, the timestamp an integer
+    within ``tolerance`` seconds of ``now`` (either direction). Returns the header values
+    by canonical name; raises WebhookRejected (missing_header, stale)."""
     lowered = {name.lower(): value for name, value in headers.items()}
     values: dict[str, str] = {}
     for name in REQUIRED_HEADERS:
@@ -147,7 +143,23 @@ def verify_webhook(
             f"timestamp {timestamp} is {now - timestamp:+.0f} s from now (limit {tolerance:g} s)",
             "stale",
         )
+    return values
 
+
+def verify_webhook(
+    headers: Mapping[str, str],
+    body: bytes,
+    keys: Sequence[Ed25519PublicKey],
+    now: float,
+    tolerance: float = DEFAULT_TOLERANCE_SECONDS,
+) -> None:
+    """Return when some key verifies the webhook, else raise WebhookRejected.
+
+    Header names match in any casing. Checks run in order: headers present, timestamp
+    an integer within ``tolerance`` seconds of ``now`` (either direction), signature.
+    """
+    values = check_envelope(headers, now, tolerance)
+    raw_timestamp = values[HEADER_TIMESTAMP]
     try:
         signature = bytes.fromhex(values[HEADER_SIGNATURE])
     except ValueError:

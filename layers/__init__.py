@@ -1,1 +1,1 @@
-"""trainguard: layers."""
+"""The built-in guard layers, one module each, registered through the plugin hook."""

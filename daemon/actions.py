@@ -1,0 +1,113 @@
+"""What an operator or the bot asks for (submit, track), shared by the CLI and the demo.
+
+Each goes through the FAL client and hands the outcome to reconcile, like a layer does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from daemon.config import Settings
+from daemon.fal import FalClient, queue_urls
+from daemon.reconcile import Reconciler
+from daemon.store import TrainingView
+
+
+class NotRecorded(RuntimeError):
+    """FAL accepted a training that could not be recorded; it must be adopted with track."""
+
+    def __init__(self, request_id: str, cause: Exception) -> None:
+        super().__init__(
+            f"FAL accepted the training as {request_id} but it could not be recorded ({cause})"
+        )
+        self.request_id = request_id
+
+
+def training_arguments(
+    settings: Settings,
+    training_type: str,
+    images_url: str,
+    trigger: str | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The model input for a training type (the field names are configuration)."""
+    ttype = settings.training_type(training_type)
+    arguments: dict[str, Any] = {ttype.images_field: images_url}
+    if trigger:
+        arguments[ttype.trigger_field] = trigger
+    arguments.update(extra or {})
+    return arguments
+
+
+async def submit(
+    settings: Settings,
+    fal: FalClient,
+    reconciler: Reconciler,
+    *,
+    training_type: str,
+    name: str,
+    arguments: Mapping[str, Any],
+    trigger: str | None = None,
+) -> TrainingView:
+    """Submit to FAL with our webhook URL, then record the training.
+
+    Raises ``FalRequestError`` when FAL refuses, and ``NotRecorded`` (with the request id)
+    when FAL accepted but the store did not.
+    """
+    ttype = settings.training_type(training_type)
+    submitted = await fal.submit(ttype.endpoint, dict(arguments), settings.webhook["public_url"])
+    try:
+        return await reconciler.register(
+            name=name,
+            training_type=ttype.name,
+            request_id=submitted.request_id,
+            layer="submit",
+            status_url=submitted.status_url,
+            response_url=submitted.response_url,
+            cancel_url=submitted.cancel_url,
+            trigger_phrase=trigger,
+            arguments=arguments,
+        )
+    except Exception as exc:
+        raise NotRecorded(submitted.request_id, exc) from exc
+
+
+async def track(
+    settings: Settings,
+    reconciler: Reconciler,
+    *,
+    request_id: str,
+    training_type: str,
+    name: str,
+    trigger: str | None = None,
+) -> TrainingView:
+    """Adopt a request submitted elsewhere (its URLs are built from the endpoint)."""
+    ttype = settings.training_type(training_type)
+    status_url, response_url, cancel_url = queue_urls(
+        settings.fal["queue_url"], ttype.endpoint, request_id
+    )
+    return await reconciler.register(
+        name=name,
+        training_type=ttype.name,
+        request_id=request_id,
+        layer="track",
+        status_url=status_url,
+        response_url=response_url,
+        cancel_url=cancel_url,
+        trigger_phrase=trigger,
+    )
+
+
+def fal_client(settings: Settings, **kwargs: Any) -> FalClient:
+    """A FAL client configured from settings (the caller enters it with ``async with``)."""
+    from daemon.fal import RateLimiter
+
+    return FalClient(
+        queue_url=settings.fal["queue_url"],
+        key=settings.fal_key,
+        rate_limiter=RateLimiter(settings.fal["max_requests_per_second"]),
+        timeout=settings.fal["timeout_seconds"],
+        retries=settings.fal["retries"],
+        **kwargs,
+    )

@@ -1,0 +1,335 @@
+"""`trainguard run | demo | simulate | submit | track | check | plugins`.
+
+Exit statuses: 0 success; 1 a failure of the operation (FAL refused a submit, a finished
+training lacks a guaranteed field, a listener could not start); 2 bad configuration or bad
+arguments. Bad input gets one clear line on stderr, never a traceback (set
+``TRAINGUARD_DEBUG=1`` to see one).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+from contextlib import asynccontextmanager
+from typing import Any
+
+import trio
+
+from daemon import __version__, actions, config, logs
+from daemon.config import ConfigError, Settings
+from daemon.reconcile import Reconciler, view_as_dict
+from daemon.store import TrainingView
+
+EXIT_FAILURE = 1
+EXIT_CONFIG = 2
+
+
+class CliError(Exception):
+    """A failure to report in one line, with its exit status."""
+
+    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def _leaf(exc: BaseException) -> BaseException:
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    settings = config.load(args.config)
+    logs.configure(
+        args.log_level or settings.log["level"],
+        stream=sys.stderr if args.command != "run" else None,
+        secrets=[s for s in (settings.fal_key,) if s],
+    )
+    return settings
+
+
+# -- run ---------------------------------------------------------------------------------
+def cmd_run(args: argparse.Namespace) -> int:
+    from daemon.supervisor import Daemon
+
+    settings = _settings(args)
+    daemon = Daemon(settings, handle_signals=True)
+    log = logs.get_logger()
+    log.info(
+        "trainguard starting",
+        version=__version__,
+        config=settings.source,
+        database=settings.database["url"],
+        fal_key="set" if settings.fal_key else "missing",
+    )
+    if not settings.fal_key:
+        log.warning(f"{logs.WARN} FAL_KEY is not set: FAL will refuse status checks")
+    trio.run(daemon.run)
+    return 0
+
+
+# -- submit / track ----------------------------------------------------------------------
+def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
+    extra: dict[str, Any] = {}
+    for item in items or ():
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise CliError(f"--arg {item!r}: expected KEY=VALUE", EXIT_CONFIG)
+        try:
+            extra[key] = json.loads(raw)
+        except ValueError:
+            extra[key] = raw
+    return extra
+
+
+@asynccontextmanager
+async def _reconciler(settings: Settings) -> AsyncIterator[Reconciler]:
+    from daemon.store import open_store
+    from plugins.manager import HookRunner, build_manager
+
+    async with open_store(settings.database["url"]) as store:
+        yield Reconciler(store, settings, hooks=HookRunner(build_manager()))
+
+
+def cmd_submit(args: argparse.Namespace) -> int:
+    from daemon.fal import FalRequestError
+
+    settings = _settings(args)
+    arguments = actions.training_arguments(
+        settings, args.type, args.images_url, args.trigger, _extra_arguments(args.arg)
+    )
+
+    async def submit() -> TrainingView:
+        async with actions.fal_client(settings) as fal, _reconciler(settings) as reconciler:
+            return await actions.submit(
+                settings,
+                fal,
+                reconciler,
+                training_type=args.type,
+                name=args.name,
+                arguments=arguments,
+                trigger=args.trigger,
+            )
+
+    try:
+        view = trio.run(submit)
+    except FalRequestError as exc:
+        raise CliError(f"FAL refused the submit: {exc}") from exc
+    except actions.NotRecorded as exc:
+        raise CliError(
+            f"{exc}; adopt it with: trainguard track {exc.request_id} --type {args.type} --name {args.name}"
+        ) from exc
+    _print_training(view, args.json)
+    return 0
+
+
+def cmd_track(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def track() -> TrainingView:
+        async with _reconciler(settings) as reconciler:
+            return await actions.track(
+                settings,
+                reconciler,
+                request_id=args.request_id,
+                training_type=args.type,
+                name=args.name,
+                trigger=args.trigger,
+            )
+
+    try:
+        view = trio.run(track)
+    except ValueError as exc:  # a malformed endpoint or request id; AlreadyTracked
+        raise CliError(str(exc)) from exc
+    _print_training(view, args.json)
+    return 0
+
+
+def _print_training(view: TrainingView, as_json: bool) -> None:
+    print(json.dumps(view_as_dict(view), ensure_ascii=False) if as_json else view.request_id)
+
+
+# -- check -------------------------------------------------------------------------------
+async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, Any]]:
+    from daemon.store import Training, open_store
+
+    async with open_store(settings.database["url"]) as store:
+        where = (Training.status == status,) if status else ()
+        return [view_as_dict(v) for v in await store.trainings(*where)]
+
+
+def _age(iso: str | None) -> str:
+    if not iso:
+        return "-"
+    from datetime import datetime
+
+    seconds = time.time() - datetime.fromisoformat(iso.replace("Z", "+00:00")).timestamp()
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f}{unit}"
+    return f"{max(0, seconds):.0f}s"
+
+
+def render_table(rows: Sequence[dict[str, Any]]) -> str:
+    headers = ("NAME", "TYPE", "STATUS", "PROG", "TRIGGER", "RESULT", "FALLBACK", "BY", "AGE")
+    lines = []
+    for r in rows:
+        result = r["lora_url"] or r["finetune_id"] or "-"
+        if len(result) > 48:
+            result = "…" + result[-47:]
+        fallback = f"yes ({r['fallback_layer']})" if r["is_fallback"] else "no"
+        missing = f" MISSING {','.join(r['missing_fields'])}" if r["missing_fields"] else ""
+        lines.append(
+            (
+                r["name"],
+                r["training_type"],
+                r["status"] + missing,
+                f"{r['progress']}%",
+                r["trigger_phrase"] or "-",
+                result,
+                fallback,
+                r["result_layer"] or "-",
+                _age(r["submitted_at"]),
+            )
+        )
+    widths = [max(len(str(x)) for x in col) for col in zip(headers, *lines, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    return "\n".join(fmt.format(*row) for row in (headers, *lines))
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = trio.run(_load_rows, settings, args.status)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+    else:
+        print(render_table(rows) if rows else "no trainings")
+    incomplete = [r for r in rows if r["missing_fields"]]
+    if incomplete and not args.json:
+        print(f"{len(incomplete)} finished training(s) lack a guaranteed field", file=sys.stderr)
+    return EXIT_FAILURE if incomplete else 0
+
+
+# -- plugins -----------------------------------------------------------------------------
+def cmd_plugins(args: argparse.Namespace) -> int:
+    from plugins.manager import build_manager, collect_layers
+
+    settings = _settings(args)
+    entries = collect_layers(build_manager(), settings)
+    rows = [
+        {
+            "layer": e.layer.name,
+            "enabled": settings.layer(e.layer.name).enabled,
+            "plugin": e.plugin,
+            "source": e.source,
+        }
+        for e in entries
+    ]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        for r in rows:
+            state = "enabled " if r["enabled"] else "disabled"
+            print(f"{r['layer']:<14} {state}  {r['source']:<24} {r['plugin']}")
+    return 0
+
+
+# -- simulate / demo ---------------------------------------------------------------------
+def cmd_simulate(args: argparse.Namespace) -> int:
+    from daemon import simulator
+
+    logs.configure(args.log_level or "info", stream=sys.stderr)
+    trio.run(simulator.run_from_args, args)
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from daemon import demo
+
+    return demo.main(args)
+
+
+# -- parser ------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    from daemon import demo, simulator
+
+    parser = argparse.ArgumentParser(
+        prog="trainguard",
+        description="Guards FAL AI trainings until their real result is stored.",
+    )
+    parser.add_argument("--version", action="version", version=f"trainguard {__version__}")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--config",
+        help="config file (default: $TRAINGUARD_CONFIG, else ./config.toml, else built-in defaults)",
+    )
+    common.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(
+        name: str, handler: Callable[[argparse.Namespace], int], help_: str
+    ) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help_, description=help_)
+        p.set_defaults(handler=handler)
+        return p
+
+    add("run", cmd_run, "run the daemon (all enabled layers) until SIGTERM")
+
+    p = add("submit", cmd_submit, "submit a training to FAL and record it")
+    p.add_argument("--type", required=True, help="training type (a [training_types.NAME])")
+    p.add_argument("--name", required=True, help="whose training this is (e.g. the user)")
+    p.add_argument("--images-url", required=True, help="URL of the zip of training images")
+    p.add_argument("--trigger", help="trigger phrase")
+    p.add_argument("--arg", action="append", help="extra model input KEY=VALUE (JSON value)")
+    p.add_argument("--json", action="store_true", help="print the recorded training as JSON")
+
+    p = add("track", cmd_track, "adopt a request that was submitted elsewhere")
+    p.add_argument("request_id")
+    p.add_argument("--type", required=True)
+    p.add_argument("--name", required=True)
+    p.add_argument("--trigger")
+    p.add_argument("--json", action="store_true")
+
+    p = add("check", cmd_check, "list every training; exit 1 if a finished one lacks a field")
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per training")
+    p.add_argument(
+        "--status",
+        choices=("SUBMITTED", "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED"),
+    )
+
+    p = add("plugins", cmd_plugins, "list the loaded layers and where they come from")
+    p.add_argument("--json", action="store_true")
+
+    p = add("simulate", cmd_simulate, "serve a FAL-compatible queue on loopback")
+    simulator.add_arguments(p)
+
+    p = add("demo", cmd_demo, "simulator + daemon + faults on loopback, ending with a table")
+    demo.add_arguments(p)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.handler(args))
+    except KeyboardInterrupt:
+        return 130
+    except BaseException as raw:  # one clear line, never a traceback
+        exc = _leaf(raw)
+        if isinstance(exc, SystemExit | KeyboardInterrupt):
+            raise exc from None
+        if os.environ.get("TRAINGUARD_DEBUG"):
+            raise
+        if isinstance(exc, ConfigError):
+            print(f"trainguard: configuration error: {exc}", file=sys.stderr)
+            return EXIT_CONFIG
+        if isinstance(exc, CliError):
+            print(f"trainguard: {exc}", file=sys.stderr)
+            return exc.status
+        print(f"trainguard: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return EXIT_FAILURE

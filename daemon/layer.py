@@ -1,0 +1,151 @@
+"""What a guard layer is, what it gets, and the two patterns most layers share.
+
+A layer is any object with a ``name`` and ``async def run(ctx, *, task_status)``. It calls
+``task_status.started()`` once it is really working (so "ready" means ready), beats its
+heartbeat while alive, and never writes a training itself: it hands what it observed to
+``ctx.reconciler``. Optional attributes: ``order`` (start order, lower first; default 50) and
+``heartbeat_timeout(options) -> float`` (how stale its heartbeat may get before the systemd
+watchdog stops being fed; 300 s when absent).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Protocol, runtime_checkable
+
+import peewee
+import structlog
+import trio
+
+from daemon import fal
+from daemon.clock import Clock
+from daemon.config import Settings
+from daemon.reconcile import Change, Reconciler
+from daemon.store import UNFINISHED, Store, Training, TrainingView
+
+#: How long a layer with nothing due sleeps before looking at the database again, so that a
+#: training registered by another process (the CLI) is noticed.
+IDLE_RECHECK_SECONDS = 1.0
+
+
+@runtime_checkable
+class Layer(Protocol):
+    name: str
+
+    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None: ...
+
+
+@dataclass
+class LayerContext:
+    """Everything a layer may use. One per layer; the heartbeat is the layer's own."""
+
+    name: str
+    settings: Settings
+    store: Store
+    reconciler: Reconciler
+    fal: fal.FalClient
+    metrics: Any
+    clock: Clock
+    log: Any = None
+    last_beat: float = field(default_factory=lambda: -math.inf)
+
+    def __post_init__(self) -> None:
+        if self.log is None:
+            self.log = structlog.get_logger(f"trainguard.layers.{self.name}").bind(layer=self.name)
+
+    @property
+    def options(self) -> Mapping[str, Any]:
+        return self.settings.layer(self.name).options
+
+    def heartbeat(self) -> None:
+        self.last_beat = trio.current_time()
+
+    def passed(self) -> None:
+        """One pass of the layer's work finished: count it and beat."""
+        self.heartbeat()
+        if self.metrics is not None:
+            self.metrics.layer_pass(self.name)
+            self.metrics.layer_success(self.name, self.clock.now())
+
+    def failed(self, exc: BaseException) -> None:
+        if self.metrics is not None:
+            self.metrics.layer_error(self.name)
+        self.log.error("layer pass failed", error=f"{type(exc).__name__}: {exc}")
+
+    def urls(self, training: TrainingView) -> tuple[str, str, str]:
+        """The status, response and cancel URLs of a training (those submit returned, else
+        built from the endpoint's owner/app)."""
+        built = fal.queue_urls(
+            self.settings.fal["queue_url"], training.endpoint, training.request_id
+        )
+        return (
+            training.status_url or built[0],
+            training.response_url or built[1],
+            training.cancel_url or built[2],
+        )
+
+
+async def check_training(ctx: LayerContext, training: TrainingView, layer: str) -> Change:
+    """Ask FAL about one training and hand every answer to reconcile.
+
+    Unfinished: the status (with logs, for progress), then the result when FAL says it is
+    COMPLETED. Finished: the result directly (to verify, fill in or upgrade a fallback).
+    """
+    status_url, response_url, _ = ctx.urls(training)
+    if not training.finished:
+        answer = await ctx.fal.status(status_url, logs=True)
+        change = await ctx.reconciler.observe_answer(answer, training.request_id, layer)
+        if answer.kind != fal.Kind.COMPLETED:
+            return change
+    answer = await ctx.fal.result(response_url)
+    return await ctx.reconciler.observe_answer(answer, training.request_id, layer)
+
+
+async def run_due(
+    ctx: LayerContext,
+    column: peewee.Field,
+    handle: Callable[[TrainingView], Awaitable[Any]],
+    *,
+    where: tuple[peewee.Expression, ...] = (Training.status.in_(UNFINISHED),),
+    concurrency: int = 8,
+    batch: int = 500,
+    task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+) -> None:
+    """Forever: handle every training whose time in ``column`` has come, then sleep until the
+    next one is due. The schedule lives in the database; reconcile moves it."""
+    limiter = trio.CapacityLimiter(concurrency)
+
+    errors = 0
+
+    async def one(training: TrainingView) -> None:
+        nonlocal errors
+        async with limiter:
+            try:
+                await handle(training)
+            except Exception as exc:  # one training's trouble must not stop the others
+                errors += 1
+                ctx.failed(exc)
+            ctx.heartbeat()
+
+    task_status.started()
+    while True:
+        now = ctx.clock.now()
+        due = await ctx.store.trainings(column <= now, *where, order=(column,), limit=batch)
+        if due:
+            errors = 0
+            async with trio.open_nursery() as nursery:
+                for training in due:
+                    nursery.start_soon(one, training)
+            if errors:  # what failed is still due: do not spin on it
+                await trio.sleep(IDLE_RECHECK_SECONDS)
+            else:
+                ctx.passed()
+            continue
+        ctx.heartbeat()
+        nxt = await ctx.store.earliest(column, *where)
+        wait = IDLE_RECHECK_SECONDS if nxt is None else min(IDLE_RECHECK_SECONDS, nxt - now)
+        if wait > 0:
+            with trio.move_on_after(wait):
+                await ctx.reconciler.changed.wait()

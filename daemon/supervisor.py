@@ -1,0 +1,283 @@
+"""The daemon: one trio nursery that runs every enabled layer and keeps it running.
+
+Start order: the store and its writer, the metrics listener (``/readyz`` answers 503 until
+ready), then each layer by ``order`` with ``nursery.start``, so "started" means working: the
+webhook listener is bound before the startup sweep runs, and the startup sweep has finished
+before READY=1 is sent. A layer that fails before it has started stops the daemon with a clear
+error (a port in use, say); one that crashes later is logged, counted and restarted alone,
+with exponential backoff. SIGTERM/SIGINT send STOPPING=1 and cancel everything: a database
+batch already handed to the database thread is committed whole, nothing is half-written.
+The systemd watchdog is fed only while every running layer's heartbeat is fresh.
+"""
+
+from __future__ import annotations
+
+import random
+import signal
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import pluggy
+import structlog
+import trio
+
+from daemon import http, logs
+from daemon.clock import Clock
+from daemon.config import ConfigError, Settings
+from daemon.fal import FalClient, RateLimiter
+from daemon.layer import Layer, LayerContext
+from daemon.metrics import Metrics
+from daemon.reconcile import Reconciler
+from daemon.sdnotify import Notifier
+from daemon.store import Store, open_store
+from plugins.manager import HookRunner, LayerEntry, build_manager, collect_layers
+
+log = structlog.get_logger("trainguard.supervisor")
+
+RESTART_BACKOFF_FIRST = 1.0
+RESTART_BACKOFF_CAP = 60.0
+GAUGE_INTERVAL_SECONDS = 5.0
+DEFAULT_HEARTBEAT_TIMEOUT = 300.0  # a sweep beats after every training it handles
+
+
+class LayerStartError(RuntimeError):
+    """A layer failed before it had started: the daemon cannot run as configured."""
+
+
+@dataclass
+class RunningLayer:
+    entry: LayerEntry
+    ctx: LayerContext
+    heartbeat_timeout: float
+    running: bool = False
+
+
+class Daemon:
+    """One trainguard process. ``await nursery.start(daemon.run)`` returns once READY."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        pm: pluggy.PluginManager | None = None,
+        clock: Clock | None = None,
+        notifier: Notifier | None = None,
+        fal_transport: httpx.AsyncBaseTransport | None = None,
+        handle_signals: bool = False,
+    ) -> None:
+        self.settings = settings
+        self.pm = pm or build_manager()
+        self.clock = clock or Clock()
+        self.notifier = notifier or Notifier()
+        self.fal_transport = fal_transport
+        self.handle_signals = handle_signals
+        self.metrics = Metrics()
+        self.layers: dict[str, RunningLayer] = {}
+        self.ready = False
+        self.db_ok = False
+        self.ops_address: tuple[str, int] | None = None
+        self.store: Store | None = None
+        self.reconciler: Reconciler | None = None
+        self.fal: FalClient | None = None
+        self._entries = self._select_layers()
+
+    def _select_layers(self) -> list[LayerEntry]:
+        entries = collect_layers(self.pm, self.settings)
+        offered = {e.layer.name for e in entries}
+        unknown = sorted(set(self.settings.layers) - offered)
+        if unknown:
+            raise ConfigError(
+                f"layers.{unknown[0]}: no installed plugin offers a layer of that name "
+                f"(installed: {', '.join(sorted(offered))})"
+            )
+        for entry in entries:
+            self.metrics.add_layer(entry.layer.name)
+        chosen = [e for e in entries if self.settings.layer(e.layer.name).enabled]
+        return sorted(chosen, key=lambda e: getattr(e.layer, "order", 50))
+
+    # -- the main task -------------------------------------------------------------------
+    async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        s = self.settings
+        self.notifier.status("starting")
+        async with open_store(s.database["url"], on_commit=self.metrics.db_commit) as store:
+            self.store = store
+            self.db_ok = True
+            async with FalClient(
+                queue_url=s.fal["queue_url"],
+                key=s.fal_key,
+                rate_limiter=RateLimiter(s.fal["max_requests_per_second"]),
+                timeout=s.fal["timeout_seconds"],
+                retries=s.fal["retries"],
+                observe=self.metrics.fal_request,
+                transport=self.fal_transport,
+            ) as fal_client:
+                self.fal = fal_client
+                self.reconciler = Reconciler(
+                    store,
+                    s,
+                    clock=self.clock,
+                    metrics=self.metrics,
+                    hooks=HookRunner(self.pm, self.metrics),
+                )
+                async with trio.open_nursery() as nursery:
+                    app = http.ops_app(self.metrics, ready=self.is_ready, healthy=self.is_healthy)
+                    self.ops_address = await nursery.start(
+                        http.serve_asgi, app, s.metrics["listen"]
+                    )
+                    nursery.start_soon(self._gauges)
+                    for entry in self._entries:
+                        await self._start_layer(nursery, entry)
+                    self.ready = True
+                    summary = f"ready: {len(self.layers)} layers running"
+                    self.notifier.ready(summary)
+                    log.info(summary, layers=sorted(self.layers), metrics=self.ops_address)
+                    nursery.start_soon(self._watchdog)
+                    task_status.started(self)
+                    if self.handle_signals:
+                        await self._wait_for_stop_signal()
+                        nursery.cancel_scope.cancel()
+
+    def is_ready(self) -> bool:
+        return self.ready and self.db_ok
+
+    def is_healthy(self) -> bool:
+        return self.db_ok
+
+    async def _start_layer(self, nursery: trio.Nursery, entry: LayerEntry) -> None:
+        layer = entry.layer
+        assert self.store is not None and self.reconciler is not None and self.fal is not None
+        ctx = LayerContext(
+            name=layer.name,
+            settings=self.settings,
+            store=self.store,
+            reconciler=self.reconciler,
+            fal=self.fal,
+            metrics=self.metrics,
+            clock=self.clock,
+        )
+        timeout_fn = getattr(layer, "heartbeat_timeout", None)
+        timeout = timeout_fn(ctx.options) if callable(timeout_fn) else DEFAULT_HEARTBEAT_TIMEOUT
+        running = RunningLayer(entry, ctx, float(timeout))
+        self.layers[layer.name] = running
+        self.notifier.status(f"starting layer {layer.name}")
+        try:
+            await nursery.start(self._supervise, running)
+        except Exception as exc:
+            raise LayerStartError(f"layer {layer.name} failed to start: {_describe(exc)}") from exc
+
+    async def _supervise(
+        self,
+        running: RunningLayer,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        """Run one layer; restart it alone, with backoff, whenever it crashes."""
+        layer: Layer = running.entry.layer
+        name = layer.name
+        backoff = RESTART_BACKOFF_FIRST
+        started = False
+        while True:
+            try:
+                async with trio.open_nursery() as inner:
+                    await inner.start(self._run_layer, running)
+                    if not started:
+                        started = True
+                        task_status.started()
+                    backoff = RESTART_BACKOFF_FIRST
+                running.running = False
+                self.metrics.set_layer_up(name, False)
+                log.info(f"{logs.tag_for(name)} layer finished its work", layer=name)
+                return
+            except Exception as exc:
+                running.running = False
+                self.metrics.set_layer_up(name, False)
+                self.metrics.layer_error(name)
+                if not started:
+                    raise
+                self.metrics.layer_restart(name)
+                delay = backoff * random.uniform(0.5, 1.0)
+                log.error(
+                    f"{logs.WARN} layer crashed; restarting it",
+                    layer=name,
+                    error=_describe(exc),
+                    restart_in=round(delay, 2),
+                    exc_info=exc,
+                )
+                await trio.sleep(delay)
+                backoff = min(backoff * 2, RESTART_BACKOFF_CAP)
+
+    async def _run_layer(
+        self,
+        running: RunningLayer,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
+    ) -> None:
+        name = running.entry.layer.name
+
+        def mark_started() -> None:
+            running.ctx.heartbeat()
+            running.running = True
+            self.metrics.set_layer_up(name, True)
+            task_status.started()
+
+        with structlog.contextvars.bound_contextvars(layer=name):
+            await running.entry.layer.run(running.ctx, task_status=_Started(mark_started))
+
+    # -- background chores ---------------------------------------------------------------
+    async def _gauges(self) -> None:
+        """Trainings by status, and whether the database still takes a durable write."""
+        assert self.store is not None
+        while True:
+            try:
+                self.metrics.set_trainings(await self.store.status_counts())
+                self.db_ok = await self.store.writable()
+            except Exception as exc:
+                self.db_ok = False
+                log.error(f"{logs.WARN} database check failed", error=_describe(exc))
+            await trio.sleep(GAUGE_INTERVAL_SECONDS)
+
+    def stale_layers(self) -> list[str]:
+        now = trio.current_time()
+        return [
+            name
+            for name, r in self.layers.items()
+            if r.running and now - r.ctx.last_beat > r.heartbeat_timeout
+        ]
+
+    async def _watchdog(self) -> None:
+        interval = self.notifier.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            stale = self.stale_layers()
+            if stale:
+                log.error(f"{logs.WARN} watchdog not fed: stale layer heartbeat", layers=stale)
+                self.notifier.status(f"stale layers: {', '.join(stale)}")
+            else:
+                self.notifier.watchdog()
+            await trio.sleep(interval)
+
+    async def _wait_for_stop_signal(self) -> None:
+        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            async for signum in signals:
+                log.info("stopping", signal=signal.Signals(signum).name)
+                self.notifier.stopping()
+                return
+
+
+class _Started:
+    """The task_status handed to a layer: our bookkeeping, then the real ``started()``."""
+
+    def __init__(self, on_started: Callable[[], None]) -> None:
+        self._on_started = on_started
+
+    def started(self, value: Any = None) -> None:
+        self._on_started()
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        return _describe(exc.exceptions[0])
+    return f"{type(exc).__name__}: {exc}"

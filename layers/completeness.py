@@ -1,0 +1,115 @@
+"""🔄 completeness: guards against missing fields, replaceable fallbacks and lost artifacts.
+
+Every ``interval_seconds`` (the next run is a time in the database): finished trainings that
+lack a guaranteed field or hold a fallback that FAL may still replace are asked of FAL again
+(a real result upgrades the fallback), and stored LoRA URLs are checked to answer (HEAD, 2xx).
+A fallback of kind ``fal_failure`` or ``expired`` is not asked again: FAL has said its last
+word on those.
+"""
+
+from __future__ import annotations
+
+import trio
+
+from daemon import fal, logs
+from daemon.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
+from daemon.reconcile import Kind, Observation
+from daemon.store import Training, TrainingView
+from plugins.hookspecs import hookimpl
+
+SCHEDULE = "completeness"
+FINAL_FALLBACKS = ("fal_failure", "expired")
+
+
+class CompletenessLayer:
+    name = "completeness"
+    order = 70
+
+    def heartbeat_timeout(self, options: dict[str, float]) -> float:
+        return 300.0 + float(options["interval_seconds"])
+
+    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
+        if await ctx.store.schedule(SCHEDULE) is None:
+            await ctx.store.set_schedule(SCHEDULE, ctx.clock.now())
+        task_status.started()
+        while True:
+            due = await ctx.store.schedule(SCHEDULE) or ctx.clock.now()
+            while (wait := due - ctx.clock.now()) > 0:
+                ctx.heartbeat()
+                await trio.sleep(min(wait, IDLE_RECHECK_SECONDS))
+            await self.sweep(ctx)
+            await ctx.store.set_schedule(
+                SCHEDULE, ctx.clock.now() + float(ctx.options["interval_seconds"])
+            )
+            ctx.passed()
+
+    async def sweep(self, ctx: LayerContext) -> None:
+        batch = int(ctx.options["batch"])
+        ask = await ctx.store.trainings(
+            Training.status.in_(("COMPLETED", "FAILED")),
+            (
+                (Training.is_fallback & ~Training.fallback_kind.in_(FINAL_FALLBACKS))
+                | (
+                    (Training.status == "COMPLETED")
+                    & (
+                        Training.trigger_phrase.is_null()
+                        | (Training.lora_url.is_null() & Training.finetune_id.is_null())
+                        | (
+                            ~Training.is_fallback
+                            & Training.config_url.is_null()
+                            & Training.lora_url.is_null(False)
+                        )
+                    )
+                )
+            ),
+            order=(Training.last_checked_at,),
+            limit=batch,
+        )
+        probe: list[TrainingView] = []
+        if ctx.options["check_lora_url"]:
+            probe = await ctx.store.trainings(
+                Training.status == "COMPLETED",
+                ~Training.is_fallback,
+                Training.lora_url.is_null(False),
+                Training.lora_checked_at.is_null() | (Training.lora_available == False),  # noqa: E712
+                order=(Training.lora_checked_at,),
+                limit=batch,
+            )
+        outcomes = {"asked": len(ask), "probed": len(probe), "upgraded": 0, "filled": 0}
+        limiter = trio.CapacityLimiter(8)
+
+        async def recheck(training: TrainingView) -> None:
+            async with limiter:
+                change = await check_training(ctx, training, self.name)
+                if change.kind in ("upgrade", "filled"):
+                    outcomes["upgraded" if change.kind == "upgrade" else "filled"] += 1
+                ctx.heartbeat()
+
+        async def check_url(training: TrainingView) -> None:
+            async with limiter:
+                answer = await ctx.fal.probe(training.lora_url or "")
+                if answer.kind != fal.Kind.TRANSIENT:  # no verdict on a passing error
+                    available = answer.kind == fal.Kind.SUCCEEDED
+                    await ctx.reconciler.observe(
+                        Observation(
+                            training.request_id,
+                            self.name,
+                            Kind.PROBED,
+                            available=available,
+                            detail=None if available else answer.detail or answer.kind.value,
+                        )
+                    )
+                ctx.heartbeat()
+
+        async with trio.open_nursery() as nursery:
+            for training in ask:
+                nursery.start_soon(recheck, training)
+            for training in probe:
+                nursery.start_soon(check_url, training)
+        if ask or probe:
+            ctx.log.info(f"{logs.RECHECK} completeness sweep", **outcomes)
+
+
+@hookimpl
+def trainguard_layers() -> list[CompletenessLayer]:
+    return [CompletenessLayer()]

@@ -1,0 +1,44 @@
+"""Every hook of trainguard, in one module (pytest's and datasette's layout).
+
+A plugin is any module or object with functions marked ``@hookimpl`` whose names match the
+specs below. Built-in layers register through ``trainguard_layers`` exactly as a third-party
+plugin does. Hooks about trainings are called after the transition is committed; an
+implementation may return an awaitable, which the daemon awaits (datasette's
+``await_me_maybe``). A failing or slow hook is logged and counted and never breaks a
+transition.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+    from daemon.layer import Layer
+    from daemon.store import TrainingView
+
+PROJECT = "trainguard"
+hookspec = pluggy.HookspecMarker(PROJECT)
+hookimpl = pluggy.HookimplMarker(PROJECT)
+
+
+@hookspec
+def trainguard_layers(settings: Settings) -> list[Layer]:
+    """Return the guard layers this plugin contributes (objects with ``name`` and ``run``)."""
+
+
+@hookspec
+def trainguard_training_finished(training: TrainingView, layer: str) -> Any:
+    """A training reached a terminal state (real result, fallback, failure or cancel)."""
+
+
+@hookspec
+def trainguard_fallback_applied(training: TrainingView, layer: str, reason: str) -> Any:
+    """A layer finished a training by the fallback policy (``training.is_fallback`` is true)."""
+
+
+@hookspec
+def trainguard_fallback_upgraded(training: TrainingView, layer: str) -> Any:
+    """A fallback was replaced by the real result that FAL finally gave."""

@@ -1,0 +1,116 @@
+"""The plugin manager: built-in layers and entry-point plugins, through the same hooks."""
+
+from __future__ import annotations
+
+import importlib
+import inspect
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import pluggy
+import structlog
+import trio
+
+from plugins import hookspecs
+
+if TYPE_CHECKING:
+    from daemon.config import Settings
+    from daemon.layer import Layer
+
+log = structlog.get_logger("trainguard.plugins")
+
+ENTRY_POINT_GROUP = "trainguard"
+BUILTIN_MODULES = (
+    "layers.webhook",
+    "layers.startup",
+    "layers.poller",
+    "layers.delayed",
+    "layers.completeness",
+    "layers.emergency",
+)
+
+
+class PluginError(RuntimeError):
+    """A plugin could not be loaded or contributes something inconsistent."""
+
+
+@dataclass(frozen=True)
+class LayerEntry:
+    layer: Layer
+    plugin: str
+    source: str  # "built-in" or the distribution that provides it
+
+
+def build_manager(
+    *, entry_points: bool = True, extra: Iterable[object] = ()
+) -> pluggy.PluginManager:
+    """A manager with the built-in layers, then entry-point plugins, then ``extra`` ones."""
+    pm = pluggy.PluginManager(hookspecs.PROJECT)
+    pm.add_hookspecs(hookspecs)
+    for module in BUILTIN_MODULES:
+        pm.register(importlib.import_module(module), name=f"builtin:{module}")
+    if entry_points:
+        try:
+            pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        except Exception as exc:
+            raise PluginError(f"cannot load a trainguard plugin: {exc}") from exc
+    for plugin in extra:
+        pm.register(plugin)
+    return pm
+
+
+def _source(pm: pluggy.PluginManager, plugin: object, name: str) -> str:
+    if name.startswith("builtin:"):
+        return "built-in"
+    for dist_plugin, dist in pm.list_plugin_distinfo():
+        if dist_plugin is plugin:
+            return f"{dist.project_name} {dist.version}"
+    return getattr(plugin, "__name__", name)
+
+
+def collect_layers(pm: pluggy.PluginManager, settings: Settings) -> list[LayerEntry]:
+    """Every layer every plugin offers, with where it came from; names must be unique."""
+    entries: list[LayerEntry] = []
+    seen: dict[str, str] = {}
+    for impl in reversed(pm.hook.trainguard_layers.get_hookimpls()):  # registration order
+        offered = impl.function(settings=settings) if impl.argnames else impl.function()
+        for layer in offered or ():
+            name = getattr(layer, "name", None)
+            if not isinstance(name, str) or not callable(getattr(layer, "run", None)):
+                raise PluginError(f"plugin {impl.plugin_name} offers a layer without name/run")
+            if name in seen:
+                raise PluginError(
+                    f"layer {name!r} is offered by both {seen[name]} and {impl.plugin_name}"
+                )
+            seen[name] = impl.plugin_name
+            entries.append(
+                LayerEntry(layer, impl.plugin_name, _source(pm, impl.plugin, impl.plugin_name))
+            )
+    return entries
+
+
+class HookRunner:
+    """Calls a training hook on every implementation, each isolated from the others."""
+
+    def __init__(self, pm: pluggy.PluginManager, metrics: Any = None, timeout: float = 10.0):
+        self.pm = pm
+        self.metrics = metrics
+        self.timeout = timeout
+
+    async def __call__(self, name: str, **kwargs: Any) -> None:
+        for impl in getattr(self.pm.hook, name).get_hookimpls():
+            try:
+                with trio.fail_after(self.timeout):
+                    value = impl.function(**{a: kwargs[a] for a in impl.argnames})
+                    if inspect.isawaitable(value):
+                        await value
+            except Exception as exc:  # a hook never breaks a transition
+                if self.metrics is not None:
+                    self.metrics.hook_error(name)
+                log.error(
+                    "plugin hook failed",
+                    hook=name,
+                    plugin=impl.plugin_name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
