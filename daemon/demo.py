@@ -32,7 +32,7 @@ import trio
 from daemon import actions, config
 from daemon.reconcile import Reconciler
 from daemon.simulator import Faults, SimConfig, Simulator, Truth
-from daemon.store import TERMINAL, Event, Training, TrainingView, open_store
+from daemon.store import TERMINAL, Event, Store, Training, TrainingView, open_store
 
 DEMO_KEY = "demo-key-not-secret"
 TYPES = ("portrait", "fast", "style")
@@ -143,6 +143,9 @@ class DaemonProcess:
 
 # -- the verdict ---------------------------------------------------------------------------
 EXPECTED_FALLBACK = {"fail": "fal_failure", "no_lora": "no_artifact", "never": "deadline"}
+#: Outcomes with a real result at FAL. A payload_error spoils only the webhook: the result
+#: fetch still answers, so a fallback applied on it must have been upgraded by the end.
+REAL_OUTCOMES = ("ok", "payload_error")
 
 
 def _real_result(truth: Truth) -> str | None:
@@ -159,7 +162,7 @@ def judge(view: TrainingView | None, truth: Truth) -> str | None:
         return "not in the store"
     if view.status not in TERMINAL:
         return f"not finished ({view.status})"
-    if truth.outcome == "ok":
+    if truth.outcome in REAL_OUTCOMES:
         if view.is_fallback:
             return f"fallback ({view.fallback_kind}) although FAL had a real result"
         if (view.lora_url or view.finetune_id) != _real_result(truth):
@@ -220,13 +223,15 @@ class Report:
         total = len(self.rows)
         finished = sum(1 for v, _, _ in self.rows if v is not None and v.status in TERMINAL)
         wrong_fallbacks = sum(
-            1 for v, t, _ in self.rows if t.outcome == "ok" and v is not None and v.is_fallback
+            1
+            for v, t, _ in self.rows
+            if t.outcome in REAL_OUTCOMES and v is not None and v.is_fallback
         )
-        real = sum(1 for v, t, p in self.rows if t.outcome == "ok" and p is None)
+        real = sum(1 for _, t, p in self.rows if t.outcome in REAL_OUTCOMES and p is None)
         word = "PASS" if not self.problems else "FAIL"
         return (
             f"verdict: {word}: {finished}/{total} trainings accounted for; "
-            f"{real}/{sum(1 for _, t, _ in self.rows if t.outcome == 'ok')} real results stored as FAL gave them; "
+            f"{real}/{sum(1 for _, t, _ in self.rows if t.outcome in REAL_OUTCOMES)} real results stored as FAL gave them; "
             f"{wrong_fallbacks} fallbacks where a real result existed; "
             f"{len(self.double_transitions)} transitions applied twice; daemon restarts: {self.restarts}"
         )
@@ -250,15 +255,14 @@ def _history() -> tuple[Counter[str], Counter[str], Counter[str], list[str]]:
     return results, fallbacks, upgrades, doubles
 
 
-async def compare_with_truth(db_url: str, truths: Sequence[Truth]) -> Report:
-    """Read the store and judge every training against the simulator's truth."""
-    async with open_store(db_url) as store:
+async def compare_with_truth(store: Store, truths: Sequence[Truth]) -> Report:
+    """Judge every training in the store against the simulator's truth."""
 
-        def read() -> tuple[dict[str, TrainingView], tuple[Any, ...]]:
-            views = {t.request_id: TrainingView.of(t) for t in Training.select()}
-            return views, _history()
+    def read() -> tuple[dict[str, TrainingView], tuple[Any, ...]]:
+        views = {t.request_id: TrainingView.of(t) for t in Training.select()}
+        return views, _history()
 
-        views, (results, fallbacks, upgrades, doubles) = await store.read(read)
+    views, (results, fallbacks, upgrades, doubles) = await store.read(read)
     rows = [(views.get(t.request_id), t, judge(views.get(t.request_id), t)) for t in truths]
     return Report(rows, results, fallbacks, upgrades, doubles)
 
@@ -335,7 +339,8 @@ async def run_demo(
             status = await daemon.stop()
             say(f"daemon stopped with SIGTERM (exit status {status})")
         nursery.cancel_scope.cancel()
-    report = await compare_with_truth(settings.database["url"], list(sim.truth.values()))
+    async with open_store(settings.database["url"]) as store:
+        report = await compare_with_truth(store, list(sim.truth.values()))
     report.restarts = daemon.starts - 1
     return report
 

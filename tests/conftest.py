@@ -48,3 +48,69 @@ async def store(settings: config.Settings) -> AsyncIterator[Store]:
 @pytest.fixture
 def reconciler(store: Store, settings: config.Settings) -> Reconciler:
     return Reconciler(store, settings)
+
+
+# -- a simulator and a daemon in the test's nursery ----------------------------------------
+FAST_LAYERS: dict[str, dict[str, Any]] = {
+    "poller": {
+        "first_check_after_seconds": 0.3,
+        "interval_seconds": 0.3,
+        "max_backoff_seconds": 1.0,
+    },
+    "delayed": {"after_seconds": 1.0, "verify_after_seconds": 0.3},
+    "completeness": {"interval_seconds": 0.5},
+    "emergency": {"deadline_seconds": 30.0},
+}
+
+
+def daemon_settings(
+    db_path: Path,
+    sim: Any,
+    *,
+    layers: dict[str, dict[str, Any]] | None = None,
+    only: tuple[str, ...] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> config.Settings:
+    """Settings for an in-process daemon against ``sim``: fast timings, free loopback ports.
+
+    ``only`` turns every other built-in layer off; ``layers`` overrides layer options.
+    """
+    from daemon.demo import free_port
+
+    port = free_port()
+    tables: dict[str, dict[str, Any]] = {name: dict(values) for name, values in FAST_LAYERS.items()}
+    for name, values in (layers or {}).items():
+        tables.setdefault(name, {}).update(values)
+    if only is not None:
+        for name in config.BUILTIN_LAYERS:
+            tables.setdefault(name, {})["enabled"] = name in only
+    data: dict[str, Any] = {
+        "database": {"url": f"sqlite:///{db_path}"},
+        "fal": {
+            "queue_url": sim.base_url,
+            "jwks_url": sim.jwks_url,
+            "max_requests_per_second": 500.0,
+            "timeout_seconds": 2.0,
+        },
+        "webhook": {
+            "listen": f"127.0.0.1:{port}",
+            "public_url": f"http://127.0.0.1:{port}/fal/webhook",
+        },
+        "metrics": {"listen": "127.0.0.1:0"},
+        "layers": tables,
+    }
+    for table, values in (extra or {}).items():
+        data.setdefault(table, {}).update(values)
+    return config.parse(data, env={"FAL_KEY": "test-key-0123456789"})
+
+
+@pytest.fixture
+async def sim(nursery: Any) -> Any:
+    """A FAL simulator on loopback: 0.2 s in queue, 0.5 s running, no faults."""
+    from daemon.simulator import SimConfig, Simulator
+
+    simulator = Simulator(
+        SimConfig(queue_seconds=0.2, run_seconds=0.5, seed=1, webhook_retry_delays=(0.2, 0.5))
+    )
+    await nursery.start(simulator.serve)
+    return simulator

@@ -1,0 +1,220 @@
+"""Each guard layer alone (the others turned off) recovers what it is meant to recover."""
+
+from __future__ import annotations
+
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from daemon import actions
+from daemon.config import Settings
+from daemon.demo import compare_with_truth
+from daemon.reconcile import Reconciler
+from daemon.simulator import Simulator
+from daemon.store import TERMINAL, TrainingView, open_store
+from daemon.supervisor import Daemon
+from plugins.manager import build_manager
+from tests.conftest import daemon_settings
+
+
+async def start(nursery: trio.Nursery, settings: Settings) -> Daemon:
+    daemon = Daemon(settings, pm=build_manager(entry_points=False))
+    await nursery.start(daemon.run)
+    return daemon
+
+
+async def submit(
+    settings: Settings,
+    fal: Any,
+    reconciler: Reconciler,
+    n: int = 3,
+    outcome: str = "ok",
+    ttype: str = "portrait",
+) -> list[str]:
+    ids = []
+    for i in range(n):
+        arguments = actions.training_arguments(
+            settings,
+            ttype,
+            f"https://example.invalid/u{i}.zip",
+            f"u{i} person",
+            {"sim_outcome": outcome},
+        )
+        view = await actions.submit(
+            settings,
+            fal,
+            reconciler,
+            training_type=ttype,
+            name=f"u{i}",
+            arguments=arguments,
+            trigger=f"u{i} person",
+        )
+        ids.append(view.request_id)
+    return ids
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 15.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.05)
+
+
+async def finished(daemon: Daemon, ids: list[str]) -> list[TrainingView]:
+    assert daemon.store is not None
+    views = [await daemon.store.training(rid) for rid in ids]
+    return [v for v in views if v is not None and v.status in TERMINAL]
+
+
+async def run_alone(
+    nursery: trio.Nursery,
+    tmp_path: Path,
+    sim: Simulator,
+    only: tuple[str, ...],
+    n: int = 3,
+    layers: dict[str, dict[str, Any]] | None = None,
+    **kw: Any,
+) -> tuple[Daemon, list[TrainingView]]:
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=only, layers=layers)
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None
+    ids = await submit(settings, daemon.fal, daemon.reconciler, n, **kw)
+
+    async def done() -> bool:
+        return len(await finished(daemon, ids)) == len(ids)
+
+    await wait_for(done)
+    return daemon, await finished(daemon, ids)
+
+
+async def test_webhook_alone(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> None:
+    daemon, views = await run_alone(nursery, tmp_path, sim, ("webhook",))
+    assert {(v.status, v.result_layer, v.is_fallback) for v in views} == {
+        ("COMPLETED", "webhook", False)
+    }
+    for v in views:
+        assert v.lora_url == sim.truth[v.request_id].output["diffusers_lora_file"]["url"]  # type: ignore[index]
+    assert b'trainguard_results_recovered_total{layer="webhook"} 3.0' in daemon.metrics.render()
+    assert b'trainguard_webhooks_received_total{outcome="accepted"} 3.0' in daemon.metrics.render()
+
+
+async def test_poller_alone_recovers_dropped_webhooks(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    sim.faults.drop_webhook = 1.0
+    _, views = await run_alone(nursery, tmp_path, sim, ("poller",))
+    assert {(v.status, v.result_layer) for v in views} == {("COMPLETED", "poller")}
+    assert all(v.progress == 100 and v.config_url for v in views)
+
+
+async def test_delayed_alone_works_without_the_poller(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    sim.faults.drop_webhook = 1.0
+    _, views = await run_alone(nursery, tmp_path, sim, ("delayed",))
+    assert {(v.status, v.result_layer) for v in views} == {("COMPLETED", "delayed")}
+
+
+async def test_startup_alone_recovers_what_finished_while_down(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("startup",))
+    async with actions.fal_client(settings) as fal, open_store(settings.database["url"]) as store:
+        ids = await submit(settings, fal, Reconciler(store, settings), 3)
+    await trio.sleep(1.0)  # they finish at FAL while no daemon runs; their webhooks find no one
+    daemon = await start(nursery, settings)
+    views = await finished(daemon, ids)  # READY means the startup sweep is done
+    assert len(views) == 3
+    assert {(v.status, v.result_layer) for v in views} == {("COMPLETED", "startup")}
+
+
+async def test_emergency_alone_applies_a_marked_fallback(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    _, views = await run_alone(
+        nursery,
+        tmp_path,
+        sim,
+        ("emergency",),
+        n=1,
+        outcome="never",
+        layers={"emergency": {"deadline_seconds": 1.0}},
+    )
+    (v,) = views
+    assert v.status == "COMPLETED" and v.is_fallback and v.result_layer is None
+    assert (v.fallback_layer, v.fallback_kind) == ("emergency", "deadline")
+    assert v.lora_url == "https://emergency.fallback.invalid/lora/u0.safetensors"
+    assert v.trigger_phrase == "u0 person"
+
+
+async def test_completeness_upgrades_a_fallback_and_probes_the_lora(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    # payload_error spoils the webhook only: the webhook layer applies a fallback, and the
+    # completeness layer later finds the real result at FAL and upgrades it.
+    daemon, views = await run_alone(
+        nursery, tmp_path, sim, ("webhook", "completeness"), n=1, outcome="payload_error"
+    )
+    (v,) = views
+    assert daemon.store is not None
+
+    async def upgraded() -> bool:
+        view = await daemon.store.training(v.request_id)  # type: ignore[union-attr]
+        return view is not None and not view.is_fallback and view.lora_available is True
+
+    await wait_for(upgraded)
+    final = await daemon.store.training(v.request_id)
+    assert final is not None and final.result_layer == "completeness"
+    kinds = [e["kind"] for e in await daemon.store.events(v.request_id)]
+    assert kinds[-2:] == ["fallback", "upgrade"]
+    assert (
+        b'trainguard_fallbacks_upgraded_total{layer="completeness"} 1.0' in daemon.metrics.render()
+    )
+
+
+async def test_fallback_mode_fail(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> None:
+    settings = daemon_settings(
+        tmp_path / "db.sqlite", sim, only=("webhook",), extra={"fallback": {"mode": "fail"}}
+    )
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None
+    ids = await submit(settings, daemon.fal, daemon.reconciler, 1, outcome="fail")
+
+    async def done() -> bool:
+        return len(await finished(daemon, ids)) == 1
+
+    await wait_for(done)
+    (v,) = await finished(daemon, ids)
+    assert (v.status, v.lora_url, v.is_fallback, v.fallback_kind) == (
+        "FAILED",
+        None,
+        True,
+        "fal_failure",
+    )
+
+
+async def test_all_layers_under_a_fault_mix(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    sim.faults.drop_webhook = 0.3
+    sim.faults.duplicate_webhook = 0.2
+    sim.faults.bad_signature = 0.1
+    sim.faults.api_error_rate = 0.1
+    settings = daemon_settings(tmp_path / "db.sqlite", sim)
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
+    ids = []
+    for outcome, n in (("ok", 12), ("fail", 2), ("no_lora", 2), ("payload_error", 2)):
+        ids += await submit(
+            settings, daemon.fal, daemon.reconciler, n, outcome=outcome, ttype="fast"
+        )
+
+    async def settled() -> bool:
+        report = await compare_with_truth(daemon.store, [sim.truth[r] for r in ids])  # type: ignore[arg-type]
+        return not report.problems
+
+    await wait_for(settled, timeout=30)
+    report = await compare_with_truth(daemon.store, [sim.truth[r] for r in ids])
+    assert report.problems == []
+    assert report.double_transitions == []
