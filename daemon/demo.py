@@ -30,6 +30,8 @@ import httpx
 import trio
 
 from daemon import actions, config
+from daemon.fal import FalRequestError
+from daemon.fal import Kind as FalKind
 from daemon.reconcile import Reconciler
 from daemon.simulator import Faults, SimConfig, Simulator, Truth
 from daemon.store import TERMINAL, Event, Store, Training, TrainingView, open_store
@@ -193,7 +195,7 @@ class Report:
 
     def table(self) -> str:
         lines = [
-            f"{'training':<10} {'type':<9} {'FAL truth':<9} {'status':<10} {'result by':<12} {'fallback':<28} ok"
+            f"{'training':<10} {'type':<9} {'FAL truth':<13} {'status':<10} {'result by':<12} {'fallback':<28} ok"
         ]
         for view, truth, problem in self.rows:
             name = view.name if view else truth.request_id[:8]
@@ -203,7 +205,7 @@ class Report:
                 else "-"
             )
             lines.append(
-                f"{name:<10} {(view.training_type if view else '?'):<9} {truth.outcome:<9} "
+                f"{name:<10} {(view.training_type if view else '?'):<9} {truth.outcome:<13} "
                 f"{(view.status if view else '-'):<10} {(view.result_layer or '-') if view else '-':<12} "
                 f"{fallback:<28} {'yes' if problem is None else 'NO: ' + problem}"
             )
@@ -267,9 +269,28 @@ async def compare_with_truth(store: Store, truths: Sequence[Truth]) -> Report:
     return Report(rows, results, fallbacks, upgrades, doubles)
 
 
+async def submit_until_accepted(
+    settings: config.Settings, fal: Any, reconciler: Reconciler, *, attempts: int = 8, **kwargs: Any
+) -> TrainingView:
+    """Submit, resubmitting on a transient refusal.
+
+    Only safe against the simulator, which injects its API faults before it creates anything;
+    against FAL a timed-out submit may have started a training (the client does not resend it).
+    """
+    for attempt in range(attempts):
+        try:
+            return await actions.submit(settings, fal, reconciler, **kwargs)
+        except FalRequestError as exc:
+            if exc.answer.kind != FalKind.TRANSIENT or attempt == attempts - 1:
+                raise
+            await trio.sleep(0.2)
+    raise AssertionError("unreachable")
+
+
 # -- the demo itself -----------------------------------------------------------------------
-def _outcome(i: int) -> str:
-    return {0: "fail", 1: "no_lora", 2: "never"}.get(i, "ok")
+def _outcome(i: int, total: int) -> str:
+    """One of each fault in the first wave, a payload_error in the second, the rest real."""
+    return {0: "fail", 1: "no_lora", 2: "never", total // 2 + 1: "payload_error"}.get(i, "ok")
 
 
 async def run_demo(
@@ -298,8 +319,9 @@ async def run_demo(
         say(f"simulator on {sim.base_url}; daemon log in {daemon.log_path}")
         await daemon.start()
         say(
-            f"daemon ready; submitting {trainings} trainings (faults: 30% webhooks dropped, 10% duplicated, "
-            "10% badly signed, 5% API errors; one fails, one has no LoRA, one never finishes)"
+            f"daemon ready; submitting {trainings} trainings in two waves (faults: 30% of webhooks "
+            "dropped, 10% duplicated, 10% badly signed, 5% API errors; one training fails, one "
+            "has no LoRA, one never finishes, one webhook carries a payload_error)"
         )
         try:
             async with (
@@ -307,31 +329,40 @@ async def run_demo(
                 open_store(settings.database["url"]) as store,
             ):
                 reconciler = Reconciler(store, settings)
-                for i in range(trainings):
-                    ttype = TYPES[i % len(TYPES)]
-                    name = f"user{i:02d}"
-                    arguments = actions.training_arguments(
-                        settings,
-                        ttype,
-                        f"https://example.invalid/{name}.zip",
-                        f"{name} person",
-                        {"sim_outcome": _outcome(i)},
-                    )
-                    await actions.submit(
-                        settings,
-                        fal,
-                        reconciler,
-                        training_type=ttype,
-                        name=name,
-                        arguments=arguments,
-                        trigger=f"{name} person",
-                    )
-            await trio.sleep(4.0)
-            daemon.kill()
-            say("daemon killed with SIGKILL mid-way; webhooks now hit a closed port")
-            await trio.sleep(3.0)
-            await daemon.start()
-            say("daemon restarted; the startup sweep has reconciled what it missed")
+
+                async def wave(indexes: range) -> None:
+                    for i in indexes:
+                        ttype = TYPES[i % len(TYPES)]
+                        name = f"user{i:02d}"
+                        arguments = actions.training_arguments(
+                            settings,
+                            ttype,
+                            f"https://example.invalid/{name}.zip",
+                            f"{name} person",
+                            {"sim_outcome": _outcome(i, trainings)},
+                        )
+                        await submit_until_accepted(
+                            settings,
+                            fal,
+                            reconciler,
+                            training_type=ttype,
+                            name=name,
+                            arguments=arguments,
+                            trigger=f"{name} person",
+                        )
+
+                half = trainings // 2
+                await wave(range(half))
+                await trio.sleep(2.5)
+                daemon.kill()
+                say(
+                    f"first wave of {half} in flight; daemon killed with SIGKILL (webhooks now hit a closed port)"
+                )
+                await trio.sleep(4.0)
+                await daemon.start()
+                say("daemon restarted; its startup sweep reconciled what it missed before READY")
+                await wave(range(half, trainings))
+                say(f"second wave of {trainings - half} submitted")
             with trio.move_on_after(45.0):
                 while not await _all_finished(settings.database["url"]):
                     await trio.sleep(0.5)
@@ -358,8 +389,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: argparse.Namespace) -> int:
-    if args.trainings < 4:
-        raise ValueError("--trainings must be at least 4 (one of each fault, plus a real one)")
+    if args.trainings < 8:
+        raise ValueError("--trainings must be at least 8 (one of each fault, plus real ones)")
     if args.keep:
         workdir = Path(args.keep)
         workdir.mkdir(parents=True, exist_ok=True)

@@ -50,6 +50,9 @@ class LayerContext:
     clock: Clock
     log: Any = None
     last_beat: float = field(default_factory=lambda: -math.inf)
+    #: How long a layer with nothing due waits before looking again (for trainings that
+    #: another process, such as the CLI, registers; this process's own wake it at once).
+    idle_seconds: float = IDLE_RECHECK_SECONDS
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -139,13 +142,13 @@ async def run_due(
                 for training in due:
                     nursery.start_soon(one, training)
             if errors:  # what failed is still due: do not spin on it
-                await trio.sleep(IDLE_RECHECK_SECONDS)
+                await trio.sleep(ctx.idle_seconds)
             else:
                 ctx.passed()
             continue
         ctx.heartbeat()
         nxt = await ctx.store.earliest(column, *where)
-        wait = IDLE_RECHECK_SECONDS if nxt is None else min(IDLE_RECHECK_SECONDS, nxt - now)
+        wait = ctx.idle_seconds if nxt is None else min(ctx.idle_seconds, nxt - now)
         if wait > 0:
             with trio.move_on_after(wait):
                 await ctx.reconciler.changed.wait()

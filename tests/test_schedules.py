@@ -1,0 +1,197 @@
+"""Schedules under trio's MockClock: hours of checks in milliseconds.
+
+The layers run against a scripted FAL (no network) and the real store; every schedule is a
+time in the database, so a restarted layer carries on where the stored schedule says.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+import trio
+import trio.testing
+
+from daemon import fal
+from daemon.clock import Clock
+from daemon.config import Settings
+from daemon.layer import LayerContext
+from daemon.reconcile import Reconciler
+from daemon.store import Store
+from layers.delayed import DelayedLayer
+from layers.emergency import EmergencyLayer
+from layers.poller import PollerLayer
+
+LORA = {
+    "diffusers_lora_file": {"url": "https://v3.fal.media/x.safetensors"},
+    "config_file": {"url": "https://v3.fal.media/c.json"},
+}
+
+
+class ScriptedFal:
+    """Answers like FAL for a training that finishes at ``done_at`` (trio time); records calls."""
+
+    def __init__(self, done_at: float = float("inf"), transient_until: float = -1.0) -> None:
+        self.done_at = done_at
+        self.transient_until = transient_until
+        self.calls: list[tuple[str, float]] = []
+
+    def _now(self, op: str) -> float:
+        now = trio.current_time()
+        self.calls.append((op, now))
+        return now
+
+    async def status(self, url: str, *, logs: bool = True) -> fal.Answer:
+        now = self._now("status")
+        if now < self.transient_until:
+            return fal.Answer(op="status", kind=fal.Kind.TRANSIENT, detail="HTTP 503")
+        if now >= self.done_at:
+            return fal.Answer(op="status", kind=fal.Kind.COMPLETED, status="COMPLETED")
+        return fal.Answer(
+            op="status", kind=fal.Kind.PENDING, status="IN_PROGRESS", progress=int(now) % 100
+        )
+
+    async def result(self, url: str) -> fal.Answer:
+        now = self._now("result")
+        if now >= self.done_at:
+            return fal.Answer(op="result", kind=fal.Kind.SUCCEEDED, output=LORA)
+        return fal.Answer(op="result", kind=fal.Kind.PENDING, detail="Request is still in progress")
+
+    def times(self, op: str) -> list[float]:
+        return [t for o, t in self.calls if o == op]
+
+
+@pytest.fixture
+def clock(mock_clock: trio.testing.MockClock) -> trio.testing.MockClock:
+    # Jump only after 10 ms of real idleness: a database call (a thread hand-off, during
+    # which trio sees every task blocked) must not let an hour pass.
+    mock_clock.autojump_threshold = 0.01
+    return mock_clock
+
+
+def context(name: str, store: Store, settings: Settings, scripted: ScriptedFal) -> LayerContext:
+    shared = Clock()
+    return LayerContext(
+        name=name,
+        settings=settings,
+        store=store,
+        reconciler=Reconciler(store, settings, clock=shared),
+        fal=scripted,  # type: ignore[arg-type]
+        metrics=None,
+        clock=shared,
+        idle_seconds=3600.0,  # only due times and our own registrations wake a layer
+    )
+
+
+async def run_for(seconds: float, layer: Any, ctx: LayerContext) -> None:
+    with trio.move_on_after(seconds):
+        async with trio.open_nursery() as nursery:
+            await nursery.start(layer.run, ctx)
+
+
+async def register(ctx: LayerContext, rid: str = "r1") -> None:
+    await ctx.reconciler.register(
+        name="ann", training_type="portrait", request_id=rid, layer="test"
+    )
+
+
+async def test_poller_checks_at_90s_then_every_60s_for_an_hour(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    scripted = ScriptedFal()
+    ctx = context("poller", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(3600, PollerLayer(), ctx)
+    times = [t - start for t in scripted.times("status")]
+    assert times[0] == pytest.approx(90, abs=1)
+    gaps = [b - a for a, b in itertools.pairwise(times)]
+    assert all(53 < g < 67 for g in gaps), gaps  # 60 s with 10% jitter
+    assert 55 <= len(times) <= 62
+    view = await store.training("r1")
+    assert view is not None and view.status == "IN_PROGRESS" and view.progress > 0
+
+
+async def test_poller_backs_off_on_transient_errors_and_never_gives_up(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    scripted = ScriptedFal(done_at=3 * 3600, transient_until=2 * 3600)  # a two-hour outage
+    ctx = context("poller", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(4 * 3600, PollerLayer(), ctx)
+    outage = [t - start for t in scripted.times("status") if t - start < 2 * 3600]
+    gaps = [b - a for a, b in itertools.pairwise(outage)]
+    assert gaps[1] > gaps[0] and gaps[2] > gaps[1]  # exponential
+    assert max(gaps) <= 900 + 1  # capped at max_backoff_seconds
+    assert len(outage) < 20  # an outage does not hammer FAL
+    view = await store.training("r1")
+    assert view is not None and view.status == "COMPLETED" and not view.is_fallback
+    assert view.result_layer == "poller"
+
+
+async def test_schedule_survives_a_restart(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    scripted = ScriptedFal()
+    ctx = context("poller", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(100, PollerLayer(), ctx)  # one check at 90 s, next due near 150 s
+    before = await store.training("r1")
+    assert before is not None and before.next_check_at is not None
+    await trio.sleep(20)  # "down" for 20 s
+    await run_for(100, PollerLayer(), ctx)  # a new layer instance: nothing in memory
+    times = [t - start for t in scripted.times("status")]
+    assert len(times) >= 2
+    assert times[1] == pytest.approx(
+        before.next_check_at - (before.last_checked_at or 0) + times[0], abs=1
+    )
+
+
+async def test_delayed_checks_once_after_submit_and_once_after_completion(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    scripted = ScriptedFal(done_at=trio.current_time() + 300)  # FAL is done at 5 min
+    ctx = context("delayed", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(3 * 3600, DelayedLayer(), ctx)
+    status_times = [round(t - start) for t in scripted.times("status")]
+    result_times = [round(t - start) for t in scripted.times("result")]
+    assert status_times == [600]  # once, after_seconds after submit (no poller running)
+    assert result_times == [600, 660]  # the result, then the verification after completion
+    view = await store.training("r1")
+    assert view is not None and view.status == "COMPLETED" and view.result_layer == "delayed"
+    assert view.delayed_check_at is None  # nothing more scheduled
+
+
+async def test_delayed_check_survives_a_restart(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    scripted = ScriptedFal()
+    ctx = context("delayed", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(500, DelayedLayer(), ctx)  # the daemon dies before the 600 s check
+    assert scripted.times("status") == []
+    await trio.sleep(300)  # down until 800 s: the check is overdue
+    await run_for(100, DelayedLayer(), ctx)
+    assert [round(t - start) for t in scripted.times("status")] == [800]
+
+
+async def test_emergency_fallback_at_the_deadline(
+    clock: trio.testing.MockClock, store: Store, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = settings_factory()
+    scripted = ScriptedFal()  # FAL never finishes
+    ctx = context("emergency", store, settings, scripted)
+    start = trio.current_time()
+    await register(ctx)
+    await run_for(7 * 3600, EmergencyLayer(), ctx)
+    assert [round(t - start) for t in scripted.times("status")] == [21600]  # one last chance
+    view = await store.training("r1")
+    assert view is not None and view.is_fallback and view.fallback_kind == "deadline"
+    assert view.completed_at is not None
