@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo run test lint clean
+.PHONY: demo run test lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,10 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
+
+# Benchmarks print their figures and write them under bench-results/; they are not tests.
+bench: $(STAMP)
+	$(BIN)/python bench/store_ingest.py --out bench-results/store_ingest.json
 
 clean:
 	rm -rf $(VENV) var build *.egg-info
