@@ -23,6 +23,13 @@ PROJECT = "trainguard"
 hookspec = pluggy.HookspecMarker(PROJECT)
 hookimpl = pluggy.HookimplMarker(PROJECT)
 
+#: The hooks about trainings, called by reconcile through ``plugins.manager.HookRunner``.
+TRAINING_HOOKS = (
+    "trainguard_training_finished",
+    "trainguard_fallback_applied",
+    "trainguard_fallback_upgraded",
+)
+
 
 @hookspec
 def trainguard_layers(settings: Settings) -> list[Layer]:

@@ -17,6 +17,7 @@ from plugins import hookspecs
 if TYPE_CHECKING:
     from daemon.config import Settings
     from daemon.layer import Layer
+    from daemon.metrics import Metrics
 
 log = structlog.get_logger("trainguard.plugins")
 
@@ -73,7 +74,8 @@ def collect_layers(pm: pluggy.PluginManager, settings: Settings) -> list[LayerEn
     """Every layer every plugin offers, with where it came from; names must be unique."""
     entries: list[LayerEntry] = []
     seen: dict[str, str] = {}
-    for impl in reversed(pm.hook.trainguard_layers.get_hookimpls()):  # registration order
+    # pluggy lists implementations in registration order (it calls them in reverse).
+    for impl in pm.hook.trainguard_layers.get_hookimpls():
         offered = impl.function(settings=settings) if impl.argnames else impl.function()
         for layer in offered or ():
             name = getattr(layer, "name", None)
@@ -91,15 +93,24 @@ def collect_layers(pm: pluggy.PluginManager, settings: Settings) -> list[LayerEn
 
 
 class HookRunner:
-    """Calls a training hook on every implementation, each isolated from the others."""
+    """Calls a training hook on every implementation, each isolated from the others.
 
-    def __init__(self, pm: pluggy.PluginManager, metrics: Any = None, timeout: float = 10.0):
+    Implementations run in pluggy's call order (``tryfirst`` first, then the latest
+    registered). Each gets ``timeout`` seconds, awaiting included.
+    """
+
+    def __init__(
+        self, pm: pluggy.PluginManager, metrics: Metrics | None = None, timeout: float = 10.0
+    ):
         self.pm = pm
         self.metrics = metrics
         self.timeout = timeout
+        if metrics is not None:  # every hook's error counter exported at 0 from the start
+            for name in hookspecs.TRAINING_HOOKS:
+                metrics.add_hook(name)
 
     async def __call__(self, name: str, **kwargs: Any) -> None:
-        for impl in getattr(self.pm.hook, name).get_hookimpls():
+        for impl in reversed(getattr(self.pm.hook, name).get_hookimpls()):
             try:
                 with trio.fail_after(self.timeout):
                     value = impl.function(**{a: kwargs[a] for a in impl.argnames})
@@ -112,5 +123,7 @@ class HookRunner:
                     "plugin hook failed",
                     hook=name,
                     plugin=impl.plugin_name,
-                    error=f"{type(exc).__name__}: {exc}",
+                    error=f"no answer within {self.timeout:g} s"
+                    if isinstance(exc, trio.TooSlowError)
+                    else f"{type(exc).__name__}: {exc}",
                 )
