@@ -1,4 +1,5 @@
-"""What an operator or the bot asks for (submit, track), shared by the CLI and the demo.
+"""What an operator or the bot asks for (submit, track, cancel, recheck), shared by the CLI,
+the admin API and the demo.
 
 Each goes through the FAL client and hands the outcome to reconcile, like a layer does.
 """
@@ -9,8 +10,9 @@ from collections.abc import Mapping
 from typing import Any
 
 from daemon.config import Settings
-from daemon.fal import FalClient, queue_urls
-from daemon.reconcile import Reconciler
+from daemon.fal import FalClient, Kind, queue_urls
+from daemon.reconcile import Kind as ObsKind
+from daemon.reconcile import Observation, Reconciler
 from daemon.store import TrainingView
 
 
@@ -97,6 +99,61 @@ async def track(
         cancel_url=cancel_url,
         trigger_phrase=trigger,
     )
+
+
+class NotFound(LookupError):
+    """No training with this request_id."""
+
+
+class Conflict(RuntimeError):
+    """The training is in a state that does not allow the action (e.g. already finished)."""
+
+
+class Unavailable(RuntimeError):
+    """FAL did not answer usefully right now; nothing was changed."""
+
+
+async def _known(reconciler: Reconciler, request_id: str) -> TrainingView:
+    view = await reconciler.store.training(request_id)
+    if view is None:
+        raise NotFound(f"no training {request_id!r}")
+    return view
+
+
+async def cancel(
+    settings: Settings, fal: FalClient, reconciler: Reconciler, request_id: str
+) -> TrainingView:
+    """Ask FAL to cancel; once FAL accepts, the training is CANCELLED through reconcile.
+
+    Raises NotFound, Conflict (already finished here or at FAL) or Unavailable (a transient
+    answer: try again).
+    """
+    view = await _known(reconciler, request_id)
+    if view.finished:
+        raise Conflict(f"training {request_id} is already {view.status}")
+    cancel_url = (
+        view.cancel_url or queue_urls(settings.fal["queue_url"], view.endpoint, request_id)[2]
+    )
+    answer = await fal.cancel(cancel_url)
+    change = await reconciler.observe_answer(answer, request_id, "admin")
+    if change.kind == "cancelled" and change.training is not None:
+        return change.training
+    if answer.kind == Kind.TRANSIENT:
+        raise Unavailable(f"FAL did not answer the cancel: {answer.detail}")
+    if change.kind == "fal_completed" or answer.detail == "ALREADY_COMPLETED":
+        raise Conflict(
+            f"training {request_id} already completed at FAL; its result is being fetched"
+        )
+    raise Conflict(f"FAL refused the cancel: {answer.detail or answer.kind.value}")
+
+
+async def recheck(reconciler: Reconciler, request_id: str) -> TrainingView:
+    """Make a training due for a check now (the poller, or the delayed layer once finished)."""
+    await _known(reconciler, request_id)
+    change = await reconciler.observe(Observation(request_id, "admin", ObsKind.RECHECK))
+    if change.kind != "recheck" or change.training is None:
+        raise Conflict(f"training {request_id} is cancelled; nothing to check")
+    return change.training
 
 
 def fal_client(settings: Settings, **kwargs: Any) -> FalClient:

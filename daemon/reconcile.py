@@ -58,6 +58,7 @@ class Kind(StrEnum):
     DEADLINE = "deadline"  # the emergency deadline has passed
     CANCELLED = "cancelled"  # FAL accepted our cancel request
     PROBED = "probed"  # the stored LoRA URL was asked whether it still answers
+    RECHECK = "recheck"  # an operator asked for a check now
 
 
 @dataclass(frozen=True)
@@ -108,6 +109,8 @@ EVENT_KINDS = frozenset(
         "filled",
         "cancelled",
         "fal_completed",
+        "artifact_missing",
+        "recheck",
     }
 )
 
@@ -240,6 +243,8 @@ class Reconciler:
         now = self.clock.now()
         change = await self.store.write(self._apply, obs, now)
         await self._after([change])
+        if change.kind == "recheck":
+            self._poke()
         return change
 
     async def observe_answer(self, answer: fal.Answer, request_id: str, layer: str) -> Change:
@@ -422,6 +427,15 @@ class Reconciler:
                 row.delayed_check_at = now + self._verify_after()
                 return kind, {"lora_url": row.lora_url, "finetune_id": row.finetune_id}, ttr
             return kind, {"replaced": previous, "lora_url": row.lora_url}, ttr
+
+        if k == Kind.RECHECK:  # due now: the poller (unfinished) or the delayed layer (finished)
+            if row.status == "CANCELLED":
+                return "none", {}, None
+            if terminal:
+                row.delayed_check_at = now
+            else:
+                row.next_check_at = now
+            return "recheck", {}, None
 
         if k == Kind.PROBED:
             if row.status != "COMPLETED" or row.is_fallback or obs.available is None:

@@ -363,6 +363,7 @@ class Store:
         *where: peewee.Expression,
         order: Iterable[peewee.Node] = (),
         limit: int | None = None,
+        offset: int = 0,
     ) -> list[TrainingView]:
         """Trainings matching every expression, as snapshots."""
 
@@ -372,7 +373,7 @@ class Store:
                 query = query.where(*where)
             query = query.order_by(*order, Training.id)
             if limit is not None:
-                query = query.limit(limit)
+                query = query.limit(limit).offset(offset)
             return [TrainingView.of(row) for row in query]
 
         return await self.read(get)

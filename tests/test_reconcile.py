@@ -430,3 +430,32 @@ def test_any_order_or_duplication_ends_like_the_clean_sequence(
     assert messy == clean
     assert clean[0]["status"] == "COMPLETED" and not clean[0]["is_fallback"]
     assert clean[1]["is_fallback"] and clean[1]["fallback_kind"] == "fal_failure"
+
+
+async def test_recheck_makes_a_training_due_now(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler)
+    change = await reconciler.observe(obs(Kind.RECHECK, layer="admin"))
+    assert change.kind == "recheck" and change.training is not None
+    assert change.training.next_check_at == change.training.last_checked_at  # due at once
+    await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))
+    change = await reconciler.observe(obs(Kind.RECHECK, layer="admin"))
+    assert (
+        change.training is not None
+        and change.training.delayed_check_at == change.training.last_checked_at
+    )
+    kinds = [e["kind"] for e in await store.events("req-1")]
+    assert kinds.count("recheck") == 2
+
+
+async def test_probe_records_a_missing_artifact_once(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler)
+    await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))
+    assert (
+        await reconciler.observe(obs(Kind.PROBED, layer="completeness", available=True))
+    ).kind == "checked"
+    gone = obs(Kind.PROBED, layer="completeness", available=False, detail="HTTP 404")
+    assert (await reconciler.observe(gone)).kind == "artifact_missing"
+    assert (await reconciler.observe(gone)).kind == "checked"  # said once, not every pass
+    view = await store.training("req-1")
+    assert view is not None and view.lora_available is False and view.status == "COMPLETED"
+    assert [e["kind"] for e in await store.events("req-1")].count("artifact_missing") == 1
