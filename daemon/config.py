@@ -133,6 +133,18 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "mode": Key((str,), "complete", _mode),
         "trigger_phrase": Key((str,), "TOK", _non_empty),
     },
+    "artifacts": {
+        "enabled": Key((bool,), True),
+        "dir": Key((str,), ""),
+        "max_bytes": Key((int,), 2 * 1024**3, _positive),
+        "timeout_seconds": Key(FLOAT, 300.0, _positive),
+    },
+    "delivery": {
+        "enabled": Key((bool,), False),
+        "url": Key((str,), "", _optional_http_url),
+        "max_age_seconds": Key(FLOAT, 86400.0, _positive),
+        "timeout_seconds": Key(FLOAT, 10.0, _positive),
+    },
 }
 
 LAYER_SCHEMA: dict[str, dict[str, Key]] = {
@@ -216,6 +228,8 @@ class Settings:
     metrics: Mapping[str, Any]
     log: Mapping[str, Any]
     fallback: Mapping[str, Any]
+    artifacts: Mapping[str, Any]
+    delivery: Mapping[str, Any]
     url_templates: Mapping[str, str]
     training_types: Mapping[str, TrainingType]
     layers: Mapping[str, LayerSettings]
@@ -279,10 +293,14 @@ def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[s
     return out
 
 
-def default_database_url() -> str:
+def state_directory() -> Path:
+    """systemd's $STATE_DIRECTORY (its first entry) when set, else ./var."""
     state = os.environ.get("STATE_DIRECTORY")
-    base = Path(state.split(":")[0]) if state else Path("var")
-    return f"sqlite:///{base / 'trainguard.db'}"
+    return Path(state.split(":")[0]) if state else Path("var")
+
+
+def default_database_url() -> str:
+    return f"sqlite:///{state_directory() / 'trainguard.db'}"
 
 
 def parse(
@@ -308,6 +326,10 @@ def parse(
     url_templates = _validate_templates(templates)
     if sections["database"]["url"] is None:
         sections["database"]["url"] = default_database_url()
+    if not sections["artifacts"]["dir"]:
+        sections["artifacts"]["dir"] = str(state_directory() / "artifacts")
+    if sections["delivery"]["enabled"] and not sections["delivery"]["url"]:
+        raise ConfigError("delivery.url: required when delivery.enabled is true")
 
     types_raw = data.get("training_types", DEFAULT_TRAINING_TYPES)
     if not isinstance(types_raw, dict) or not types_raw:
@@ -348,6 +370,8 @@ def parse(
         metrics=sections["metrics"],
         log=sections["log"],
         fallback=sections["fallback"],
+        artifacts=sections["artifacts"],
+        delivery=sections["delivery"],
         url_templates=url_templates,
         training_types=training_types,
         layers=layers,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import random
+import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -32,6 +33,7 @@ from daemon.config import Settings
 from daemon.store import (
     TERMINAL,
     Event,
+    Outbox,
     Store,
     Training,
     TrainingView,
@@ -113,6 +115,18 @@ EVENT_KINDS = frozenset(
         "recheck",
     }
 )
+
+
+#: Changes that finish a training (or replace how it finished), with the outbox event name.
+OUTBOX_EVENTS = {
+    "result": "training.completed",
+    "fallback": "training.fallback",
+    "upgrade": "training.upgraded",
+    "cancelled": "training.cancelled",
+}
+
+#: Called on the database thread: (training, event, layer) -> [{"consumer", "payload"}, ...].
+OutboxCollector = Callable[[TrainingView, str, str], list[dict[str, Any]]]
 
 
 # -- reading FAL's answers ---------------------------------------------------------------
@@ -227,6 +241,7 @@ class Reconciler:
         clock: Clock | None = None,
         metrics: Any = None,
         hooks: HookCaller | None = None,
+        outbox: OutboxCollector | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.store = store
@@ -234,6 +249,7 @@ class Reconciler:
         self.clock = clock or Clock()
         self.metrics = metrics
         self.hooks = hooks
+        self.outbox = outbox
         self.rng = rng or random.Random()
         #: Set whenever a training is registered or rescheduled, so layers can wake early.
         self.changed = trio.Event()
@@ -336,12 +352,31 @@ class Reconciler:
         row.save()
         if kind in EVENT_KINDS:
             self._event(row, obs.layer, kind, before, row.status, detail, now)
+        if kind in OUTBOX_EVENTS and self.outbox is not None:
+            self._queue_outbox(row, kind, obs.layer, now)
         elif kind == "backoff" and row.attempts & (row.attempts - 1) == 0:
             # Errors of a long outage: recorded at attempts 1, 2, 4, 8, ... not every time.
             self._event(row, obs.layer, "error", before, row.status, detail, now)
         return Change(
             obs.request_id, obs.layer, kind, before, row.status, TrainingView.of(row), detail, ttr
         )
+
+    def _queue_outbox(self, row: Training, kind: str, layer: str, now: float) -> None:
+        """Outbox entries of the plugins, in the same transaction as the transition."""
+        event = OUTBOX_EVENTS[kind]
+        if kind == "fallback" and row.status == "FAILED":
+            event = "training.failed"
+        assert self.outbox is not None
+        for entry in self.outbox(TrainingView.of(row), event, layer):
+            Outbox.create(
+                consumer=entry["consumer"],
+                message_id=f"msg_{uuid.uuid4().hex}",
+                request_id=row.request_id,
+                event=event,
+                payload_json=json.dumps(entry["payload"], ensure_ascii=False, sort_keys=True),
+                created_at=now,
+                next_attempt_at=now,
+            )
 
     def _event(
         self,

@@ -29,7 +29,7 @@ import trio
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
@@ -141,15 +141,61 @@ class Schedule(BaseModel):
         table_name = "schedules"
 
 
-MODELS = (Meta, Training, WebhookReceipt, Event, Schedule)
+class Outbox(BaseModel):
+    """Events for a consumer (the bot's delivery), written in the transition's transaction."""
+
+    consumer = peewee.CharField(index=True)
+    message_id = peewee.CharField(unique=True)  # stable across retries (webhook-id)
+    request_id = peewee.CharField(index=True)
+    event = peewee.CharField()
+    payload_json = peewee.TextField()
+    created_at = peewee.FloatField()
+    next_attempt_at = peewee.FloatField(index=True)
+    attempts = peewee.IntegerField(default=0)
+    delivered_at = peewee.FloatField(null=True, index=True)
+    abandoned_at = peewee.FloatField(null=True)
+    last_error = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "outbox"
+
+
+class Artifact(BaseModel):
+    """A file of a real result kept on our own disk (FAL deletes its media after ~a week)."""
+
+    request_id = peewee.CharField(index=True)
+    kind = peewee.CharField()  # "lora" | "config"
+    url = peewee.TextField()
+    path = peewee.TextField(null=True)
+    expected_size = peewee.IntegerField(null=True)
+    size = peewee.IntegerField(null=True)
+    sha256 = peewee.CharField(null=True)
+    stored_at = peewee.FloatField(null=True)
+    attempts = peewee.IntegerField(default=0)
+    next_attempt_at = peewee.FloatField(index=True)
+    last_error = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "artifacts"
+        indexes = ((("request_id", "kind"), True),)
+
+
+MODELS = (Meta, Training, WebhookReceipt, Event, Schedule, Outbox, Artifact)
 
 
 def _migrate_1(db: peewee.Database) -> None:
     db.create_tables([Training, WebhookReceipt, Event, Schedule])
 
 
+def _migrate_2(db: peewee.Database) -> None:
+    db.create_tables([Outbox, Artifact])
+
+
 #: Forward migrations, applied in order at open; never edit a released one, append.
-MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = ((1, _migrate_1),)
+MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
+    (1, _migrate_1),
+    (2, _migrate_2),
+)
 
 
 @dataclass(frozen=True)

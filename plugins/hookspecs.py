@@ -28,6 +28,7 @@ TRAINING_HOOKS = (
     "trainguard_training_finished",
     "trainguard_fallback_applied",
     "trainguard_fallback_upgraded",
+    "trainguard_outbox",
 )
 
 
@@ -49,3 +50,17 @@ def trainguard_fallback_applied(training: TrainingView, layer: str, reason: str)
 @hookspec
 def trainguard_fallback_upgraded(training: TrainingView, layer: str) -> Any:
     """A fallback was replaced by the real result that FAL finally gave."""
+
+
+@hookspec
+def trainguard_outbox(
+    training: TrainingView, event: str, layer: str
+) -> list[dict[str, Any]] | None:
+    """Inside the transaction of a finishing transition, return outbox entries to store
+    atomically with it: ``{"consumer": NAME, "payload": {...}}`` each.
+
+    ``event`` is one of ``training.completed``, ``training.fallback``, ``training.failed``,
+    ``training.cancelled``, ``training.upgraded``. Runs on the database thread: synchronous,
+    fast, no I/O. A consumer (a layer of the same plugin) delivers the entries later; that
+    an entry exists is as certain as the transition itself.
+    """

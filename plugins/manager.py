@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 import inspect
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -127,3 +127,41 @@ class HookRunner:
                     if isinstance(exc, trio.TooSlowError)
                     else f"{type(exc).__name__}: {exc}",
                 )
+
+
+def outbox_collector(
+    pm: pluggy.PluginManager, metrics: Any = None
+) -> Callable[..., list[dict[str, Any]]]:
+    """The ``trainguard_outbox`` hook as reconcile calls it, on the database thread.
+
+    Each implementation is isolated: one that raises or answers garbage is logged and
+    counted, and the transition and the other plugins' entries go ahead.
+    """
+
+    def collect(training: Any, event: str, layer: str) -> list[dict[str, Any]]:
+        entries: list[dict[str, Any]] = []
+        for impl in pm.hook.trainguard_outbox.get_hookimpls():
+            kwargs = {"training": training, "event": event, "layer": layer}
+            try:
+                offered = list(impl.function(**{a: kwargs[a] for a in impl.argnames}) or [])
+                for entry in offered:
+                    if (
+                        not isinstance(entry, dict)
+                        or not isinstance(entry.get("consumer"), str)
+                        or not isinstance(entry.get("payload"), dict)
+                    ):
+                        raise TypeError(
+                            f"outbox entry needs a consumer and a payload object: {entry!r}"
+                        )
+                entries.extend(offered)
+            except Exception as exc:
+                if metrics is not None:
+                    metrics.hook_error("trainguard_outbox")
+                log.error(
+                    "plugin outbox hook failed",
+                    plugin=impl.plugin_name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
+        return entries
+
+    return collect

@@ -32,7 +32,16 @@ def test_defaults_are_the_documented_ones() -> None:
 def test_shipped_config_toml_equals_the_embedded_defaults() -> None:
     shipped = config.load(str(ROOT / "config.toml"), env={})
     embedded = config.parse({}, env={})
-    for section in ("fal", "webhook", "metrics", "log", "fallback", "url_templates"):
+    for section in (
+        "fal",
+        "webhook",
+        "metrics",
+        "log",
+        "fallback",
+        "artifacts",
+        "delivery",
+        "url_templates",
+    ):
         assert getattr(shipped, section) == getattr(embedded, section), section
     assert shipped.layers == embedded.layers
     assert shipped.training_types == embedded.training_types

@@ -459,3 +459,44 @@ async def test_probe_records_a_missing_artifact_once(reconciler: Reconciler, sto
     view = await store.training("req-1")
     assert view is not None and view.lora_available is False and view.status == "COMPLETED"
     assert [e["kind"] for e in await store.events("req-1")].count("artifact_missing") == 1
+
+
+async def test_outbox_entries_are_written_with_the_finishing_transition(
+    store: Store, settings: config.Settings
+) -> None:
+    from daemon.store import Outbox
+
+    seen: list[tuple[str, str, str]] = []
+
+    def collect(training: TrainingView, event: str, layer: str) -> list[dict[str, Any]]:
+        seen.append((training.status, event, layer))
+        return [{"consumer": "bot", "payload": {"request_id": training.request_id, "event": event}}]
+
+    r = Reconciler(store, settings, outbox=collect)
+    await register(r)
+    await r.observe(obs(Kind.RUNNING, progress=10))  # not finishing: nothing
+    await r.observe(obs(Kind.PAYLOAD_ERROR, layer="webhook", detail="x"))
+    await r.observe(obs(Kind.SUCCEEDED, layer="completeness", output=LORA))
+    await r.observe(obs(Kind.SUCCEEDED, layer="poller", output=LORA))  # duplicate: nothing
+    assert seen == [
+        ("COMPLETED", "training.fallback", "webhook"),
+        ("COMPLETED", "training.upgraded", "completeness"),
+    ]
+    rows = await store.read(
+        lambda: [(o.consumer, o.event, o.message_id) for o in Outbox.select().order_by(Outbox.id)]
+    )
+    assert [(c, e) for c, e, _ in rows] == [
+        ("bot", "training.fallback"),
+        ("bot", "training.upgraded"),
+    ]
+    assert len({m for _, _, m in rows}) == 2
+
+
+async def test_outbox_failure_in_fail_mode_is_training_failed(settings_factory: Any) -> None:
+    s = settings_factory({"fallback": {"mode": "fail"}})
+    events: list[str] = []
+    async with open_store(s.database["url"]) as st_:
+        r = Reconciler(st_, s, outbox=lambda t, e, layer: events.append(e) or [])
+        await register(r)
+        await r.observe(obs(Kind.FAILED, detail="boom"))
+    assert events == ["training.failed"]

@@ -94,3 +94,21 @@ async def test_only_one_open_store_per_process(tmp_path: Path) -> None:
         with pytest.raises(RuntimeError, match="another Store is open"):
             async with open_store(f"sqlite:///{tmp_path / 'b.sqlite'}"):
                 pass
+
+
+async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        await s.write(_insert, "kept")
+
+        def downgrade() -> None:  # make it look like a database of the first release
+            s.db.drop_tables([store_mod.Outbox, store_mod.Artifact])
+            Meta.replace(key="schema_version", value="1").execute()
+
+        await s.write(downgrade)
+    async with open_store(url) as s:
+        tables = await s.read(s.db.get_tables)
+        version = await s.read(lambda: Meta.get(Meta.key == "schema_version").value)
+        assert await s.training("kept") is not None
+    assert {"outbox", "artifacts"} <= set(tables)
+    assert version == str(store_mod.SCHEMA_VERSION) == "2"
