@@ -145,6 +145,27 @@ class Metrics:
             registry=r,
         )
         self.db_commits = counter("trainguard_db_commits_total", "Database commits.")
+        # The built-in delivery and artifact plugins (exported at 0 even when they are off).
+        self.delivery_delivered = counter(
+            "trainguard_delivery_events_delivered_total", "Events the bot acknowledged (2xx)."
+        )
+        self.delivery_attempts_failed = counter(
+            "trainguard_delivery_attempts_failed_total",
+            "Delivery attempts that got no 2xx (retried until max_age_seconds).",
+        )
+        self.delivery_backlog = gauge(
+            "trainguard_delivery_outbox_backlog", "Outbox events not yet delivered nor abandoned."
+        )
+        self.delivery_oldest_age = gauge(
+            "trainguard_delivery_outbox_oldest_age_seconds",
+            "Age of the oldest undelivered outbox event (0 when none).",
+        )
+        self.artifact_bytes = counter(
+            "trainguard_artifact_bytes_downloaded_total", "Bytes of result files stored on disk."
+        )
+        self.artifact_failures = counter(
+            "trainguard_artifact_downloads_failed_total", "Result file downloads that failed."
+        )
 
         self._layers: set[str] = set()
         for layer in layers:
