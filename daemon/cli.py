@@ -13,9 +13,9 @@ import json
 import os
 import sys
 import time
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from contextlib import asynccontextmanager
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -26,6 +26,8 @@ from daemon.store import TrainingView
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
+
+T = TypeVar("T")
 
 
 class CliError(Exception):
@@ -42,6 +44,18 @@ def _leaf(exc: BaseException) -> BaseException:
     return exc
 
 
+def _run(async_fn: Callable[[], Awaitable[T]]) -> T:
+    """``trio.run``, re-raising a lone exception itself rather than wrapped in the exception
+    groups of the nurseries it crossed, so that ``except FalRequestError`` and the like match."""
+    try:
+        return trio.run(async_fn)
+    except BaseExceptionGroup as group:
+        leaf = _leaf(group)
+        if leaf is group:
+            raise
+        raise leaf from leaf.__cause__
+
+
 def _settings(args: argparse.Namespace) -> Settings:
     settings = config.load(args.config)
     logs.configure(
@@ -54,7 +68,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # -- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.supervisor import Daemon
+    from daemon.supervisor import Daemon, StartError
 
     settings = _settings(args)
     daemon = Daemon(settings, handle_signals=True)
@@ -68,7 +82,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     if not settings.fal_key:
         log.warning(f"{logs.WARN} FAL_KEY is not set: FAL will refuse status checks")
-    trio.run(daemon.run)
+    try:
+        trio.run(daemon.run)
+    except StartError as exc:
+        raise CliError(f"cannot start: {exc}") from exc
     return 0
 
 
@@ -116,9 +133,10 @@ def cmd_submit(args: argparse.Namespace) -> int:
             )
 
     try:
-        view = trio.run(submit)
+        view = _run(submit)
     except FalRequestError as exc:
-        raise CliError(f"FAL refused the submit: {exc}") from exc
+        hint = "" if settings.fal_key else " (FAL_KEY is not set)"
+        raise CliError(f"FAL refused the submit: {exc}{hint}") from exc
     except actions.NotRecorded as exc:
         raise CliError(
             f"{exc}; adopt it with: trainguard track {exc.request_id} --type {args.type} --name {args.name}"
@@ -142,7 +160,9 @@ def cmd_track(args: argparse.Namespace) -> int:
             )
 
     try:
-        view = trio.run(track)
+        view = _run(track)
+    except ConfigError:  # an unknown --type: a bad argument (exit 2), not a failed track
+        raise
     except ValueError as exc:  # a malformed endpoint or request id; AlreadyTracked
         raise CliError(str(exc)) from exc
     _print_training(view, args.json)

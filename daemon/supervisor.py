@@ -5,8 +5,10 @@ ready), then each layer by ``order`` with ``nursery.start``, so "started" means 
 webhook listener is bound before the startup sweep runs, and the startup sweep has finished
 before READY=1 is sent. A layer that fails before it has started stops the daemon with a clear
 error (a port in use, say); one that crashes later is logged, counted and restarted alone,
-with exponential backoff. SIGTERM/SIGINT send STOPPING=1 and cancel everything: a database
-batch already handed to the database thread is committed whole, nothing is half-written.
+with exponential backoff (reset only once the layer has stayed up a while, so a layer that
+crashes right after each start backs off too). SIGTERM/SIGINT, from the very start of ``run``,
+send STOPPING=1 and cancel everything: a database batch already handed to the database thread
+is committed whole, nothing is half-written.
 The systemd watchdog is fed only while every running layer's heartbeat is fresh.
 """
 
@@ -14,7 +16,7 @@ from __future__ import annotations
 
 import random
 import signal
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,11 +40,17 @@ log = structlog.get_logger("trainguard.supervisor")
 
 RESTART_BACKOFF_FIRST = 1.0
 RESTART_BACKOFF_CAP = 60.0
+#: A layer that stayed up this long before crashing is restarted with the first delay again.
+RESTART_STABLE_SECONDS = 60.0
 GAUGE_INTERVAL_SECONDS = 5.0
 DEFAULT_HEARTBEAT_TIMEOUT = 300.0  # a sweep beats after every training it handles
 
 
-class LayerStartError(RuntimeError):
+class StartError(RuntimeError):
+    """The daemon cannot start as configured (a listener cannot bind, a layer fails)."""
+
+
+class LayerStartError(StartError):
     """A layer failed before it had started: the daemon cannot run as configured."""
 
 
@@ -99,6 +107,29 @@ class Daemon:
 
     # -- the main task -------------------------------------------------------------------
     async def run(self, *, task_status: trio.TaskStatus[Daemon] = trio.TASK_STATUS_IGNORED) -> None:
+        """Run until cancelled (or, with ``handle_signals``, until SIGTERM/SIGINT).
+
+        Raises ``StartError`` (``LayerStartError`` for a layer) itself, not wrapped in an
+        exception group, when the daemon cannot start.
+        """
+        try:
+            if not self.handle_signals:
+                await self._run(task_status)
+                return
+            # Opened before anything else, so that a signal during a long startup sweep is a
+            # clean stop too (Python's default SIGTERM handling would kill us outright).
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+                async with trio.open_nursery() as nursery:
+                    nursery.start_soon(self._stop_on_signal, signals, nursery.cancel_scope)
+                    await self._run(task_status)
+                    nursery.cancel_scope.cancel()
+        except BaseExceptionGroup as group:
+            leaf = _leaf(group)
+            if isinstance(leaf, StartError):
+                raise leaf from leaf.__cause__
+            raise
+
+    async def _run(self, task_status: trio.TaskStatus[Daemon]) -> None:
         s = self.settings
         self.notifier.status("starting")
         async with open_store(s.database["url"], on_commit=self.metrics.db_commit) as store:
@@ -123,21 +154,22 @@ class Daemon:
                 )
                 async with trio.open_nursery() as nursery:
                     app = http.ops_app(self.metrics, ready=self.is_ready, healthy=self.is_healthy)
-                    self.ops_address = await nursery.start(
-                        http.serve_asgi, app, s.metrics["listen"]
-                    )
+                    try:
+                        self.ops_address = await nursery.start(
+                            http.serve_asgi, app, s.metrics["listen"]
+                        )
+                    except OSError as exc:
+                        raise StartError(f"metrics listener failed to start: {exc}") from exc
                     nursery.start_soon(self._gauges)
                     for entry in self._entries:
                         await self._start_layer(nursery, entry)
                     self.ready = True
-                    summary = f"ready: {len(self.layers)} layers running"
+                    running = sum(r.running for r in self.layers.values())
+                    summary = f"ready: {running} layers running"
                     self.notifier.ready(summary)
                     log.info(summary, layers=sorted(self.layers), metrics=self.ops_address)
                     nursery.start_soon(self._watchdog)
                     task_status.started(self)
-                    if self.handle_signals:
-                        await self._wait_for_stop_signal()
-                        nursery.cancel_scope.cancel()
 
     def is_ready(self) -> bool:
         return self.ready and self.db_ok
@@ -179,23 +211,25 @@ class Daemon:
         backoff = RESTART_BACKOFF_FIRST
         started = False
         while True:
+            up_since: float | None = None  # when this run of the layer had started
             try:
                 async with trio.open_nursery() as inner:
                     await inner.start(self._run_layer, running)
+                    up_since = trio.current_time()
                     if not started:
                         started = True
                         task_status.started()
-                    backoff = RESTART_BACKOFF_FIRST
-                running.running = False
-                self.metrics.set_layer_up(name, False)
                 log.info(f"{logs.tag_for(name)} layer finished its work", layer=name)
                 return
             except Exception as exc:
-                running.running = False
-                self.metrics.set_layer_up(name, False)
                 self.metrics.layer_error(name)
                 if not started:
                     raise
+                if (
+                    up_since is not None
+                    and trio.current_time() - up_since >= RESTART_STABLE_SECONDS
+                ):
+                    backoff = RESTART_BACKOFF_FIRST
                 self.metrics.layer_restart(name)
                 delay = backoff * random.uniform(0.5, 1.0)
                 log.error(
@@ -222,8 +256,12 @@ class Daemon:
             self.metrics.set_layer_up(name, True)
             task_status.started()
 
-        with structlog.contextvars.bound_contextvars(layer=name):
-            await running.entry.layer.run(running.ctx, task_status=_Started(mark_started))
+        try:
+            with structlog.contextvars.bound_contextvars(layer=name):
+                await running.entry.layer.run(running.ctx, task_status=_Started(mark_started))
+        finally:  # returned, crashed or cancelled: not running any more
+            running.running = False
+            self.metrics.set_layer_up(name, False)
 
     # -- background chores ---------------------------------------------------------------
     async def _gauges(self) -> None:
@@ -259,12 +297,13 @@ class Daemon:
                 self.notifier.watchdog()
             await trio.sleep(interval)
 
-    async def _wait_for_stop_signal(self) -> None:
-        with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
-            async for signum in signals:
-                log.info("stopping", signal=signal.Signals(signum).name)
-                self.notifier.stopping()
-                return
+    async def _stop_on_signal(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
+        async for signum in signals:
+            log.info("stopping", signal=signal.Signals(signum).name)
+            self.ready = False  # /readyz answers 503 while we drain
+            self.notifier.stopping()
+            scope.cancel()
+            return
 
 
 class _Started:
@@ -277,7 +316,13 @@ class _Started:
         self._on_started()
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The one exception inside nested single-member exception groups (else ``exc``)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc
+
+
 def _describe(exc: BaseException) -> str:
-    if isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
-        return _describe(exc.exceptions[0])
-    return f"{type(exc).__name__}: {exc}"
+    leaf = _leaf(exc)
+    return f"{type(leaf).__name__}: {leaf}"
