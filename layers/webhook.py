@@ -1,16 +1,21 @@
 """[WEBHOOK] the embedded listener: the normal path, verified, stored first, answered fast.
 
-In order: body size limit -> the four ``X-Fal-Webhook-*`` headers -> timestamp within the
-tolerance -> ED25519 signature against FAL's JWKS (cached at most ``jwks_cache_seconds``,
-refetched when no cached key verifies, fetched with a timeout) -> the raw receipt stored
-durably (group commit, synchronous=FULL) -> 200. Then reconcile applies it.
+In order: POST only -> body size limit, and the whole body within ``BODY_TIMEOUT_SECONDS``
+-> the four ``X-Fal-Webhook-*`` headers (each once, of a sane length) -> timestamp within
+the tolerance -> ED25519 signature against FAL's JWKS (cached at most
+``jwks_cache_seconds``, refetched when no cached key verifies, fetched with a total time
+limit) -> the raw receipt stored durably (group commit, synchronous=FULL) -> 200. Then
+reconcile applies it.
 
 If the JWKS cannot be fetched, the receipt is still stored, marked unverified, answered 202,
 and verified and applied once the keys come back: an outage of FAL's key server loses no
-webhook. A webhook for an unknown request_id is kept and applied when the training appears.
-Anything malformed, unsigned, stale or badly signed gets a 4xx with a short reason, is
-counted, kept (bounded) for forensics, and changes nothing. A duplicate gets 200 and no
-second transition.
+webhook. While the keys are unreachable a fetch is tried at most every
+``FETCH_RETRY_SECONDS``, and a webhook verified by the cached keys never waits for a fetch,
+so neither a hanging key server nor a flood of forged webhooks slows the listener down.
+A webhook for an unknown request_id is kept and applied when the training appears.
+Anything malformed, unsigned, stale, badly signed, too large or too slow gets a 4xx with a
+short reason, is counted, kept (bounded) for forensics, and changes nothing. A duplicate
+gets 200 and no second transition.
 """
 
 from __future__ import annotations
@@ -18,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -33,16 +38,34 @@ from daemon.store import WebhookReceipt
 from plugins.hookspecs import hookimpl
 
 TAG = logs.WEBHOOK
-#: A refetch of the keys because none verified is done at most this often.
+#: A refetch of the keys because none verified is tried at most this often.
 REFETCH_MIN_SECONDS = 30.0
+#: While no fresh key set is at hand, a failed fetch is retried at most this often; in
+#: between, webhooks are stored unverified at once instead of waiting for the key server.
+FETCH_RETRY_SECONDS = 5.0
 #: How often stored receipts that are unverified or not yet applied are looked at again.
 RETRY_SECONDS = 5.0
+#: The whole request body must arrive within this time (hypercorn only limits each read).
+BODY_TIMEOUT_SECONDS = 10.0
+#: FAL's header values are short (ids, a timestamp, a 128-character hex signature).
+MAX_HEADER_CHARS = 256
+_HEADER_PREFIX = "x-fal-webhook-"
 
 Scope = Mapping[str, Any]
 
 
 class KeyServerDown(RuntimeError):
     """FAL's JWKS could not be fetched, and no fresh enough copy is cached."""
+
+
+class Refusal(Exception):
+    """A request refused before its body is judged."""
+
+    def __init__(self, status: int, outcome: str, reason: str) -> None:
+        super().__init__(f"{outcome}: {reason}")
+        self.status = status
+        self.outcome = outcome
+        self.reason = reason
 
 
 class JwksCache:
@@ -53,24 +76,40 @@ class JwksCache:
         self.ttl = ttl
         self.timeout = timeout
         self._keys: list[Ed25519PublicKey] = []
-        self._fetched_at = -float("inf")
+        self._fetched_at = -float("inf")  # when the last successful fetch ended
+        self._tried_at = -float("inf")  # when the last fetch ended, successful or not
         self._lock = trio.Lock()
 
+    def _fresh(self) -> bool:
+        return bool(self._keys) and trio.current_time() - self._fetched_at < self.ttl
+
     async def keys(self, *, refresh: bool = False) -> list[Ed25519PublicKey]:
-        """The cached keys, fetched first when stale (or on ``refresh``, at most every 30 s)."""
+        """The cached keys; fetched first when none is fresh (tried at most every
+        ``FETCH_RETRY_SECONDS``), or on ``refresh`` (at most every ``REFETCH_MIN_SECONDS``).
+
+        Raises KeyServerDown when no fresh key set can be had now.
+        """
+        if not refresh and self._fresh():
+            return list(self._keys)
         async with self._lock:
-            age = trio.current_time() - self._fetched_at
-            if age >= self.ttl or (refresh and age >= REFETCH_MIN_SECONDS) or not self._keys:
+            since = trio.current_time() - self._tried_at
+            due = since >= (REFETCH_MIN_SECONDS if self._fresh() else FETCH_RETRY_SECONDS)
+            error = "the last fetch failed; not retried yet"
+            if due:
                 try:
                     await self._fetch()
                 except Exception as exc:
-                    if age >= self.ttl or not self._keys:
-                        raise KeyServerDown(f"cannot fetch FAL's JWKS: {exc}") from exc
+                    error = f"{type(exc).__name__}: {exc}"
+                finally:  # counted from its end: callers queued behind it do not retry
+                    self._tried_at = trio.current_time()
+            if not self._fresh():
+                raise KeyServerDown(f"cannot fetch FAL's JWKS: {error}")
             return list(self._keys)
 
     async def _fetch(self) -> None:
-        async with httpx.AsyncClient(timeout=self.timeout) as client:
-            reply = await client.get(self.url)
+        with trio.fail_after(self.timeout):  # httpx's timeout is per read, not in total
+            async with httpx.AsyncClient(timeout=self.timeout) as client:
+                reply = await client.get(self.url)
         reply.raise_for_status()
         keys = signing.parse_jwks(reply.json())
         if not keys:
@@ -124,37 +163,70 @@ class _Handler:
         if scope["path"] != self.path:
             await self._answer(send, 404, "not found")
             return
+        headers, problem = _webhook_headers(scope["headers"])
+        try:
+            body = await self._receive(scope, receive)
+        except Refusal as refusal:
+            await self._keep_rejected(b"", headers, refusal.outcome, refusal.reason)
+            self.ctx.metrics.webhook(refusal.outcome)
+            allow = ((b"allow", b"POST"),) if refusal.status == 405 else ()
+            await self._answer(send, refusal.status, refusal.reason, allow)
+            return
+        if body is None:  # the sender went away mid-body; it will deliver again
+            return
+        status, outcome, reason = await self._accept(headers, problem, body)
+        self.ctx.metrics.webhook(outcome)
+        await self._answer(send, status, reason)
+
+    async def _receive(self, scope: Scope, receive: Any) -> bytes | None:
+        """The whole body (None if the client disconnected); raises Refusal."""
         if scope["method"] != "POST":
-            await self._reject(send, 405, "wrong_method", "use POST")
-            return
-        body = await _read_body(receive, int(self.settings["max_body_bytes"]))
-        if body is None:
-            await self._reject(send, 413, "too_large", "body too large")
-            return
-        headers = {k.decode("latin-1"): v.decode("latin-1") for k, v in scope["headers"]}
-        status, outcome, reason = await self._accept(headers, body)
-        self.ctx.metrics.webhook(outcome)
-        await self._answer(send, status, reason)
+            raise Refusal(405, "wrong_method", "use POST")
+        limit = int(self.settings["max_body_bytes"])
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > limit:
+            raise Refusal(413, "too_large", f"body larger than {limit} bytes")
+        with trio.move_on_after(BODY_TIMEOUT_SECONDS):
+            return await _read_body(receive, limit)
+        raise Refusal(408, "timeout", f"body not received within {BODY_TIMEOUT_SECONDS:g} s")
 
-    async def _answer(self, send: Any, status: int, reason: str) -> None:
+    async def _answer(
+        self, send: Any, status: int, reason: str, headers: tuple[tuple[bytes, bytes], ...] = ()
+    ) -> None:
         body = json.dumps({"detail": reason}).encode() + b"\n"
-        await http.respond(send, status, body, content_type="application/json")
+        await http.respond(send, status, body, content_type="application/json", headers=headers)
 
-    async def _reject(self, send: Any, status: int, outcome: str, reason: str) -> None:
-        self.ctx.metrics.webhook(outcome)
-        await self._answer(send, status, reason)
+    async def _keep_rejected(
+        self, body: bytes, headers: Mapping[str, str], code: str, reason: str
+    ) -> None:
+        """Keep a refused request for forensics (bounded by ``rejected_kept``)."""
+        request_id = headers.get(signing.HEADER_REQUEST_ID.lower())
+        await self.ctx.reconciler.record_receipt(
+            body=body,
+            headers=headers,
+            verification="rejected",
+            request_id=request_id,
+            dedupe_key=None,
+            reject_reason=f"{code}: {reason}",
+        )
+        self.ctx.log.warning(
+            f"{TAG} webhook refused", outcome=code, reason=reason, request_id=request_id
+        )
 
-    async def _accept(self, headers: dict[str, str], body: bytes) -> tuple[int, str, str]:
+    async def _accept(
+        self, headers: dict[str, str], problem: str | None, body: bytes
+    ) -> tuple[int, str, str]:
         ctx = self.ctx
         verify = bool(self.settings["verify_signatures"])
         tolerance = float(self.settings["timestamp_tolerance_seconds"])
-        forensic = {k: v for k, v in headers.items() if k.lower().startswith("x-fal-webhook-")}
-        request_id: str | None = None
         verification = "skipped"
         try:
+            if problem is not None:
+                raise MalformedWebhook(problem)
+            header_id: str | None = None
             if verify:
                 signing.check_envelope(headers, ctx.clock.now(), tolerance)
-                request_id = _header(headers, signing.HEADER_REQUEST_ID)
+                header_id = headers[signing.HEADER_REQUEST_ID.lower()]
                 try:
                     keys = await self.jwks.keys()
                 except KeyServerDown as exc:
@@ -173,31 +245,21 @@ class _Handler:
                             raise rejected from None
                         signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
                     verification = "verified"
-            body_id = _body_request_id(body)
-            if request_id is not None and body_id != request_id:
+            request_id = _body_request_id(body)
+            if header_id is not None and request_id != header_id:
                 raise MalformedWebhook("request_id in the body does not match the header")
-            request_id = body_id
-        except (signing.WebhookRejected, MalformedWebhook) as exc:
-            code = getattr(exc, "code", "malformed")
-            reason = getattr(exc, "reason", str(exc))
-            await ctx.reconciler.record_receipt(
-                body=body,
-                headers=forensic,
-                verification="rejected",
-                request_id=request_id,
-                dedupe_key=None,
-                reject_reason=f"{code}: {reason}",
-            )
-            ctx.log.warning(
-                f"{TAG} webhook refused", outcome=code, reason=reason, request_id=request_id
-            )
-            return (401 if code == "bad_signature" else 400), code, reason
+        except signing.WebhookRejected as exc:
+            await self._keep_rejected(body, headers, exc.code, exc.reason)
+            return (401 if exc.code == "bad_signature" else 400), exc.code, exc.reason
+        except MalformedWebhook as exc:
+            await self._keep_rejected(body, headers, "malformed", str(exc))
+            return 400, "malformed", str(exc)
 
-        signature = _header(headers, signing.HEADER_SIGNATURE) or ""
+        signature = headers.get(signing.HEADER_SIGNATURE.lower(), "")
         dedupe = hashlib.sha256(signature.encode() + b"\n" + body).hexdigest()
         receipt_id, duplicate = await ctx.reconciler.record_receipt(
             body=body,
-            headers=forensic,
+            headers=headers,
             verification=verification,
             request_id=request_id,
             dedupe_key=dedupe,
@@ -271,15 +333,29 @@ def _stored_pending(cutoff: float) -> list[tuple[int, str, dict[str, str], bytes
     ]
 
 
-def _header(headers: Mapping[str, str], name: str) -> str | None:
-    wanted = name.lower()
-    return next((v for k, v in headers.items() if k.lower() == wanted), None)
+def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:
+    """The ``X-Fal-Webhook-*`` headers by lower-case name (values cut to
+    ``MAX_HEADER_CHARS``), and what is wrong with them: a header given twice (which copy
+    would count?) or a value too long to be FAL's."""
+    found: dict[str, str] = {}
+    problem: str | None = None
+    for key, value in raw:
+        name = key.decode("latin-1").lower()
+        if not name.startswith(_HEADER_PREFIX):
+            continue
+        text = value.decode("latin-1")
+        if name in found:
+            problem = problem or f"header {name} given more than once"
+        elif len(text) > MAX_HEADER_CHARS:
+            problem = problem or f"header {name} longer than {MAX_HEADER_CHARS} characters"
+        found.setdefault(name, text[:MAX_HEADER_CHARS])
+    return found, problem
 
 
 def _body_request_id(body: bytes) -> str:
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedWebhook("body is not JSON") from None
     if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
         raise MalformedWebhook("body has no request_id")
@@ -288,17 +364,18 @@ def _body_request_id(body: bytes) -> str:
 
 
 async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The request body, or None once it grows past ``limit`` bytes."""
+    """The request body, None if the client disconnected before its end; raises Refusal
+    (413) once it grows past ``limit`` bytes."""
     chunks: list[bytes] = []
     size = 0
     while True:
         message = await receive()
         if message["type"] == "http.disconnect":
-            return b"".join(chunks)
+            return None
         chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
-            return None
+            raise Refusal(413, "too_large", f"body larger than {limit} bytes")
         chunks.append(chunk)
         if not message.get("more_body", False):
             return b"".join(chunks)

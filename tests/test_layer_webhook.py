@@ -1,0 +1,787 @@
+"""[WEBHOOK] the listener of a real in-process daemon, spoken to over real HTTP.
+
+Only the webhook layer runs (no poller, no startup sweep), so whatever happens to a training
+here was done by a webhook. Trainings are adopted with ``actions.track`` under made-up ids,
+so that no simulated training sends webhooks of its own; bodies are signed by the test with
+the simulator's key, and the daemon fetches the simulator's JWKS, as it would FAL's.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from hypothesis import HealthCheck, given
+from hypothesis import settings as hsettings
+from hypothesis import strategies as st
+
+from daemon import actions, http, signing
+from daemon.metrics import WEBHOOK_OUTCOMES
+from daemon.simulator import Simulator
+from daemon.store import Store, TrainingView, WebhookReceipt
+from daemon.supervisor import Daemon
+from layers import webhook as layer
+from plugins.manager import build_manager
+from tests.conftest import daemon_settings
+
+USER_ID = "user-0001"
+
+
+# -- webhook bodies as FAL sends them -------------------------------------------------------
+def lora_url(request_id: str) -> str:
+    return f"https://v3.fal.media/files/{request_id}/pytorch_lora_weights.safetensors"
+
+
+def ok_body(request_id: str) -> bytes:
+    output = {
+        "diffusers_lora_file": {"url": lora_url(request_id), "file_size": 4096},
+        "config_file": {"url": f"https://v3.fal.media/files/{request_id}/config.json"},
+    }
+    return _body(request_id, status="OK", payload=output)
+
+
+def error_body(request_id: str) -> bytes:
+    detail = [{"loc": ["body", "images_data_url"], "msg": "field required"}]
+    return _body(
+        request_id, status="ERROR", error="Invalid status code: 422", payload={"detail": detail}
+    )
+
+
+def payload_error_body(request_id: str) -> bytes:
+    return _body(request_id, status="OK", payload=None, payload_error="not JSON serializable")
+
+
+def _body(request_id: str, **fields: Any) -> bytes:
+    return json.dumps(
+        {"request_id": request_id, "gateway_request_id": request_id, **fields}
+    ).encode()
+
+
+def signed(
+    key: Ed25519PrivateKey,
+    body: bytes,
+    request_id: str,
+    *,
+    timestamp: int | None = None,
+) -> dict[str, str]:
+    """The four X-Fal-Webhook-* headers of ``body`` as FAL would send them."""
+    at = int(time.time()) if timestamp is None else timestamp
+    return signing.sign_webhook(key, request_id, USER_ID, at, body)
+
+
+# -- a daemon with only the webhook layer ---------------------------------------------------
+@dataclass
+class Harness:
+    daemon: Daemon
+    sim: Simulator
+    client: httpx.AsyncClient
+    url: str
+
+    @property
+    def store(self) -> Store:
+        assert self.daemon.store is not None
+        return self.daemon.store
+
+    @property
+    def address(self) -> tuple[str, int]:
+        address = self.daemon.layers["webhook"].entry.layer.address  # type: ignore[attr-defined]
+        assert address is not None
+        return address
+
+    def sign(self, body: bytes, request_id: str, **kw: Any) -> dict[str, str]:
+        return signed(self.sim.private_key, body, request_id, **kw)
+
+    async def post(self, body: bytes, headers: dict[str, str] | None = None) -> httpx.Response:
+        return await self.client.post(self.url, content=body, headers=headers or {})
+
+    async def deliver(self, body: bytes, request_id: str) -> httpx.Response:
+        """POST ``body`` validly signed for ``request_id``."""
+        return await self.post(body, self.sign(body, request_id))
+
+    async def track(self, request_id: str | None = None) -> str:
+        assert self.daemon.reconciler is not None
+        rid = request_id or str(uuid.uuid4())
+        await actions.track(
+            self.daemon.settings,
+            self.daemon.reconciler,
+            request_id=rid,
+            training_type="portrait",
+            name=f"n-{rid[:8]}",
+            trigger="ohwx person",
+        )
+        return rid
+
+    async def training(self, request_id: str) -> TrainingView:
+        view = await self.store.training(request_id)
+        assert view is not None
+        return view
+
+    async def kinds(self, request_id: str) -> list[str]:
+        return [e["kind"] for e in await self.store.events(request_id)]
+
+    async def receipts(self, request_id: str | None = None) -> list[dict[str, Any]]:
+        def get() -> list[dict[str, Any]]:
+            query = WebhookReceipt.select().order_by(WebhookReceipt.id)
+            if request_id is not None:
+                query = query.where(WebhookReceipt.request_id == request_id)
+            return [
+                {
+                    "request_id": r.request_id,
+                    "body": bytes(r.body),
+                    "verification": r.verification,
+                    "reject_reason": r.reject_reason,
+                    "outcome": r.outcome,
+                    "processed": r.processed_at is not None,
+                }
+                for r in query
+            ]
+
+        return await self.store.read(get)
+
+    def counted(self, outcome: str) -> float:
+        value = self.daemon.metrics.registry.get_sample_value(
+            "trainguard_webhooks_received_total", {"outcome": outcome}
+        )
+        return value or 0.0
+
+    def signed_head(self, body: bytes, request_id: str) -> bytes:
+        """The head of a raw HTTP/1.1 POST of ``body``, validly signed."""
+        headers = {**self.sign(body, request_id), "Content-Length": str(len(body))}
+        head = f"POST {httpx.URL(self.url).path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        return (head + "".join(f"{k}: {v}\r\n" for k, v in headers.items()) + "\r\n").encode()
+
+    async def untouched(self, request_id: str) -> bool:
+        """The training is as ``track`` left it: SUBMITTED, nothing but its registration."""
+        view = await self.training(request_id)
+        return view.status == "SUBMITTED" and await self.kinds(request_id) == ["registered"]
+
+
+Launch = Callable[..., Awaitable[Harness]]
+
+
+@pytest.fixture
+async def launch(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> AsyncIterator[Launch]:
+    """Start the daemon (webhook layer only) with ``[webhook]`` / ``[fal]`` overrides."""
+    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+
+        async def go(
+            webhook: dict[str, Any] | None = None, fal: dict[str, Any] | None = None
+        ) -> Harness:
+            extra = {"webhook": webhook or {}, "fal": fal or {}}
+            settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook",), extra=extra)
+            daemon = Daemon(settings, pm=build_manager(entry_points=False))
+            await nursery.start(daemon.run)
+            return Harness(daemon, sim, client, settings.webhook["public_url"])
+
+        yield go
+
+
+async def wait_for(predicate: Callable[[], Awaitable[bool]], timeout: float = 5.0) -> None:
+    with trio.fail_after(timeout):
+        while not await predicate():
+            await trio.sleep(0.05)
+
+
+# -- the normal path ------------------------------------------------------------------------
+async def test_a_valid_webhook_completes_the_training(launch: Launch) -> None:
+    h = await launch()
+    rid = await h.track()
+    reply = await h.deliver(ok_body(rid), rid)
+    assert (reply.status_code, reply.json()) == (200, {"detail": "ok"})
+    view = await h.training(rid)
+    assert (view.status, view.result_layer, view.is_fallback) == ("COMPLETED", "webhook", False)
+    assert view.lora_url == lora_url(rid)
+    (receipt,) = await h.receipts(rid)
+    assert (receipt["verification"], receipt["outcome"], receipt["processed"]) == (
+        "verified",
+        "result",
+        True,
+    )
+    assert receipt["body"] == ok_body(rid)  # the raw bytes, as they came
+    assert h.counted("accepted") == 1
+
+
+async def test_duplicates_get_200_and_no_second_transition(launch: Launch) -> None:
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    headers = h.sign(body, rid)
+    assert (await h.post(body, headers)).status_code == 200
+    again = await h.post(body, headers)
+    assert (again.status_code, again.json()) == (200, {"detail": "duplicate"})
+    assert h.counted("duplicate") == 1
+    # FAL's retry is signed anew (a later timestamp): another delivery of the same news.
+    later = h.sign(body, rid, timestamp=int(headers[signing.HEADER_TIMESTAMP]) + 1)
+    assert (await h.post(body, later)).status_code == 200
+    assert (await h.kinds(rid)).count("result") == 1
+    assert [r["outcome"] for r in await h.receipts(rid)] == ["result", "none"]
+    assert (await h.training(rid)).status == "COMPLETED"
+
+
+# -- refusals -------------------------------------------------------------------------------
+Built = tuple[str, str, bytes, dict[str, str]]  # method, URL, body, headers
+Signer = Callable[[Harness, bytes, str], dict[str, str]]
+
+
+@dataclass(frozen=True)
+class Bad:
+    """One refused request, built for a known training, and how it must be answered."""
+
+    build: Callable[[Harness, str], Built]
+    status: int
+    outcome: str | None  # None: neither counted nor kept (not the webhook's path)
+
+
+def _good(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+    return h.sign(body, rid)
+
+
+def _request(
+    body: Callable[[str], bytes] = ok_body,
+    sign: Signer = _good,
+    *,
+    method: str = "POST",
+    path: str = "",
+) -> Callable[[Harness, str], Built]:
+    def build(h: Harness, rid: str) -> Built:
+        raw = body(rid)
+        return method, h.url + path, raw, sign(h, raw, rid)
+
+    return build
+
+
+def _without(name: str) -> Signer:
+    def sign(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+        headers = h.sign(body, rid)
+        del headers[name]
+        return headers
+
+    return sign
+
+
+def _at(offset: int) -> Signer:
+    return lambda h, body, rid: h.sign(body, rid, timestamp=int(time.time()) + offset)
+
+
+def _other_key(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+    return signed(Ed25519PrivateKey.generate(), body, rid)
+
+
+def _other_body(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+    return h.sign(body + b" ", rid)
+
+
+def _not_hex(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+    return {**h.sign(body, rid), signing.HEADER_SIGNATURE: "zz" * 64}
+
+
+def _for_another(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+    return h.sign(body, str(uuid.uuid4()))  # validly signed, but the ids disagree
+
+
+def _original_shape(rid: str) -> bytes:  # what the replaced system expected
+    return _body(rid, status="completed", result={"lora_url": lora_url(rid)})
+
+
+MAX_BODY = 4096
+REFUSALS = {
+    **{
+        f"missing {name}": Bad(_request(sign=_without(name)), 400, "missing_header")
+        for name in signing.REQUIRED_HEADERS
+    },
+    # 301 s would do; the margin covers the sub-second part of the timestamp and the trip.
+    "timestamp 310 s old": Bad(_request(sign=_at(-310)), 400, "stale"),
+    "timestamp 310 s ahead": Bad(_request(sign=_at(310)), 400, "stale"),
+    "signed by another key": Bad(_request(sign=_other_key), 401, "bad_signature"),
+    "signed over another body": Bad(_request(sign=_other_body), 401, "bad_signature"),
+    "signature not hex": Bad(_request(sign=_not_hex), 401, "bad_signature"),
+    "body not JSON": Bad(
+        _request(lambda rid: b"status=OK&request_id=" + rid.encode()), 400, "malformed"
+    ),
+    "JSON without request_id": Bad(
+        _request(lambda rid: b'{"status": "OK", "payload": {}}'), 400, "malformed"
+    ),
+    "status completed with result": Bad(_request(_original_shape), 400, "malformed"),
+    "header id differs from the body's": Bad(_request(sign=_for_another), 400, "malformed"),
+    "body too large": Bad(_request(lambda rid: ok_body(rid) + b" " * MAX_BODY), 413, "too_large"),
+    "GET": Bad(_request(lambda rid: b"", method="GET"), 405, "wrong_method"),
+    "wrong path": Bad(_request(path="/other"), 404, None),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS.values(), ids=REFUSALS.keys())
+async def test_each_refusal_changes_nothing_and_is_kept_and_counted(
+    launch: Launch, case: Bad
+) -> None:
+    h = await launch(webhook={"max_body_bytes": MAX_BODY})
+    rid = await h.track()
+    method, url, body, headers = case.build(h, rid)
+    reply = await h.client.request(method, url, content=body, headers=headers)
+    assert reply.status_code == case.status, reply.text
+    assert await h.untouched(rid)
+    kept = await h.receipts()
+    if case.outcome is None:
+        assert kept == []
+        assert sum(h.counted(outcome) for outcome in WEBHOOK_OUTCOMES) == 0
+        return
+    (receipt,) = kept
+    assert (receipt["verification"], receipt["outcome"]) == ("rejected", "rejected")
+    assert receipt["reject_reason"].startswith(f"{case.outcome}: ")
+    assert h.counted(case.outcome) == 1
+    assert h.counted("accepted") == 0
+
+
+async def test_a_streamed_body_past_the_limit_is_refused(launch: Launch) -> None:
+    h = await launch(webhook={"max_body_bytes": MAX_BODY})
+    rid = await h.track()
+    body = ok_body(rid) + b" " * MAX_BODY
+
+    async def chunks() -> AsyncIterator[bytes]:  # no Content-Length: read until too much
+        for start in range(0, len(body), 1000):
+            yield body[start : start + 1000]
+
+    reply = await h.client.post(h.url, content=chunks(), headers=h.sign(body, rid))
+    assert reply.status_code == 413
+    assert await h.untouched(rid)
+    assert h.counted("too_large") == 1
+    (receipt,) = await h.receipts(rid)
+    assert receipt["reject_reason"] == f"too_large: body larger than {MAX_BODY} bytes"
+
+
+async def test_rejected_receipts_are_bounded(launch: Launch) -> None:
+    h = await launch(webhook={"rejected_kept": 3})
+    rid = await h.track()
+    bodies = [_body(rid, status="OK", payload={"n": n}) for n in range(7)]
+    for body in bodies:
+        assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
+    kept = await h.receipts()
+    assert [r["body"] for r in kept] == bodies[-3:]  # the newest ones
+    assert h.counted("bad_signature") == 7
+    assert await h.untouched(rid)
+
+
+# -- FAL's key server -----------------------------------------------------------------------
+async def test_jwks_outage_stores_unverified_and_settles_when_keys_return(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(layer, "FETCH_RETRY_SECONDS", 0.2)
+    sim.faults.jwks_down = True  # before the daemon's first key fetch
+    h = await launch()
+    real, forged = await h.track(), await h.track()
+    reply = await h.deliver(ok_body(real), real)
+    assert reply.status_code == 202
+    forged_body = ok_body(forged)
+    assert (await h.post(forged_body, _other_key(h, forged_body, forged))).status_code == 202
+    assert h.counted("unverified") == 2
+    assert [r["verification"] for r in await h.receipts()] == ["unverified", "unverified"]
+    await trio.sleep(0.5)  # retries while the keys are still away change nothing
+    assert await h.untouched(real) and await h.untouched(forged)
+
+    sim.faults.jwks_down = False
+
+    async def settled() -> bool:
+        return all(r["processed"] for r in await h.receipts())
+
+    await wait_for(settled)
+    view = await h.training(real)
+    assert (view.status, view.result_layer) == ("COMPLETED", "webhook")
+    assert [(r["verification"], r["outcome"]) for r in await h.receipts()] == [
+        ("verified", "result"),
+        ("rejected", "rejected"),
+    ]
+    assert await h.untouched(forged)
+
+
+@dataclass
+class JwksServer:
+    """A stand-in for FAL's key server: requests wait while ``gate`` is not set."""
+
+    keys: list[dict[str, str]]
+    gate: trio.Event = field(default_factory=trio.Event)
+    status: int = 200
+    hits: int = 0
+
+    async def __call__(self, scope: http.Scope, receive: http.Receive, send: http.Send) -> None:
+        if scope["type"] == "lifespan":
+            await http.lifespan(receive, send)
+            return
+        self.hits += 1
+        await self.gate.wait()
+        await http.respond(send, self.status, json.dumps(signing.jwks_document(self.keys)).encode())
+
+    async def start(self, nursery: trio.Nursery) -> str:
+        """Serve on a free loopback port; the JWKS URL. Lets every request through at the
+        end of the test (a hanging one would hold up the listener's graceful shutdown)."""
+        host, port = await nursery.start(http.serve_asgi, self, "127.0.0.1:0")
+        nursery.start_soon(self._open_at_exit)
+        return f"http://{host}:{port}/.well-known/jwks.json"
+
+    async def _open_at_exit(self) -> None:
+        try:
+            await trio.sleep_forever()
+        finally:
+            self.gate.set()
+
+
+FETCH_TIMEOUT = 0.5
+
+
+async def test_a_hanging_key_server_is_tried_once_not_once_per_webhook(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    jwks = JwksServer(sim.jwks)  # never answers in time
+    h = await launch(fal={"jwks_url": await jwks.start(nursery), "timeout_seconds": FETCH_TIMEOUT})
+    rids = [await h.track() for _ in range(4)]
+    answers: dict[str, int] = {}
+
+    async def deliver(rid: str) -> None:
+        answers[rid] = (await h.deliver(ok_body(rid), rid)).status_code
+
+    started = trio.current_time()
+    async with trio.open_nursery() as senders:
+        for rid in rids:
+            senders.start_soon(deliver, rid)
+    assert set(answers.values()) == {202}  # all stored, none lost
+    assert jwks.hits == 1  # the others did not queue up for a fetch of their own
+    assert trio.current_time() - started < len(rids) * FETCH_TIMEOUT
+
+
+async def test_a_refetch_never_holds_up_webhooks_the_cache_verifies(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "REFETCH_MIN_SECONDS", 1.0)
+    jwks = JwksServer(sim.jwks)
+    jwks.gate.set()
+    h = await launch(fal={"jwks_url": await jwks.start(nursery), "timeout_seconds": 10.0})
+    first, second, forged = await h.track(), await h.track(), await h.track()
+    assert (await h.deliver(ok_body(first), first)).status_code == 200
+    assert jwks.hits == 1
+    await trio.sleep(1.05)  # a refetch is allowed again
+    jwks.gate = trio.Event()
+    forged_body = ok_body(forged)
+    forged_headers = _other_key(h, forged_body, forged)
+    forged_answers: list[int] = []
+
+    async def send_forged() -> None:
+        forged_answers.append((await h.post(forged_body, forged_headers)).status_code)
+
+    async def refetching() -> bool:
+        return jwks.hits == 2
+
+    async with trio.open_nursery() as senders:
+        senders.start_soon(send_forged)  # no cached key verifies it: a refetch starts, waits
+        await wait_for(refetching)
+        assert (await h.deliver(ok_body(second), second)).status_code == 200
+        assert forged_answers == []  # the genuine one did not wait for the refetch
+        jwks.status = 503
+        jwks.gate.set()  # the refetch fails
+    assert forged_answers == [401]
+    # Right after a failed refetch, another forged webhook does not trigger one.
+    assert (await h.post(forged_body, _other_key(h, forged_body, forged))).status_code == 401
+    assert jwks.hits == 2
+    assert await h.untouched(forged)
+
+
+async def test_a_rotated_key_is_fetched_once_and_accepted(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "REFETCH_MIN_SECONDS", 1.0)
+    h = await launch()
+    before, after, forged = await h.track(), await h.track(), await h.track()
+    assert (await h.deliver(ok_body(before), before)).status_code == 200
+    await trio.sleep(1.05)
+    old_key = sim.private_key
+    sim.private_key, jwk = signing.generate_keypair()
+    sim.jwks = [jwk]  # FAL rotated its key
+
+    reply = await h.deliver(ok_body(after), after)
+    assert reply.status_code == 200
+    assert (await h.training(after)).status == "COMPLETED"
+    assert sim.stats[("jwks", 200)] == 2  # one refetch
+    # Neither the retired key nor a stranger's gets another refetch so soon.
+    for key in (old_key, Ed25519PrivateKey.generate()):
+        body = ok_body(forged)
+        assert (await h.post(body, signed(key, body, forged))).status_code == 401
+    assert sim.stats[("jwks", 200)] == 2
+    assert await h.untouched(forged)
+
+
+# -- what a webhook means -------------------------------------------------------------------
+async def test_error_and_payload_error_webhooks_end_in_marked_fallbacks(launch: Launch) -> None:
+    h = await launch()
+    failed, unserialisable = await h.track(), await h.track()
+    assert (await h.deliver(error_body(failed), failed)).status_code == 200
+    assert (await h.deliver(payload_error_body(unserialisable), unserialisable)).status_code == 200
+    for rid, kind in ((failed, "fal_failure"), (unserialisable, "payload_error")):
+        view = await h.training(rid)
+        assert (view.status, view.is_fallback, view.fallback_layer, view.fallback_kind) == (
+            "COMPLETED",
+            True,
+            "webhook",
+            kind,
+        )
+        assert view.result_layer is None
+        assert await h.kinds(rid) == ["registered", "fallback"]
+    assert "Invalid status code: 422" in ((await h.training(failed)).failure_detail or "")
+
+
+async def test_a_webhook_for_an_unknown_training_is_kept_and_applied_on_adoption(
+    launch: Launch,
+) -> None:
+    h = await launch()
+    rid = str(uuid.uuid4())
+    reply = await h.deliver(ok_body(rid), rid)
+    assert reply.status_code == 200
+    assert h.counted("unknown_training") == 1
+    (receipt,) = await h.receipts(rid)
+    assert (receipt["verification"], receipt["outcome"], receipt["processed"]) == (
+        "verified",
+        "unknown_training",
+        False,
+    )
+    await h.track(rid)  # adopted: the stored webhook is applied at once
+    view = await h.training(rid)
+    assert (view.status, view.result_layer, view.lora_url) == (
+        "COMPLETED",
+        "webhook",
+        lora_url(rid),
+    )
+    assert [r["processed"] for r in await h.receipts(rid)] == [True]
+
+
+async def test_unsigned_bodies_are_accepted_when_verification_is_off(launch: Launch) -> None:
+    h = await launch(webhook={"verify_signatures": False})
+    rid = await h.track()
+    assert (await h.post(ok_body(rid))).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+    (receipt,) = await h.receipts(rid)
+    assert (receipt["verification"], receipt["outcome"]) == ("skipped", "result")
+    # Unsigned bodies are judged by their shape alone, so the shape check must hold up.
+    for hostile in (b"[" * 100_000, b'{"request_id": 1}', b"\xff\xfe"):
+        assert (await h.post(hostile)).status_code == 400
+    assert h.counted("malformed") == 3
+
+
+# -- hostile input --------------------------------------------------------------------------
+HEX = "0123456789abcdef"
+EXAMPLES_PER_KIND = 5
+BENIGN_NAMES = st.text("abcdefghijklmnopqrstuvwxyz-", min_size=1, max_size=20).map(
+    lambda s: "x-junk-" + s
+)
+PRINTABLE = st.text(st.characters(min_codepoint=0x21, max_codepoint=0x7E), max_size=60)
+CONTENT_TYPES = st.one_of(
+    st.none(),
+    st.sampled_from(
+        [
+            "application/json",
+            "text/plain",
+            "application/x-www-form-urlencoded",
+            "multipart/form-data; boundary=x",
+        ]
+    ),
+    PRINTABLE,
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One request: ``kind`` says how it departs from a valid webhook (``valid``: it does
+    not; it is then for a training nobody knows, so that it changes no training either)."""
+
+    kind: str
+    target: int  # which known training it claims to be for
+    detail: Any = None
+    content_type: str | None = None
+    junk: tuple[tuple[str, str], ...] = ()
+
+
+def _details(known: int) -> dict[str, st.SearchStrategy[Any]]:
+    names = st.sampled_from(signing.REQUIRED_HEADERS)
+    return {
+        "valid": st.uuids().map(str),
+        "random_body": st.tuples(st.binary(max_size=600), st.booleans()),
+        "truncated": st.tuples(st.floats(0, 1, exclude_max=True), st.booleans()),
+        "replayed": st.tuples(st.integers(301, 10**9), st.booleans()),
+        "repeated_header": st.tuples(names, st.one_of(st.none(), PRINTABLE)),
+        "long_header": st.tuples(names, st.integers(layer.MAX_HEADER_CHARS, 3000)),
+        "dropped_header": names,
+        "bad_signature": st.one_of(PRINTABLE, st.text(HEX, min_size=128, max_size=128)),
+        "other_training": st.integers(1, known - 1),
+        "method": st.sampled_from(["GET", "HEAD", "PUT", "DELETE", "PATCH", "OPTIONS"]),
+        "raw_junk_header": st.tuples(st.binary(min_size=1, max_size=30), st.binary(max_size=60)),
+        "oversized_header": st.integers(17_000, 100_000),
+    }
+
+
+def probes(kind: str, known: int) -> st.SearchStrategy[Probe]:
+    """Requests of one ``kind`` for ``known`` trainings, with random extra headers."""
+    return st.builds(
+        Probe,
+        kind=st.just(kind),
+        target=st.integers(0, known - 1),
+        detail=_details(known)[kind],
+        content_type=CONTENT_TYPES,
+        junk=st.lists(st.tuples(BENIGN_NAMES, PRINTABLE), max_size=3).map(tuple),
+    )
+
+
+def build_request(probe: Probe, key: Ed25519PrivateKey, rids: list[str], path: str) -> bytes:
+    """The raw HTTP/1.1 request of ``probe``, signed now."""
+    rid = probe.detail if probe.kind == "valid" else rids[probe.target]
+    body = ok_body(rid)
+    sign_body, sign_id, method, now = body, rid, "POST", int(time.time())
+    extra: list[tuple[bytes, bytes]] = []
+    if probe.kind == "random_body":
+        body, keep_signature = probe.detail
+        sign_body = body if keep_signature else ok_body(rid)
+    elif probe.kind == "truncated":
+        fraction, over_the_cut = probe.detail
+        body = body[: int(len(body) * fraction)]
+        sign_body = body if over_the_cut else sign_body
+    elif probe.kind == "replayed":
+        age, ahead = probe.detail
+        now = now + age if ahead else now - age
+    elif probe.kind == "other_training":
+        sign_id = rids[(probe.target + probe.detail) % len(rids)]
+    elif probe.kind == "method":
+        method = probe.detail
+    headers = signed(key, sign_body, sign_id, timestamp=now)
+    if probe.kind == "repeated_header":
+        name, value = probe.detail
+        extra.append((name.encode(), (headers[name] if value is None else value).encode()))
+    elif probe.kind == "long_header":
+        name, length = probe.detail  # the value repeated: still digits, or hex digits
+        headers[name] = (headers[name] * length)[: length + 1]
+    elif probe.kind == "dropped_header":
+        del headers[probe.detail]
+    elif probe.kind == "bad_signature":
+        headers[signing.HEADER_SIGNATURE] = probe.detail
+    elif probe.kind == "raw_junk_header":
+        headers[signing.HEADER_SIGNATURE] = "00" * 64
+        extra.append(probe.detail)
+    elif probe.kind == "oversized_header":  # a head this big in one read gets to the app
+        headers[signing.HEADER_SIGNATURE] = "00" * 64
+        extra.append((b"x-junk", b"j" * probe.detail))
+    if probe.content_type is not None:
+        headers["Content-Type"] = probe.content_type
+    lines = [f"{method} {path} HTTP/1.1".encode(), b"Host: 127.0.0.1", b"Connection: close"]
+    lines += [f"{k}: {v}".encode() for k, v in (*headers.items(), *probe.junk)]
+    lines += [k + b": " + v for k, v in extra]
+    lines.append(f"Content-Length: {len(body)}".encode())
+    return b"\r\n".join(lines) + b"\r\n\r\n" + body
+
+
+def exchange(address: tuple[str, int], request: bytes) -> int | None:
+    """Send one raw request; the status code of the answer, or None if none came."""
+    with socket.create_connection(address, timeout=10) as sock:
+        with contextlib.suppress(OSError):  # answered and closed before it all went out
+            sock.sendall(request)
+        answer = b""
+        with contextlib.suppress(ConnectionResetError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    status_line = answer.split(b"\r\n", 1)[0].split()
+    return int(status_line[1]) if len(status_line) > 1 else None
+
+
+async def test_hostile_requests_get_4xx_and_change_nothing(launch: Launch) -> None:
+    h = await launch()
+    rids = [await h.track() for _ in range(3)]
+    path = httpx.URL(h.url).path
+
+    def all_untouched() -> bool:
+        return all(trio.from_thread.run(h.untouched, rid) for rid in rids)
+
+    def check(probe: Probe) -> None:
+        status = exchange(h.address, build_request(probe, h.sim.private_key, rids, path))
+        if probe.kind == "valid":
+            assert status == 200
+        else:
+            assert status is not None and 400 <= status < 500, status
+        assert all_untouched()
+
+    def every_kind() -> None:  # hypothesis runs here, in a thread; the daemon runs in trio
+        for kind in _details(len(rids)):
+            examples = hsettings(
+                max_examples=EXAMPLES_PER_KIND,
+                deadline=None,
+                suppress_health_check=[HealthCheck.too_slow],
+            )
+            examples(given(probes(kind, len(rids)))(check))()
+
+    await trio.to_thread.run_sync(every_kind)
+    for outcome in ("accepted", "unverified"):
+        assert h.counted(outcome) == 0
+    # Still serving, and still judging: a genuine webhook goes through.
+    assert (await h.deliver(ok_body(rids[0]), rids[0])).status_code == 200
+    assert (await h.training(rids[0])).status == "COMPLETED"
+
+
+# -- slow clients ---------------------------------------------------------------------------
+async def test_a_dribbled_body_is_cut_off_while_others_are_served(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "BODY_TIMEOUT_SECONDS", 1.0)
+    h = await launch()
+    slow, other = await h.track(), await h.track()
+    body = ok_body(slow)
+    stream = await trio.open_tcp_stream(*h.address)
+    answer = b""
+    async with stream, trio.open_nursery() as nursery:
+        await stream.send_all(h.signed_head(body, slow))
+        started = trio.current_time()
+
+        async def dribble() -> None:  # each byte well within hypercorn's per-read timeout
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                for byte in body:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.1)
+
+        nursery.start_soon(dribble)
+        await trio.sleep(0.3)
+        assert (await h.deliver(ok_body(other), other)).status_code == 200  # not held up
+        with trio.fail_after(4), contextlib.suppress(trio.BrokenResourceError):
+            while chunk := await stream.receive_some():  # until the listener hangs up
+                answer += chunk
+        elapsed = trio.current_time() - started
+        nursery.cancel_scope.cancel()
+    assert answer.startswith(b"HTTP/1.1 408 "), answer
+    assert 1.0 <= elapsed < 3.0
+    assert (await h.training(other)).status == "COMPLETED"
+    assert await h.untouched(slow)
+    assert h.counted("timeout") == 1
+    (receipt,) = await h.receipts(slow)
+    assert receipt["verification"] == "rejected" and receipt["reject_reason"].startswith(
+        "timeout: "
+    )
+
+
+async def test_a_delivery_cut_off_mid_body_leaves_nothing_behind(launch: Launch) -> None:
+    h = await launch()
+    cut, other = await h.track(), await h.track()
+    body = ok_body(cut)
+    stream = await trio.open_tcp_stream(*h.address)
+    answer = b""
+    async with stream:
+        await stream.send_all(h.signed_head(body, cut) + body[: len(body) // 2])
+        await stream.send_eof()  # the sender gives up half-way
+        with trio.fail_after(3):
+            while chunk := await stream.receive_some():
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 400 ")  # from the HTTP layer: the body is incomplete
+    assert (await h.deliver(ok_body(other), other)).status_code == 200
+    await trio.sleep(0.2)  # time for a wrongly kept half body to be written
+    assert [r["request_id"] for r in await h.receipts()] == [other]
+    assert await h.untouched(cut)
