@@ -39,6 +39,7 @@ WEBHOOK_OUTCOMES = (
     "missing_header",
     "malformed",
     "too_large",
+    "timeout",
     "wrong_method",
 )
 FAL_OPERATIONS = ("submit", "status", "result", "cancel", "probe")

@@ -165,7 +165,7 @@ def parse_webhook(body: bytes) -> Observation:
     """Read a FAL webhook body (OK / ERROR / payload_error) into an observation."""
     try:
         data = json.loads(body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise MalformedWebhook("body is not JSON") from None
     if not isinstance(data, dict):
         raise MalformedWebhook("body is not a JSON object")
@@ -327,10 +327,19 @@ class Reconciler:
             keep,
         )
 
-    async def apply_receipt(self, receipt_id: int, *, verification: str | None = None) -> Change:
-        """Apply a stored receipt (optionally first settling its verification outcome)."""
+    async def apply_receipt(
+        self,
+        receipt_id: int,
+        *,
+        verification: str | None = None,
+        reject_reason: str | None = None,
+    ) -> Change:
+        """Apply a stored receipt (optionally first settling its verification outcome, with
+        the reason when it is "rejected")."""
         now = self.clock.now()
-        change = await self.store.write(self._apply_receipt, receipt_id, verification, now)
+        change = await self.store.write(
+            self._apply_receipt, receipt_id, verification, now, reject_reason
+        )
         await self._after([change])
         return change
 
@@ -624,17 +633,27 @@ class Reconciler:
             processed_at=now if verification == "rejected" else None,
             outcome="rejected" if verification == "rejected" else None,
         )
-        if verification == "rejected":  # kept for forensics, bounded
-            stale = (
-                WebhookReceipt.select(WebhookReceipt.id)
-                .where(WebhookReceipt.verification == "rejected")
-                .order_by(WebhookReceipt.id.desc())
-                .offset(keep_rejected)
-            )
-            WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        if verification == "rejected":
+            self._prune_rejected(keep_rejected)
         return receipt.id, False
 
-    def _apply_receipt(self, receipt_id: int, verification: str | None, now: float) -> Change:
+    def _prune_rejected(self, keep: int) -> None:
+        """Refused webhooks are kept for forensics, the newest ``keep`` of them."""
+        stale = (
+            WebhookReceipt.select(WebhookReceipt.id)
+            .where(WebhookReceipt.verification == "rejected")
+            .order_by(WebhookReceipt.id.desc())
+            .offset(keep)
+        )
+        WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+
+    def _apply_receipt(
+        self,
+        receipt_id: int,
+        verification: str | None,
+        now: float,
+        reject_reason: str | None = None,
+    ) -> Change:
         receipt = WebhookReceipt.get_or_none(WebhookReceipt.id == receipt_id)
         if receipt is None or receipt.processed_at is not None:
             return Change(receipt.request_id if receipt else "", "webhook", "none")
@@ -643,7 +662,10 @@ class Reconciler:
         if receipt.verification == "rejected":
             receipt.processed_at = now
             receipt.outcome = "rejected"
+            receipt.reject_reason = reject_reason or receipt.reject_reason
+            receipt.dedupe_key = None  # kept for forensics like any refused webhook
             receipt.save()
+            self._prune_rejected(int(self.settings.webhook["rejected_kept"]))
             return Change(receipt.request_id or "", "webhook", "none")
         if receipt.verification not in ("verified", "skipped"):
             receipt.save()  # still waiting for the keys

@@ -135,8 +135,10 @@ def check_envelope(
         values[name] = value
 
     raw_timestamp = values[HEADER_TIMESTAMP]
-    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()):
-        raise WebhookRejected(f"timestamp {raw_timestamp!r} is not an integer", "stale")
+    if not (raw_timestamp.isascii() and raw_timestamp.isdigit()) or len(raw_timestamp) > 12:
+        raise WebhookRejected(
+            f"timestamp {raw_timestamp[:40]!r} is not a Unix time in seconds", "stale"
+        )
     timestamp = int(raw_timestamp)
     if abs(now - timestamp) > tolerance:
         raise WebhookRejected(

@@ -309,10 +309,15 @@ class Store:
         *,
         batch_max: int = 100,
         on_commit: Callable[[int], None] | None = None,
+        inline: bool = False,
     ) -> None:
         self.url = url
         self.batch_max = batch_max
         self._on_commit = on_commit
+        #: Run database calls on trio's own thread instead of a worker thread. Only for tests
+        #: on trio's MockClock: a thread hand-off looks like idleness and lets an autojumping
+        #: clock leap ahead. It blocks the event loop during each call.
+        self.inline = inline
         self._limiter = trio.CapacityLimiter(1)
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer_running = False
@@ -350,7 +355,7 @@ class Store:
                     except trio.WouldBlock:
                         break
                 # Not cancellable once handed over: a batch is committed whole or not at all.
-                results = await trio.to_thread.run_sync(self._commit, batch, limiter=self._limiter)
+                results = await self._call(self._commit, batch)
                 for item, (ok, value) in zip(batch, results, strict=True):
                     item.ok, item.value = ok, value
                     item.done.set()
@@ -394,6 +399,13 @@ class Store:
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` on the database thread between write batches."""
+        return await self._call(fn, *args)
+
+    async def _call(self, fn: Callable[..., T], *args: Any) -> T:
+        """``fn(*args)`` on the database thread slot (or inline, see ``inline``)."""
+        if self.inline:
+            async with self._limiter:
+                return fn(*args)
         return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
 
     # -- queries the layers share ----------------------------------------------------------
@@ -483,11 +495,11 @@ async def open_store(url: str, **kwargs: Any) -> AsyncIterator[Store]:
     """Open, migrate and run a Store's writer for the duration of the block."""
     store = Store(url, **kwargs)
     try:
-        await trio.to_thread.run_sync(store._open, limiter=store._limiter)
+        await store._call(store._open)
         async with trio.open_nursery() as nursery:
             await nursery.start(store._writer)
             yield store
             nursery.cancel_scope.cancel()
     finally:
         with trio.CancelScope(shield=True):
-            await trio.to_thread.run_sync(store._close, limiter=store._limiter)
+            await store._call(store._close)

@@ -296,6 +296,7 @@ class _Handler:
             with contextlib.suppress(KeyServerDown):
                 keys = await self.jwks.keys()
             for receipt_id, verification, headers, body, received_at in pending:
+                reason: str | None = None
                 if verification == "unverified":
                     if keys is None:
                         continue
@@ -305,10 +306,13 @@ class _Handler:
                         verification = "verified"
                     except signing.WebhookRejected as exc:
                         verification = "rejected"
+                        reason = f"{exc.code}: {exc.reason}"
                         ctx.log.warning(
                             f"{TAG} stored webhook failed verification", reason=exc.reason
                         )
-                change = await ctx.reconciler.apply_receipt(receipt_id, verification=verification)
+                change = await ctx.reconciler.apply_receipt(
+                    receipt_id, verification=verification, reject_reason=reason
+                )
                 ctx.log.info(
                     f"{TAG} stored webhook applied", verification=verification, change=change.kind
                 )
