@@ -1,0 +1,377 @@
+"""Delivery to the bot: every finished training as a signed webhook, at least once, in order.
+
+A built-in plugin that uses nothing but the public hooks, the way a team would write its own:
+
+* ``trainguard_outbox`` adds one entry for consumer ``delivery`` to every finishing transition
+  (real result, fallback, failure, cancel, upgrade). Reconcile writes it in the transition's
+  own transaction, so the event exists exactly when the transition does, even if the daemon
+  is killed right after the commit.
+* ``trainguard_training_finished`` (after the commit) wakes the sender, so the bot hears of a
+  transition at once; a short idle poll catches entries written by another process.
+* ``trainguard_layers`` offers the sender layer ``delivery`` when ``[delivery] enabled``. Each
+  pass it POSTs the oldest pending entry of every training to ``[delivery] url``, signed per
+  Standard Webhooks (``webhook-id`` is the entry's stable ``message_id``, the same on every
+  retry). A training's next event is sent only once the previous one is delivered or
+  abandoned; trainings do not wait for each other. A non-2xx answer or no answer is retried
+  with exponential backoff and jitter until the entry is ``max_age_seconds`` old, then
+  abandoned with a ⚠️ error. A 410 Gone stops delivery to that URL for good: pending entries
+  are abandoned with the reason ``410 Gone from URL`` (which also keeps it stopped across
+  restarts) until the configured URL changes.
+
+``trainguard_outbox`` gets no settings. The plugin learns them from ``trainguard_layers``,
+which the daemon calls once, at construction, before any transition; they are kept in
+``_process`` (one daemon per process, as there is one Store per process). A process that
+finishes trainings without collecting the layers first writes no delivery entries.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import os
+import random
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import httpx
+import peewee
+import trio
+
+from daemon.config import ConfigError, Settings
+from daemon.layer import LayerContext
+from daemon.logs import WARN
+from daemon.reconcile import view_as_dict
+from daemon.store import Outbox, TrainingView
+from plugins.hookspecs import hookimpl
+
+CONSUMER = "delivery"
+SECRET_ENV = "TRAINGUARD_DELIVERY_SECRET"
+SECRET_PREFIX = "whsec_"
+#: Fields of ``view_as_dict`` that schedule trainguard's own checks: not the bot's business.
+INTERNAL_FIELDS = frozenset(
+    {"attempts", "last_error", "last_checked_at", "next_check_at", "deadline_at"}
+)
+RETRY_FIRST_SECONDS = 2.0
+RETRY_MAX_SECONDS = 600.0
+SEND_CONCURRENCY = 4
+BATCH = 100
+
+
+# -- what the hooks share ----------------------------------------------------------------
+@dataclass
+class _Process:
+    """This process's ``[delivery] enabled`` and its sender, learned from trainguard_layers."""
+
+    enabled: bool = False
+    sender: DeliveryLayer | None = None
+
+
+_process = _Process()
+
+
+@hookimpl
+def trainguard_layers(settings: Settings) -> list[DeliveryLayer]:
+    _process.enabled = bool(settings.delivery["enabled"])
+    _process.sender = DeliveryLayer(settings.delivery) if _process.enabled else None
+    return [_process.sender] if _process.sender is not None else []
+
+
+@hookimpl
+def trainguard_outbox(training: TrainingView, event: str) -> list[dict[str, Any]] | None:
+    if not _process.enabled:
+        return None
+    return [{"consumer": CONSUMER, "payload": payload(training, event)}]
+
+
+@hookimpl
+def trainguard_training_finished() -> None:
+    if _process.sender is not None:
+        _process.sender.wake()
+
+
+# -- the message -------------------------------------------------------------------------
+def _iso(ts: float) -> str:
+    return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z")
+
+
+def payload(training: TrainingView, event: str) -> dict[str, Any]:
+    """The Standard Webhooks body: ``type``, ``timestamp`` (of the transition), ``data``."""
+    data = {k: v for k, v in view_as_dict(training).items() if k not in INTERNAL_FIELDS}
+    return {"type": event, "timestamp": _iso(training.updated_at), "data": data}
+
+
+def load_secret(env: Mapping[str, str] = os.environ) -> bytes:
+    """The signing key from ``whsec_<base64>`` in the environment; its value is never shown."""
+    raw = env.get(SECRET_ENV, "")
+    if not raw:
+        raise ConfigError(f"{SECRET_ENV}: must be set (whsec_<base64>) when delivery is enabled")
+    if not raw.startswith(SECRET_PREFIX):
+        raise ConfigError(f"{SECRET_ENV}: must be whsec_ followed by base64")
+    encoded = raw.removeprefix(SECRET_PREFIX)
+    try:
+        key = base64.b64decode(encoded + "=" * (-len(encoded) % 4), validate=True)
+    except (binascii.Error, ValueError):
+        raise ConfigError(f"{SECRET_ENV}: the part after whsec_ is not base64") from None
+    if not key:
+        raise ConfigError(f"{SECRET_ENV}: the key after whsec_ is empty")
+    return key
+
+
+def sign(key: bytes, message_id: str, timestamp: int, body: str) -> str:
+    """The ``webhook-signature`` header: ``v1,`` + base64(HMAC-SHA256(id.timestamp.body))."""
+    mac = hmac.new(key, f"{message_id}.{timestamp}.{body}".encode(), hashlib.sha256)
+    return "v1," + base64.b64encode(mac.digest()).decode()
+
+
+@dataclass(frozen=True)
+class _Message:
+    id: int
+    message_id: str
+    request_id: str
+    event: str
+    body: str
+    attempts: int
+
+
+def _pending() -> peewee.Expression:
+    return (
+        (Outbox.consumer == CONSUMER)
+        & Outbox.delivered_at.is_null()
+        & Outbox.abandoned_at.is_null()
+    )
+
+
+def _heads() -> peewee.ModelSelect:
+    """The oldest pending entry of each training: the only one that may be sent."""
+    return Outbox.select(peewee.fn.MIN(Outbox.id)).where(_pending()).group_by(Outbox.request_id)
+
+
+# -- the sender layer --------------------------------------------------------------------
+class DeliveryLayer:
+    """POSTs the ``delivery`` outbox to the bot (see the module doc)."""
+
+    name = "delivery"
+    order = 80
+
+    def __init__(self, delivery: Mapping[str, Any]) -> None:
+        self.url = str(delivery["url"])
+        self.max_age = float(delivery["max_age_seconds"])
+        self.timeout = float(delivery["timeout_seconds"])
+        self.gone_reason = f"410 Gone from {self.url}"
+        self._wake = trio.Event()
+        self._said_gone = False
+
+    def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
+        return max(300.0, self.timeout + 60.0)  # one POST may take the whole timeout
+
+    def wake(self) -> None:
+        """Look at the outbox now (a transition was just committed)."""
+        self._wake.set()
+
+    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
+        if ctx.options:
+            raise ConfigError(
+                f"layers.delivery.{sorted(ctx.options)[0]}: unknown key "
+                "(delivery is configured in [delivery])"
+            )
+        key = load_secret()
+        gone = await ctx.store.read(self._stopped_before)
+        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+            task_status.started()
+            if gone:
+                self._say_gone(ctx, abandoned=0)
+            while True:
+                wake = self._wake = trio.Event()
+                now = ctx.clock.now()
+                await self._expire(ctx, now)
+                if gone:
+                    ctx.metrics.delivery_attempts_failed.inc(
+                        await ctx.store.write(self._abandon_pending, now)
+                    )
+                else:
+                    gone = await self._send_due(ctx, client, key, now)
+                next_due = await self._gauges(ctx)
+                ctx.passed()
+                wait = ctx.idle_seconds
+                if next_due is not None:
+                    wait = min(wait, next_due - ctx.clock.now())
+                if wait > 0:
+                    with trio.move_on_after(wait):
+                        await wake.wait()
+
+    # ---- one pass ------------------------------------------------------------------------
+    async def _send_due(
+        self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, now: float
+    ) -> bool:
+        """Send every due head once; True when the URL answered 410 Gone."""
+        messages = await ctx.store.read(self._due, now)
+        limiter = trio.CapacityLimiter(SEND_CONCURRENCY)
+        gone = False
+
+        async def one(message: _Message) -> None:
+            nonlocal gone
+            async with limiter:
+                gone |= await self._deliver(ctx, client, key, message)
+            ctx.heartbeat()
+
+        async with trio.open_nursery() as nursery:
+            for message in messages:
+                nursery.start_soon(one, message)
+        if gone:
+            abandoned = await ctx.store.write(self._abandon_pending, ctx.clock.now())
+            ctx.metrics.delivery_attempts_failed.inc(abandoned)
+            self._say_gone(ctx, abandoned)
+        return gone
+
+    async def _deliver(
+        self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, message: _Message
+    ) -> bool:
+        """One attempt at one message, its outcome stored; True on 410 Gone."""
+        timestamp = int(ctx.clock.now())
+        headers = {
+            "content-type": "application/json",
+            "webhook-id": message.message_id,
+            "webhook-timestamp": str(timestamp),
+            "webhook-signature": sign(key, message.message_id, timestamp, message.body),
+        }
+        log = ctx.log.bind(
+            request_id=message.request_id, type=message.event, message_id=message.message_id
+        )
+        try:
+            response = await client.post(self.url, content=message.body.encode(), headers=headers)
+        except httpx.HTTPError as exc:
+            error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        else:
+            if response.is_success:
+                await ctx.store.write(self._delivered, message.id, ctx.clock.now())
+                ctx.metrics.delivery_delivered.inc()
+                log.info("delivered to the bot", attempts=message.attempts + 1)
+                return False
+            error = f"HTTP {response.status_code}"
+            if response.status_code == 410:
+                await ctx.store.write(self._failed, message.id, self.gone_reason, None)
+                ctx.metrics.delivery_attempts_failed.inc()
+                return True
+        attempts = message.attempts + 1
+        delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (attempts - 1))
+        delay *= random.uniform(0.5, 1.0)
+        await ctx.store.write(self._failed, message.id, error, ctx.clock.now() + delay)
+        ctx.metrics.delivery_attempts_failed.inc()
+        log.info(
+            "delivery failed; will retry", error=error, attempts=attempts, retry_in=round(delay, 2)
+        )
+        return False
+
+    async def _expire(self, ctx: LayerContext, now: float) -> None:
+        for fields in await ctx.store.write(self._abandon_expired, now):
+            ctx.metrics.delivery_attempts_failed.inc()
+            ctx.log.error(
+                f"{WARN} delivery abandoned: not acknowledged within max_age_seconds",
+                max_age_seconds=self.max_age,
+                **fields,
+            )
+
+    async def _gauges(self, ctx: LayerContext) -> float | None:
+        """Set the backlog gauges; return when the next head is due (None: nothing pending)."""
+        backlog, oldest, next_due = await ctx.store.read(self._stats)
+        ctx.metrics.delivery_backlog.set(backlog)
+        ctx.metrics.delivery_oldest_age.set(ctx.clock.now() - oldest if oldest else 0)
+        return next_due
+
+    def _say_gone(self, ctx: LayerContext, abandoned: int) -> None:
+        if not self._said_gone:
+            self._said_gone = True
+            ctx.log.error(
+                f"{WARN} the bot answered 410 Gone: delivery to this URL is stopped; "
+                "set another [delivery] url to resume",
+                url=self.url,
+                abandoned=abandoned,
+            )
+
+    # ---- on the database thread -------------------------------------------------------------
+    def _stopped_before(self) -> bool:
+        """Whether this URL answered 410 and nothing was delivered since (survives restarts)."""
+        gone_at = (
+            Outbox.select(peewee.fn.MAX(Outbox.abandoned_at))
+            .where(Outbox.consumer == CONSUMER, Outbox.last_error == self.gone_reason)
+            .scalar()
+        )
+        if gone_at is None:
+            return False
+        delivered_since = Outbox.select().where(
+            Outbox.consumer == CONSUMER, Outbox.delivered_at >= gone_at
+        )
+        return not delivered_since.exists()
+
+    @staticmethod
+    def _due(now: float) -> list[_Message]:
+        query = (
+            Outbox.select()
+            .where(Outbox.id.in_(_heads()), Outbox.next_attempt_at <= now)
+            .order_by(Outbox.id)
+            .limit(BATCH)
+        )
+        return [
+            _Message(o.id, o.message_id, o.request_id, o.event, o.payload_json, o.attempts)
+            for o in query
+        ]
+
+    @staticmethod
+    def _stats() -> tuple[int, float | None, float | None]:
+        backlog, oldest = (
+            Outbox.select(peewee.fn.COUNT(Outbox.id), peewee.fn.MIN(Outbox.created_at))
+            .where(_pending())
+            .tuples()
+            .get()
+        )
+        next_due = (
+            Outbox.select(peewee.fn.MIN(Outbox.next_attempt_at))
+            .where(Outbox.id.in_(_heads()))
+            .scalar()
+        )
+        return backlog, oldest, next_due
+
+    @staticmethod
+    def _delivered(row_id: int, now: float) -> None:
+        Outbox.update(delivered_at=now, attempts=Outbox.attempts + 1, last_error=None).where(
+            Outbox.id == row_id
+        ).execute()
+
+    @staticmethod
+    def _failed(row_id: int, error: str, next_attempt_at: float | None) -> None:
+        values: dict[Any, Any] = {Outbox.attempts: Outbox.attempts + 1, Outbox.last_error: error}
+        if next_attempt_at is not None:
+            values[Outbox.next_attempt_at] = next_attempt_at
+        Outbox.update(values).where(Outbox.id == row_id).execute()
+
+    def _abandon_expired(self, now: float) -> list[dict[str, Any]]:
+        query = (
+            Outbox.select()
+            .where(_pending(), Outbox.created_at < now - self.max_age)
+            .order_by(Outbox.id)
+        )
+        expired = []
+        for o in query:
+            Outbox.update(
+                abandoned_at=now,
+                last_error=f"not acknowledged within {self.max_age:g} s; last: {o.last_error}",
+            ).where(Outbox.id == o.id).execute()
+            expired.append(
+                {
+                    "request_id": o.request_id,
+                    "type": o.event,
+                    "message_id": o.message_id,
+                    "attempts": o.attempts,
+                    "last_error": o.last_error,
+                }
+            )
+        return expired
+
+    def _abandon_pending(self, now: float) -> int:
+        return int(
+            Outbox.update(abandoned_at=now, last_error=self.gone_reason).where(_pending()).execute()
+        )
