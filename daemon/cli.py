@@ -1,4 +1,4 @@
-"""`trainguard run | demo | simulate | submit | track | check | plugins`.
+"""`trainguard run | demo | simulate | submit | track | cancel | recheck | check | plugins`.
 
 Exit statuses: 0 success; 1 a failure of the operation (FAL refused a submit, a finished
 training lacks a guaranteed field, a listener could not start); 2 bad configuration or bad
@@ -61,7 +61,7 @@ def _settings(args: argparse.Namespace) -> Settings:
     logs.configure(
         args.log_level or settings.log["level"],
         stream=sys.stderr if args.command != "run" else None,
-        secrets=[s for s in (settings.fal_key,) if s],
+        secrets=settings.secrets,
     )
     return settings
 
@@ -71,7 +71,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from daemon.supervisor import Daemon, StartError
 
     settings = _settings(args)
-    daemon = Daemon(settings, handle_signals=True)
+    daemon = Daemon(settings, handle_signals=True, config_path=args.config)
     log = logs.get_logger()
     log.info(
         "trainguard starting",
@@ -85,7 +85,9 @@ def cmd_run(args: argparse.Namespace) -> int:
     try:
         trio.run(daemon.run)
     except StartError as exc:
-        raise CliError(f"cannot start: {exc}") from exc
+        cause = exc.__cause__
+        bad_config = cause is not None and isinstance(_leaf(cause), ConfigError)
+        raise CliError(f"cannot start: {exc}", EXIT_CONFIG if bad_config else EXIT_FAILURE) from exc
     return 0
 
 
@@ -106,10 +108,12 @@ def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
 @asynccontextmanager
 async def _reconciler(settings: Settings) -> AsyncIterator[Reconciler]:
     from daemon.store import open_store
-    from plugins.manager import HookRunner, build_manager
+    from plugins.manager import HookRunner, build_manager, collect_layers, outbox_collector
 
+    pm = build_manager()
+    collect_layers(pm, settings)  # plugins learn the settings, as in the daemon
     async with open_store(settings.database["url"]) as store:
-        yield Reconciler(store, settings, hooks=HookRunner(build_manager()))
+        yield Reconciler(store, settings, hooks=HookRunner(pm), outbox=outbox_collector(pm))
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
@@ -164,6 +168,36 @@ def cmd_track(args: argparse.Namespace) -> int:
     except ConfigError:  # an unknown --type: a bad argument (exit 2), not a failed track
         raise
     except ValueError as exc:  # a malformed endpoint or request id; AlreadyTracked
+        raise CliError(str(exc)) from exc
+    _print_training(view, args.json)
+    return 0
+
+
+def cmd_cancel(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def cancel() -> TrainingView:
+        async with actions.fal_client(settings) as fal, _reconciler(settings) as reconciler:
+            return await actions.cancel(settings, fal, reconciler, args.request_id)
+
+    try:
+        view = _run(cancel)
+    except (actions.NotFound, actions.Conflict, actions.Unavailable) as exc:
+        raise CliError(str(exc)) from exc
+    _print_training(view, args.json)
+    return 0
+
+
+def cmd_recheck(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+
+    async def recheck() -> TrainingView:
+        async with _reconciler(settings) as reconciler:
+            return await actions.recheck(reconciler, args.request_id)
+
+    try:
+        view = _run(recheck)
+    except (actions.NotFound, actions.Conflict) as exc:
         raise CliError(str(exc)) from exc
     _print_training(view, args.json)
     return 0
@@ -312,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--type", required=True)
     p.add_argument("--name", required=True)
     p.add_argument("--trigger")
+    p.add_argument("--json", action="store_true")
+
+    p = add("cancel", cmd_cancel, "cancel a training at FAL (then CANCELLED through reconcile)")
+    p.add_argument("request_id")
+    p.add_argument("--json", action="store_true")
+
+    p = add("recheck", cmd_recheck, "have the running daemon check a training with FAL now")
+    p.add_argument("request_id")
     p.add_argument("--json", action="store_true")
 
     p = add("check", cmd_check, "list every training; exit 1 if a finished one lacks a field")

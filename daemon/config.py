@@ -235,6 +235,13 @@ class Settings:
     layers: Mapping[str, LayerSettings]
     source: str
     fal_key: str | None = field(default=None, repr=False)
+    admin_token: str | None = field(default=None, repr=False)
+    delivery_secret: str | None = field(default=None, repr=False)
+
+    @property
+    def secrets(self) -> list[str]:
+        """Every secret from the environment, for log redaction."""
+        return [s for s in (self.fal_key, self.admin_token, self.delivery_secret) if s]
 
     def layer(self, name: str) -> LayerSettings:
         """The settings of a layer; a layer not named in the file is enabled with no options."""
@@ -363,6 +370,8 @@ def parse(
         layers[name] = LayerSettings(name, enabled, options)
 
     key = env.get("FAL_KEY") or None
+    admin_token = env.get("TRAINGUARD_ADMIN_TOKEN") or None
+    delivery_secret = env.get("TRAINGUARD_DELIVERY_SECRET") or None
     return Settings(
         database=sections["database"],
         fal=sections["fal"],
@@ -377,6 +386,8 @@ def parse(
         layers=layers,
         source=source,
         fal_key=key,
+        admin_token=admin_token,
+        delivery_secret=delivery_secret,
     )
 
 

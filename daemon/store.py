@@ -389,6 +389,7 @@ class Store:
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(*args)`` in a durable transaction; return its value once committed."""
         if not self._writer_running:
+            await trio.lowlevel.checkpoint()  # during shutdown, let cancellation win
             raise StoreClosed("the store is not open for writing")
         item = _Write(fn, args, trio.Event())
         self._send.send_nowait(item)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import httpx
@@ -25,7 +25,8 @@ import pluggy
 import structlog
 import trio
 
-from daemon import http, logs
+from daemon import config, http, logs
+from daemon.admin import AdminApi, check_listen_allowed
 from daemon.clock import Clock
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, RateLimiter
@@ -34,7 +35,13 @@ from daemon.metrics import Metrics
 from daemon.reconcile import Reconciler
 from daemon.sdnotify import Notifier
 from daemon.store import Store, open_store
-from plugins.manager import HookRunner, LayerEntry, build_manager, collect_layers
+from plugins.manager import (
+    HookRunner,
+    LayerEntry,
+    build_manager,
+    collect_layers,
+    outbox_collector,
+)
 
 log = structlog.get_logger("trainguard.supervisor")
 
@@ -60,6 +67,8 @@ class RunningLayer:
     ctx: LayerContext
     heartbeat_timeout: float
     running: bool = False
+    scope: trio.CancelScope | None = None  # cancels this layer alone (a reload turning it off)
+    supervised: bool = False  # its supervisor task is alive (running, or waiting to restart)
 
 
 class Daemon:
@@ -74,8 +83,11 @@ class Daemon:
         notifier: Notifier | None = None,
         fal_transport: httpx.AsyncBaseTransport | None = None,
         handle_signals: bool = False,
+        config_path: str | None = None,
     ) -> None:
+        check_listen_allowed(settings.metrics["listen"], settings.admin_token)
         self.settings = settings
+        self.config_path = config_path
         self.pm = pm or build_manager()
         self.clock = clock or Clock()
         self.notifier = notifier or Notifier()
@@ -89,20 +101,21 @@ class Daemon:
         self.store: Store | None = None
         self.reconciler: Reconciler | None = None
         self.fal: FalClient | None = None
-        self._entries = self._select_layers()
+        self._nursery: trio.Nursery | None = None
+        self._all_entries = collect_layers(self.pm, self.settings)
+        for entry in self._all_entries:
+            self.metrics.add_layer(entry.layer.name)
+        self._entries = self._select_layers(self.settings)
 
-    def _select_layers(self) -> list[LayerEntry]:
-        entries = collect_layers(self.pm, self.settings)
-        offered = {e.layer.name for e in entries}
-        unknown = sorted(set(self.settings.layers) - offered)
+    def _select_layers(self, settings: Settings) -> list[LayerEntry]:
+        offered = {e.layer.name for e in self._all_entries}
+        unknown = sorted(set(settings.layers) - offered)
         if unknown:
             raise ConfigError(
                 f"layers.{unknown[0]}: no installed plugin offers a layer of that name "
                 f"(installed: {', '.join(sorted(offered))})"
             )
-        for entry in entries:
-            self.metrics.add_layer(entry.layer.name)
-        chosen = [e for e in entries if self.settings.layer(e.layer.name).enabled]
+        chosen = [e for e in self._all_entries if settings.layer(e.layer.name).enabled]
         return sorted(chosen, key=lambda e: getattr(e.layer, "order", 50))
 
     # -- the main task -------------------------------------------------------------------
@@ -118,7 +131,7 @@ class Daemon:
                 return
             # Opened before anything else, so that a signal during a long startup sweep is a
             # clean stop too (Python's default SIGTERM handling would kill us outright).
-            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
                 async with trio.open_nursery() as nursery:
                     nursery.start_soon(self._stop_on_signal, signals, nursery.cancel_scope)
                     await self._run(task_status)
@@ -151,9 +164,16 @@ class Daemon:
                     clock=self.clock,
                     metrics=self.metrics,
                     hooks=HookRunner(self.pm, self.metrics),
+                    outbox=outbox_collector(self.pm, self.metrics),
                 )
                 async with trio.open_nursery() as nursery:
-                    app = http.ops_app(self.metrics, ready=self.is_ready, healthy=self.is_healthy)
+                    self._nursery = nursery
+                    app = http.ops_app(
+                        self.metrics,
+                        ready=self.is_ready,
+                        healthy=self.is_healthy,
+                        extra=AdminApi(self, s.admin_token),
+                    )
                     try:
                         self.ops_address = await nursery.start(
                             http.serve_asgi, app, s.metrics["listen"]
@@ -206,6 +226,16 @@ class Daemon:
         task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
         """Run one layer; restart it alone, with backoff, whenever it crashes."""
+        running.supervised = True
+        try:
+            with trio.CancelScope() as running.scope:
+                await self._supervise_loop(running, task_status)
+        finally:
+            running.supervised = False
+
+    async def _supervise_loop(
+        self, running: RunningLayer, task_status: trio.TaskStatus[None]
+    ) -> None:
         layer: Layer = running.entry.layer
         name = layer.name
         backoff = RESTART_BACKOFF_FIRST
@@ -299,11 +329,86 @@ class Daemon:
 
     async def _stop_on_signal(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:
+            if signum == signal.SIGHUP:
+                await self.reload()
+                continue
             log.info("stopping", signal=signal.Signals(signum).name)
             self.ready = False  # /readyz answers 503 while we drain
             self.notifier.stopping()
             scope.cancel()
             return
+
+    # -- reload (SIGHUP) -----------------------------------------------------------------
+    async def reload(self) -> bool:
+        """Re-read the config file and apply it without a restart: timings, log level,
+        fallback policy and templates, layer switches. An invalid file is refused with a log
+        line and the running config is kept. What is bound at start (database, listeners,
+        the FAL client, secrets) keeps its running value; a change there is logged as
+        needing a restart."""
+        self.notifier.reloading()
+        try:
+            new = config.load(self.config_path)
+            self._select_layers(new)  # unknown layer names are refused here
+        except ConfigError as exc:
+            log.error(f"{logs.WARN} reload refused: the running config is kept", error=str(exc))
+            self.notifier.ready("reload refused; running config kept")
+            return False
+        old = self.settings
+        fixed = {
+            "database": old.database,
+            "fal": old.fal,
+            "webhook": old.webhook,
+            "metrics": old.metrics,
+            "artifacts": old.artifacts,
+            "delivery": old.delivery,
+        }
+        ignored = sorted(k for k, v in fixed.items() if getattr(new, k) != v)
+        new = replace(
+            new,
+            **fixed,
+            fal_key=old.fal_key,
+            admin_token=old.admin_token,
+            delivery_secret=old.delivery_secret,
+        )
+        self._apply(new)
+        logs.configure(new.log["level"], secrets=new.secrets)
+        await self._switch_layers()
+        log.info(
+            "config reloaded",
+            source=new.source,
+            needs_restart=ignored or None,
+            layers=sorted(n for n, r in self.layers.items() if r.running),
+        )
+        self.notifier.ready("reloaded")
+        return True
+
+    def _apply(self, settings: Settings) -> None:
+        self.settings = settings
+        if self.reconciler is not None:
+            self.reconciler.settings = settings
+        for running in self.layers.values():
+            running.ctx.settings = settings
+
+    async def _switch_layers(self) -> None:
+        """Stop the layers the config turned off, start the ones it turned on."""
+        wanted = {e.layer.name for e in self._select_layers(self.settings)}
+        for name, running in self.layers.items():
+            if name not in wanted and running.scope is not None:
+                log.info(f"{logs.tag_for(name)} layer turned off by reload", layer=name)
+                running.scope.cancel()
+        for entry in self._select_layers(self.settings):
+            current = self.layers.get(entry.layer.name)
+            if current is not None and (current.supervised or entry.layer.name == "startup"):
+                continue  # running already; the startup sweep runs only at start
+            assert self._nursery is not None
+            log.info(
+                f"{logs.tag_for(entry.layer.name)} layer turned on by reload",
+                layer=entry.layer.name,
+            )
+            try:
+                await self._start_layer(self._nursery, entry)
+            except LayerStartError as exc:
+                log.error(f"{logs.WARN} layer could not be started by reload", error=str(exc))
 
 
 class _Started:

@@ -146,8 +146,8 @@ async def test_result_fallback_upgrade_and_cancel_are_delivered_signed(
         await finish(daemon.reconciler, "saved", Kind.FAILED, Kind.SUCCEEDED)  # fallback, upgrade
         await finish(daemon.reconciler, "stopped", Kind.CANCELLED)
 
-        async def all_acked() -> bool:
-            return len(bot.acked()) == 4
+        async def all_acked() -> bool:  # the bot's 200s, and the daemon's record of them
+            return len(bot.acked()) == 4 and metric(daemon, "events_delivered_total") == 4
 
         await wait_for(all_acked, 5)
         rows = await outbox(daemon)
@@ -186,8 +186,8 @@ async def test_retries_keep_the_webhook_id_and_never_log_the_secret(
             assert daemon.reconciler is not None
             await finish(daemon.reconciler, "r1", Kind.SUCCEEDED)
 
-            async def acked() -> bool:
-                return bool(bot.acked())
+            async def acked() -> bool:  # the bot's 200, and the daemon's record of it
+                return bool(bot.acked()) and metric(daemon, "events_delivered_total") == 1
 
             await wait_for(acked, 5)
             (row,) = await outbox(daemon)

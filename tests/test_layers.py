@@ -10,7 +10,7 @@ import trio
 
 from daemon import actions
 from daemon.config import Settings
-from daemon.demo import compare_with_truth
+from daemon.demo import compare_with_truth, submit_until_accepted
 from daemon.reconcile import Reconciler
 from daemon.simulator import Simulator
 from daemon.store import TERMINAL, TrainingView, open_store
@@ -42,7 +42,7 @@ async def submit(
             f"u{i} person",
             {"sim_outcome": outcome},
         )
-        view = await actions.submit(
+        view = await submit_until_accepted(
             settings,
             fal,
             reconciler,

@@ -1,0 +1,238 @@
+"""The admin API on the metrics listener, and the CLI's cancel and recheck."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import trio
+
+from daemon.config import ConfigError
+from daemon.simulator import SimConfig, Simulator
+from daemon.supervisor import Daemon
+from plugins.manager import build_manager
+from tests.conftest import daemon_settings
+
+TOKEN = "admin-token-0123456789"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+async def start(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, **kw: Any
+) -> tuple[Daemon, str]:
+    settings = dataclasses.replace(
+        daemon_settings(tmp_path / "db.sqlite", sim, **kw), admin_token=TOKEN
+    )
+    daemon = Daemon(settings, pm=build_manager(entry_points=False))
+    await nursery.start(daemon.run)
+    assert daemon.ops_address is not None
+    host, port = daemon.ops_address
+    return daemon, f"http://{host}:{port}"
+
+
+async def submit(
+    client: httpx.AsyncClient, base: str, name: str, outcome: str = "ok"
+) -> dict[str, Any]:
+    reply = await client.post(
+        f"{base}/v1/trainings",
+        headers=AUTH,
+        json={
+            "type": "portrait",
+            "name": name,
+            "images_url": f"https://example.invalid/{name}.zip",
+            "trigger": f"{name} person",
+            "arguments": {"sim_outcome": outcome},
+        },
+    )
+    assert reply.status_code == 201, reply.text
+    return reply.json()
+
+
+async def test_token_is_required_and_openapi_is_public(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    _, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        assert (await client.get(f"{base}/v1/trainings")).status_code == 401
+        wrong = await client.get(f"{base}/v1/trainings", headers={"Authorization": "Bearer nope"})
+        assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer"
+        assert (await client.get(f"{base}/v1/trainings", headers=AUTH)).json() == {
+            "items": [],
+            "next_offset": None,
+        }
+        doc = (await client.get(f"{base}/openapi.json")).json()
+        assert (
+            doc["openapi"].startswith("3.") and "/v1/trainings/{request_id}/cancel" in doc["paths"]
+        )
+        assert (await client.get(f"{base}/metrics")).status_code == 200  # the ops routes stay open
+        assert (await client.get(f"{base}/v1/nothing", headers=AUTH)).status_code == 404
+        assert (await client.delete(f"{base}/v1/trainings", headers=AUTH)).status_code == 405
+
+
+async def test_non_loopback_listener_needs_a_token(tmp_path: Path, sim: Simulator) -> None:
+    settings = daemon_settings(
+        tmp_path / "db.sqlite", sim, extra={"metrics": {"listen": "0.0.0.0:9700"}}
+    )
+    with pytest.raises(ConfigError, match="TRAINGUARD_ADMIN_TOKEN"):
+        Daemon(settings, pm=build_manager(entry_points=False))
+    Daemon(dataclasses.replace(settings, admin_token=TOKEN), pm=build_manager(entry_points=False))
+
+
+async def test_submit_list_get_filter_and_page(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    _, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        made = [await submit(client, base, f"u{i}") for i in range(5)]
+        assert made[0]["status"] == "SUBMITTED" and made[0]["is_fallback"] is False
+        with trio.fail_after(10):
+            while True:
+                page = (
+                    await client.get(f"{base}/v1/trainings?status=COMPLETED", headers=AUTH)
+                ).json()
+                if len(page["items"]) == 5:
+                    break
+                await trio.sleep(0.1)
+        first = (await client.get(f"{base}/v1/trainings?limit=2", headers=AUTH)).json()
+        assert [t["name"] for t in first["items"]] == ["u0", "u1"] and first["next_offset"] == 2
+        last = (await client.get(f"{base}/v1/trainings?limit=2&offset=4", headers=AUTH)).json()
+        assert [t["name"] for t in last["items"]] == ["u4"] and last["next_offset"] is None
+        by_name = (await client.get(f"{base}/v1/trainings?name=u3", headers=AUTH)).json()
+        assert [t["request_id"] for t in by_name["items"]] == [made[3]["request_id"]]
+        one = (
+            await client.get(f"{base}/v1/trainings/{made[1]['request_id']}", headers=AUTH)
+        ).json()
+        assert one["status"] == "COMPLETED" and one["result_layer"] == "webhook"
+        assert [e["kind"] for e in one["events"]] == ["registered", "result"]
+        for bad in ("status=DONE", "limit=0", "limit=x", "nope=1"):
+            assert (await client.get(f"{base}/v1/trainings?{bad}", headers=AUTH)).status_code == 400
+        assert (await client.get(f"{base}/v1/trainings/unknown", headers=AUTH)).status_code == 404
+        for body in (
+            b"{",
+            b"[]",
+            json.dumps({"type": "nope", "name": "x", "images_url": "u"}).encode(),
+        ):
+            reply = await client.post(f"{base}/v1/trainings", headers=AUTH, content=body)
+            assert reply.status_code == 400, body
+
+
+async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> None:
+    sim = Simulator(SimConfig(queue_seconds=0.2, run_seconds=30.0, seed=2))  # long enough to cancel
+    await nursery.start(sim.serve)
+    daemon, base = await start(nursery, tmp_path, sim, only=("webhook", "poller"))
+    async with httpx.AsyncClient() as client:
+        running = await submit(client, base, "ann")
+        rid = running["request_id"]
+        recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+        assert recheck.status_code == 202
+        cancelled = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        assert cancelled.status_code == 200, cancelled.text
+        assert cancelled.json()["status"] == "CANCELLED"
+        assert sim.truth[rid].outcome == "cancelled"
+        again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        assert again.status_code == 409
+        assert (
+            await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+        ).status_code == 409
+        assert (
+            await client.post(f"{base}/v1/trainings/nope/cancel", headers=AUTH)
+        ).status_code == 404
+
+        # a request submitted elsewhere, adopted through the API
+        async with httpx.AsyncClient(headers={"Authorization": "Key k"}) as fal:
+            elsewhere = (
+                await fal.post(
+                    f"{sim.base_url}/fal-ai/flux-lora-portrait-trainer",
+                    json={"images_data_url": "u"},
+                )
+            ).json()
+        body = {"request_id": elsewhere["request_id"], "type": "portrait", "name": "bob"}
+        tracked = await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=body)
+        assert tracked.status_code == 201 and tracked.json()["name"] == "bob"
+        assert (
+            await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=body)
+        ).status_code == 409
+    events = [e["kind"] for e in await daemon.store.events(rid)]  # type: ignore[union-attr]
+    assert events[0] == "registered" and "recheck" in events and events[-1] == "cancelled"
+
+
+async def test_cli_cancel_and_recheck(nursery: trio.Nursery, tmp_path: Path) -> None:
+    sim = Simulator(SimConfig(queue_seconds=0.2, run_seconds=30.0, seed=4))
+    await nursery.start(sim.serve)
+    settings = daemon_settings(tmp_path / "db.sqlite", sim)
+    config = tmp_path / "config.toml"
+    config.write_text(
+        f'[database]\nurl = "{settings.database["url"]}"\n[fal]\nqueue_url = "{sim.base_url}"\n',
+        encoding="utf-8",
+    )
+    env = {"FAL_KEY": "k", "PATH": "/usr/bin:/bin"}
+
+    async def cli(*args: str) -> trio.CompletedProcess[bytes]:
+        return await trio.run_process(
+            [sys.executable, "-m", "daemon", *args, "--config", str(config)],
+            capture_stdout=True,
+            capture_stderr=True,
+            check=False,
+            env=env,
+            cwd=tmp_path,
+        )
+
+    sub = await cli(
+        "submit", "--type", "portrait", "--name", "ann", "--images-url", "https://x/a.zip"
+    )
+    assert sub.returncode == 0, sub.stderr
+    rid = sub.stdout.decode().strip()
+    rechecked = await cli("recheck", rid, "--json")
+    assert rechecked.returncode == 0 and json.loads(rechecked.stdout)["request_id"] == rid
+    cancelled = await cli("cancel", rid, "--json")
+    assert cancelled.returncode == 0, cancelled.stderr
+    assert json.loads(cancelled.stdout)["status"] == "CANCELLED"
+    again = await cli("cancel", rid)
+    assert (
+        again.returncode == 1
+        and b"already CANCELLED" in again.stderr
+        and b"Traceback" not in again.stderr
+    )
+    missing = await cli("recheck", "nope")
+    assert missing.returncode == 1 and b"no training" in missing.stderr
+
+
+@pytest.mark.skipif(
+    shutil.which("schemathesis", path=str(Path(sys.executable).parent)) is None,
+    reason="schemathesis not installed",
+)
+async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    _, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        await submit(client, base, "seed")  # something to list and fetch
+    result = await trio.run_process(
+        [
+            str(Path(sys.executable).parent / "schemathesis"),
+            "run",
+            f"{base}/openapi.json",
+            "--checks",
+            "not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance",
+            "--header",
+            f"Authorization: Bearer {TOKEN}",
+            "--max-examples",
+            "25",
+            "--seed",
+            "1",
+            "--no-color",
+        ],
+        capture_stdout=True,
+        capture_stderr=True,
+        check=False,
+        cwd=tmp_path,
+    )
+    output = result.stdout.decode() + result.stderr.decode()
+    assert result.returncode == 0, output[-4000:]
+    assert "6 passed" in output or "6 operations" in output, output[-2000:]  # every route was tested
