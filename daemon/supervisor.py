@@ -17,7 +17,7 @@ from __future__ import annotations
 import random
 import signal
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import httpx
@@ -50,6 +50,7 @@ RESTART_BACKOFF_CAP = 60.0
 #: A layer that stayed up this long before crashing is restarted with the first delay again.
 RESTART_STABLE_SECONDS = 60.0
 GAUGE_INTERVAL_SECONDS = 5.0
+RELOAD_STOP_SECONDS = 10.0  # how long a reload waits for a layer it turned off to stop
 DEFAULT_HEARTBEAT_TIMEOUT = 300.0  # a sweep beats after every training it handles
 
 
@@ -69,6 +70,7 @@ class RunningLayer:
     running: bool = False
     scope: trio.CancelScope | None = None  # cancels this layer alone (a reload turning it off)
     supervised: bool = False  # its supervisor task is alive (running, or waiting to restart)
+    stopped: trio.Event = field(default_factory=trio.Event)  # set when the supervisor ends
 
 
 class Daemon:
@@ -232,6 +234,7 @@ class Daemon:
                 await self._supervise_loop(running, task_status)
         finally:
             running.supervised = False
+            running.stopped.set()
 
     async def _supervise_loop(
         self, running: RunningLayer, task_status: trio.TaskStatus[None]
@@ -393,9 +396,11 @@ class Daemon:
         """Stop the layers the config turned off, start the ones it turned on."""
         wanted = {e.layer.name for e in self._select_layers(self.settings)}
         for name, running in self.layers.items():
-            if name not in wanted and running.scope is not None:
+            if name not in wanted and running.supervised and running.scope is not None:
                 log.info(f"{logs.tag_for(name)} layer turned off by reload", layer=name)
                 running.scope.cancel()
+                with trio.move_on_after(RELOAD_STOP_SECONDS):
+                    await running.stopped.wait()
         for entry in self._select_layers(self.settings):
             current = self.layers.get(entry.layer.name)
             if current is not None and (current.supervised or entry.layer.name == "startup"):
