@@ -29,6 +29,7 @@ BUILTIN_MODULES = (
     "layers.delayed",
     "layers.completeness",
     "layers.emergency",
+    "plugins.artifacts",
     "plugins.delivery",
 )
 
