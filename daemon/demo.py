@@ -5,7 +5,8 @@ on a temporary SQLite database with compressed timings, so that killing it with 
 mid-way is a real crash. A few dozen trainings are submitted, with webhooks dropped,
 duplicated and badly signed, API errors, one failed training, one result without its LoRA
 and one training that never finishes. At the end every training is compared with the
-simulator's own record of the truth, and a table and a verdict line are printed.
+simulator's own record of the truth, every webhook delivery attempt with the daemon's stored
+receipts, and a table and a verdict line are printed.
 
 The pieces (``DaemonProcess``, ``demo_config``, ``compare_with_truth``) are reused by the
 end-to-end tests.
@@ -14,6 +15,7 @@ end-to-end tests.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import signal
@@ -33,8 +35,17 @@ from daemon import actions, config
 from daemon.fal import FalRequestError
 from daemon.fal import Kind as FalKind
 from daemon.reconcile import Reconciler
-from daemon.simulator import Faults, SimConfig, Simulator, Truth
-from daemon.store import TERMINAL, Event, Store, Training, TrainingView, open_store
+from daemon.signing import HEADER_SIGNATURE
+from daemon.simulator import Delivery, Faults, SimConfig, Simulator, Truth
+from daemon.store import (
+    TERMINAL,
+    Event,
+    Store,
+    Training,
+    TrainingView,
+    WebhookReceipt,
+    open_store,
+)
 
 DEMO_KEY = "demo-key-not-secret"
 TYPES = ("portrait", "fast", "style")
@@ -54,9 +65,31 @@ def demo_config(
     metrics_port: int,
     deadline_seconds: float = 20.0,
     layers: Mapping[str, Mapping[str, Any]] | None = None,
+    tables: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> str:
-    """A config.toml for a daemon against ``sim`` with timings compressed ~30x."""
-    tables: dict[str, dict[str, Any]] = {
+    """A config.toml for a daemon against ``sim`` with timings compressed ~30x.
+
+    ``layers`` overrides options of ``[layers.NAME]``, ``tables`` those of the top-level
+    tables (``fal``, ``webhook``, ...).
+    """
+    top: dict[str, dict[str, Any]] = {
+        "database": {"url": f"sqlite:///{workdir / 'trainguard.db'}"},
+        "fal": {
+            "queue_url": sim.base_url,
+            "jwks_url": sim.jwks_url,
+            "max_requests_per_second": 500.0,
+            "timeout_seconds": 3.0,
+        },
+        "webhook": {
+            "listen": f"127.0.0.1:{webhook_port}",
+            "public_url": f"http://127.0.0.1:{webhook_port}/fal/webhook",
+            "jwks_cache_seconds": 30.0,
+        },
+        "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+    }
+    for name, values in (tables or {}).items():
+        top.setdefault(name, {}).update(values)
+    layer_tables: dict[str, dict[str, Any]] = {
         "poller": {
             "first_check_after_seconds": 2.0,
             "interval_seconds": 2.0,
@@ -67,24 +100,12 @@ def demo_config(
         "emergency": {"deadline_seconds": deadline_seconds},
     }
     for name, values in (layers or {}).items():
-        tables.setdefault(name, {}).update(values)
-    lines = [
-        "[database]",
-        f'url = "sqlite:///{workdir / "trainguard.db"}"',
-        "[fal]",
-        f'queue_url = "{sim.base_url}"',
-        f'jwks_url = "{sim.jwks_url}"',
-        "max_requests_per_second = 500.0",
-        "timeout_seconds = 3.0",
-        "[webhook]",
-        f'listen = "127.0.0.1:{webhook_port}"',
-        f'public_url = "http://127.0.0.1:{webhook_port}/fal/webhook"',
-        "jwks_cache_seconds = 30.0",
-        "[metrics]",
-        f'listen = "127.0.0.1:{metrics_port}"',
-    ]
-    for name, values in tables.items():
-        lines.append(f"[layers.{name}]")
+        layer_tables.setdefault(name, {}).update(values)
+    sections = list(top.items())
+    sections += [(f"layers.{name}", values) for name, values in layer_tables.items()]
+    lines = []
+    for name, values in sections:
+        lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
     path = workdir / "config.toml"
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
@@ -178,6 +199,86 @@ def judge(view: TrainingView | None, truth: Truth) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class StoredReceipt:
+    """A row of ``webhook_receipts``, reduced to what the audit compares."""
+
+    signature: str
+    """The ``X-Fal-Webhook-Signature`` header it arrived with ("" if none)."""
+    body_sha256: str
+    verification: str
+    processed: bool
+    outcome: str | None
+
+    @property
+    def key(self) -> tuple[str, str]:
+        return self.signature, self.body_sha256
+
+
+@dataclass
+class WebhookAudit:
+    """Every delivery attempt the simulator made, checked against the daemon's receipts."""
+
+    deliveries: Counter[str]
+    """Attempts by signature, answer and the receipt they map to, e.g. "good signature,
+    HTTP 200 -> verified: result" (the receipt's verification and what applying it did)."""
+    dropped: int
+    """Webhooks the simulator never sent (the drop fault)."""
+    gave_up: int
+    """Webhooks the simulator stopped retrying without a 2xx."""
+    problems: list[str]
+
+
+def _label(delivery: Delivery, receipt: StoredReceipt | None) -> str:
+    answer = "no answer" if delivery.status is None else f"HTTP {delivery.status}"
+    if receipt is None:
+        stored = "not stored"
+    else:
+        stored = (
+            f"{receipt.verification}: {receipt.outcome if receipt.processed else 'not applied'}"
+        )
+    return f"{delivery.signature} signature, {answer} -> {stored}"
+
+
+def audit_webhooks(
+    deliveries: Sequence[Delivery], receipts: Sequence[StoredReceipt], truths: Sequence[Truth]
+) -> WebhookAudit:
+    """Each correctly signed delivery answered 2xx must be stored, verified and applied;
+    no badly signed one may be answered 2xx, unless it was stored unverified (202, the keys
+    unreachable) and rejected once the keys were back."""
+    stored: dict[tuple[str, str], list[StoredReceipt]] = {}
+    for receipt in receipts:
+        stored.setdefault(receipt.key, []).append(receipt)
+    problems: list[str] = []
+    labels: Counter[str] = Counter()
+    for d in deliveries:
+        matches = stored.get((d.signature_header, d.body_sha256), [])
+        kept = [r for r in matches if r.verification != "rejected"]
+        labels[_label(d, (kept or matches or [None])[0])] += 1
+        if d.signature == "bad":
+            rejected_later = d.status == 202 and bool(matches) and not kept
+            if d.acked and not rejected_later:
+                problems.append(f"{d.request_id}: a badly signed webhook was answered {d.status}")
+            problems += [
+                f"{d.request_id}: a badly signed webhook stored as {r.verification}" for r in kept
+            ]
+        elif d.acked:
+            if not kept:
+                problems.append(f"{d.request_id}: a webhook answered {d.status} was not kept")
+            problems += [
+                f"{d.request_id}: an acknowledged webhook is {r.verification}, "
+                f"{'applied' if r.processed else 'not applied'}"
+                for r in kept
+                if r.verification != "verified" or not r.processed
+            ]
+    return WebhookAudit(
+        deliveries=labels,
+        dropped=sum(1 for t in truths if t.webhook_dropped),
+        gave_up=sum(1 for t in truths if t.webhook_gave_up),
+        problems=problems,
+    )
+
+
 @dataclass
 class Report:
     rows: list[tuple[TrainingView | None, Truth, str | None]]
@@ -186,11 +287,26 @@ class Report:
     upgrades_by_layer: Counter[str]
     double_transitions: list[str]
     restarts: int = 0
+    fallbacks_on_real: list[str] = field(default_factory=list)
+    """Request ids whose history shows a fallback although FAL had a real result and said
+    so in the webhook too (outcome "ok"), even if it was upgraded later."""
+    unmarked_fallbacks: list[str] = field(default_factory=list)
+    """Request ids whose history shows a fallback without its layer or reason."""
+    webhooks: WebhookAudit | None = None
 
     @property
     def problems(self) -> list[str]:
         out = [f"{t.request_id}: {p}" for _, t, p in self.rows if p]
         out += [f"{rid}: a transition applied twice" for rid in self.double_transitions]
+        out += [
+            f"{rid}: a fallback was applied although FAL had a real result"
+            for rid in self.fallbacks_on_real
+        ]
+        out += [
+            f"{rid}: a fallback without its layer and reason" for rid in self.unmarked_fallbacks
+        ]
+        if self.webhooks is not None:
+            out += self.webhooks.problems
         return out
 
     def table(self) -> str:
@@ -210,7 +326,13 @@ class Report:
                 f"{fallback:<28} {'yes' if problem is None else 'NO: ' + problem}"
             )
         lines.append("")
-        lines.append(f"{'layer':<14} {'recovered':>9} {'fallbacks':>9} {'upgrades':>8}")
+        lines.append(self._layers_table())
+        if self.webhooks is not None:
+            lines += ["", self._webhooks_table(self.webhooks)]
+        return "\n".join(lines)
+
+    def _layers_table(self) -> str:
+        lines = [f"{'layer':<14} {'recovered':>9} {'fallbacks':>9} {'upgrades':>8}"]
         layers = sorted(
             set(self.results_by_layer) | set(self.fallbacks_by_layer) | set(self.upgrades_by_layer)
         )
@@ -221,13 +343,49 @@ class Report:
             )
         return "\n".join(lines)
 
+    @staticmethod
+    def _webhooks_table(audit: WebhookAudit) -> str:
+        width = max([30, *map(len, audit.deliveries)])
+        lines = [f"{'webhook delivery attempts':<{width}} {'count':>9}"]
+        lines += [f"{k:<{width}} {n:>9}" for k, n in sorted(audit.deliveries.items())]
+        lines += [
+            f"{'never sent (dropped)':<{width}} {audit.dropped:>9}",
+            f"{'given up by the sender':<{width}} {audit.gave_up:>9}",
+        ]
+        return "\n".join(lines)
+
+    def summary(self) -> str:
+        """Aggregates for runs too large for one line per training: final states against
+        FAL's truth, results and fallbacks per layer, webhooks by outcome, restarts."""
+        states: Counter[tuple[str, str]] = Counter()
+        for view, truth, _ in self.rows:
+            if view is None:
+                state = "not in the store"
+            elif view.is_fallback:
+                state = f"{view.status}, fallback {view.fallback_kind}"
+            elif view.status == "COMPLETED":
+                state = f"COMPLETED, real result by {view.result_layer}"
+            else:
+                state = view.status
+            states[(truth.outcome, state)] += 1
+        lines = [f"{'FAL truth':<10} {'final state':<44} {'trainings':>9}"]
+        lines += [f"{o:<10} {s:<44} {n:>9}" for (o, s), n in sorted(states.items())]
+        lines += ["", self._layers_table()]
+        if self.webhooks is not None:
+            lines += ["", self._webhooks_table(self.webhooks)]
+        lines += ["", f"daemon restarts: {self.restarts}"]
+        return "\n".join(lines)
+
     def verdict(self) -> str:
         total = len(self.rows)
         finished = sum(1 for v, _, _ in self.rows if v is not None and v.status in TERMINAL)
-        wrong_fallbacks = sum(
-            1
-            for v, t, _ in self.rows
-            if t.outcome in REAL_OUTCOMES and v is not None and v.is_fallback
+        wrong_fallbacks = len(
+            {
+                t.request_id
+                for v, t, _ in self.rows
+                if t.outcome in REAL_OUTCOMES and v is not None and v.is_fallback
+            }
+            | set(self.fallbacks_on_real)
         )
         real = sum(1 for _, t, p in self.rows if t.outcome in REAL_OUTCOMES and p is None)
         word = "PASS" if not self.problems else "FAIL"
@@ -235,38 +393,98 @@ class Report:
             f"verdict: {word}: {finished}/{total} trainings accounted for; "
             f"{real}/{sum(1 for _, t, _ in self.rows if t.outcome in REAL_OUTCOMES)} real results stored as FAL gave them; "
             f"{wrong_fallbacks} fallbacks where a real result existed; "
-            f"{len(self.double_transitions)} transitions applied twice; daemon restarts: {self.restarts}"
+            f"{len(self.double_transitions)} transitions applied twice; "
+            + (
+                ""
+                if self.webhooks is None
+                else f"{len(self.webhooks.problems)} webhook deliveries mishandled; "
+            )
+            + f"daemon restarts: {self.restarts}"
         )
 
 
-def _history() -> tuple[Counter[str], Counter[str], Counter[str], list[str]]:
-    results: Counter[str] = Counter()
-    fallbacks: Counter[str] = Counter()
-    upgrades: Counter[str] = Counter()
+@dataclass
+class _History:
+    results: Counter[str] = field(default_factory=Counter)
+    fallbacks: Counter[str] = field(default_factory=Counter)
+    upgrades: Counter[str] = field(default_factory=Counter)
+    doubles: list[str] = field(default_factory=list)
+    fallback_events: dict[str, list[tuple[str, str | None]]] = field(default_factory=dict)
+    """Per request id, every fallback applied: (layer, reason)."""
+
+
+def _history() -> _History:
+    history = _History()
     seen: Counter[tuple[str, str, str | None]] = Counter()
     for event in Event.select().order_by(Event.id):
         if event.kind == "result":
-            results[event.layer] += 1
+            history.results[event.layer] += 1
         elif event.kind == "fallback":
-            fallbacks[event.layer] += 1
+            history.fallbacks[event.layer] += 1
+            reason = json.loads(event.detail).get("reason") if event.detail else None
+            history.fallback_events.setdefault(event.request_id, []).append((event.layer, reason))
         elif event.kind == "upgrade":
-            upgrades[event.layer] += 1
+            history.upgrades[event.layer] += 1
         if event.kind in ("result", "fallback", "status", "cancelled"):
             seen[(event.request_id, event.kind, event.to_status)] += 1
-    doubles = sorted({rid for (rid, _, _), n in seen.items() if n > 1})
-    return results, fallbacks, upgrades, doubles
+    history.doubles = sorted({rid for (rid, _, _), n in seen.items() if n > 1})
+    return history
 
 
-async def compare_with_truth(store: Store, truths: Sequence[Truth]) -> Report:
-    """Judge every training in the store against the simulator's truth."""
+def _fallbacks_on_real(history: _History, truths: Sequence[Truth]) -> list[str]:
+    # Not payload_error: its webhook carries no output, so a fallback applied on it is
+    # expected, and judge() requires that it was upgraded by the end.
+    real = {t.request_id for t in truths if t.outcome == "ok"}
+    return sorted(real & set(history.fallback_events))
 
-    def read() -> tuple[dict[str, TrainingView], tuple[Any, ...]]:
+
+def _unmarked_fallbacks(history: _History) -> list[str]:
+    return sorted(
+        rid
+        for rid, applied in history.fallback_events.items()
+        if any(not layer or not reason for layer, reason in applied)
+    )
+
+
+def _receipts() -> list[StoredReceipt]:
+    out = []
+    for r in WebhookReceipt.select().order_by(WebhookReceipt.id):
+        headers = {k.lower(): v for k, v in json.loads(r.headers_json).items()}
+        out.append(
+            StoredReceipt(
+                signature=headers.get(HEADER_SIGNATURE.lower(), ""),
+                body_sha256=hashlib.sha256(bytes(r.body)).hexdigest(),
+                verification=r.verification,
+                processed=r.processed_at is not None,
+                outcome=r.outcome,
+            )
+        )
+    return out
+
+
+async def compare_with_truth(
+    store: Store, truths: Sequence[Truth], deliveries: Sequence[Delivery] | None = None
+) -> Report:
+    """Judge every training in the store against the simulator's truth, its event history
+    against the fallback rules and, given the simulator's delivery log, every webhook
+    against the stored receipts."""
+
+    def read() -> tuple[dict[str, TrainingView], _History, list[StoredReceipt]]:
         views = {t.request_id: TrainingView.of(t) for t in Training.select()}
-        return views, _history()
+        return views, _history(), _receipts() if deliveries is not None else []
 
-    views, (results, fallbacks, upgrades, doubles) = await store.read(read)
+    views, history, receipts = await store.read(read)
     rows = [(views.get(t.request_id), t, judge(views.get(t.request_id), t)) for t in truths]
-    return Report(rows, results, fallbacks, upgrades, doubles)
+    return Report(
+        rows,
+        history.results,
+        history.fallbacks,
+        history.upgrades,
+        history.doubles,
+        fallbacks_on_real=_fallbacks_on_real(history, truths),
+        unmarked_fallbacks=_unmarked_fallbacks(history),
+        webhooks=None if deliveries is None else audit_webhooks(deliveries, receipts, truths),
+    )
 
 
 async def submit_until_accepted(
@@ -371,7 +589,7 @@ async def run_demo(
             say(f"daemon stopped with SIGTERM (exit status {status})")
         nursery.cancel_scope.cancel()
     async with open_store(settings.database["url"]) as store:
-        report = await compare_with_truth(store, list(sim.truth.values()))
+        report = await compare_with_truth(store, list(sim.truth.values()), sim.deliveries)
     report.restarts = daemon.starts - 1
     return report
 

@@ -24,6 +24,10 @@ is silent the simulator picks one plausible behaviour and says so here:
 
 Time is ``trio.current_time()`` read lazily on every request, so no task runs per training
 except the webhook sender; ``Truth.completed_at`` is on that clock too.
+
+Every webhook delivery attempt is logged in ``Simulator.deliveries`` (request id, good or bad
+signature, the signature header and body hash as sent, and the receiver's HTTP status or the
+transport error), so a test can check the receiver's own records against what was sent.
 """
 
 from __future__ import annotations
@@ -232,6 +236,28 @@ class Truth:
 
 
 @dataclass(frozen=True)
+class Delivery:
+    """One webhook delivery attempt, as the sender saw it."""
+
+    request_id: str
+    signature: str
+    """"good", or "bad" when the attempt was signed over different bytes."""
+    signature_header: str
+    """The ``X-Fal-Webhook-Signature`` value sent (hex)."""
+    body_sha256: str
+    """Hex SHA-256 of the raw body sent."""
+    status: int | None
+    """The receiver's HTTP status; None when the attempt failed in transport."""
+    error: str | None = None
+    """The transport error (``repr``) when there was no HTTP answer."""
+
+    @property
+    def acked(self) -> bool:
+        """The receiver answered 2xx."""
+        return self.status is not None and 200 <= self.status < 300
+
+
+@dataclass(frozen=True)
 class _Trainer:
     output: str  # "lora" or "finetune"
     required_field: str | None
@@ -307,6 +333,11 @@ class Simulator:
         self.stats: Counter[tuple[str, int]] = Counter()
         """Answers by (route, status code); routes: submit, status, result, cancel, files,
         jwks, unknown."""
+        self.hangs: Counter[str] = Counter()
+        """Queue calls held ``api_timeout_seconds`` before answering (the timeout fault), by
+        route."""
+        self.deliveries: list[Delivery] = []
+        """Every webhook delivery attempt that ended, in the order they ended."""
         self.private_key, jwk = signing.generate_keypair()
         self.jwks: list[dict[str, str]] = [jwk]
         self._trainings: dict[str, _Training] = {}
@@ -421,7 +452,7 @@ class Simulator:
         else:
             return "unknown", _json_reply(404, {"detail": "Not Found"})
 
-        fault = await self._api_fault()
+        fault = await self._api_fault(route)
         if fault is not None:
             return route, fault
         if not _authorized(scope):
@@ -442,12 +473,13 @@ class Simulator:
             return route, self._result(training, now)
         return route, self._cancel(training, now)
 
-    async def _api_fault(self) -> _Reply | None:
+    async def _api_fault(self, route: str) -> _Reply | None:
         """An injected infrastructure failure for this queue call, if any."""
         faults = self.faults
         if faults.api_down:
             return _fal_error(503, "runner_scheduling_failure", "Service temporarily unavailable")
         if self._api_rng.random() < faults.api_timeout_rate:
+            self.hangs[route] += 1
             await trio.sleep(faults.api_timeout_seconds)
         if self._api_rng.random() < faults.api_error_rate:
             return _fal_error(*self._api_rng.choice(_API_ERRORS))
@@ -779,11 +811,20 @@ class Simulator:
         headers["Content-Type"] = "application/json"
         truth.webhook_attempts += 1
         truth.webhook_signatures.append("bad" if bad else "good")
+        record = partial(
+            Delivery,
+            truth.request_id,
+            "bad" if bad else "good",
+            headers[signing.HEADER_SIGNATURE],
+            hashlib.sha256(body).hexdigest(),
+        )
         try:
             response = await self._client.post(truth.webhook_url, content=body, headers=headers)
         except httpx.HTTPError as exc:
+            self.deliveries.append(record(None, repr(exc)))
             logger.info("webhook for %s failed: %r", truth.request_id, exc)
             return False
+        self.deliveries.append(record(response.status_code))
         if not response.is_success:
             logger.info("webhook for %s answered %d", truth.request_id, response.status_code)
             return False
