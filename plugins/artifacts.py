@@ -20,8 +20,8 @@ logged.
 The database is the schedule: the ``trainguard_training_finished`` hook only wakes the layer
 early, so a restart loses nothing. ``[layers.artifacts] enabled = false`` keeps the layer from
 starting, like any layer; ``[artifacts] enabled = false`` lets it start, say so, and end at
-once: either switch turns the artifact store off. Options of ``[layers.artifacts]``: see
-:class:`Options`.
+once: either switch turns the artifact store off. The options of ``[layers.artifacts]`` (see
+:class:`Options`) are read every pass, so a reload applies them.
 """
 
 from __future__ import annotations
@@ -316,17 +316,16 @@ class ArtifactsLayer:
         self._wake.set()
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        options = Options.parse(ctx.options)  # before started(): bad options stop the daemon
-        store = ctx.settings.artifacts
-        if not store["enabled"]:
+        Options.parse(ctx.options)  # before started(): bad options stop the daemon
+        settings = ctx.settings.artifacts  # read at start: a reload leaves [artifacts] as is
+        if not settings["enabled"]:
             task_status.started()
             ctx.log.info("artifact store off ([artifacts] enabled = false): nothing downloaded")
             return
-        root = await trio.to_thread.run_sync(_make_root, store["dir"])
+        root = await trio.to_thread.run_sync(_make_root, settings["dir"])
         async with httpx.AsyncClient(
-            timeout=float(store["timeout_seconds"]),
+            timeout=float(settings["timeout_seconds"]),
             follow_redirects=True,
-            limits=httpx.Limits(max_connections=options.concurrency),
             headers={"User-Agent": "trainguard"},
         ) as client:
             _RUNNING.add(self)
@@ -334,6 +333,7 @@ class ArtifactsLayer:
                 task_status.started()
                 while True:
                     self._wake = trio.Event()
+                    options = Options.parse(ctx.options)  # a reload (SIGHUP) may change them
                     await self._pass(ctx, client, root, options)
                     ctx.passed()
                     await self._idle(ctx, options.interval_seconds)
