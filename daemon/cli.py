@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 import time
@@ -213,7 +214,40 @@ async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, A
 
     async with open_store(settings.database["url"]) as store:
         where = (Training.status == status,) if status else ()
-        return [view_as_dict(v) for v in await store.trainings(*where)]
+        views = await store.trainings(*where)
+        files = await store.read(_artifacts_by_request)
+    return [{**view_as_dict(v), "artifacts": files.get(v.request_id, [])} for v in views]
+
+
+def _artifacts_by_request() -> dict[str, list[dict[str, Any]]]:
+    """The artifact store's rows by request (on the database thread): whether each file is
+    on our disk, with its sha256; ``given_up``: the download will not be tried again."""
+    from daemon.store import Artifact
+
+    files: dict[str, list[dict[str, Any]]] = {}
+    for a in Artifact.select().order_by(Artifact.request_id, Artifact.kind.desc()):
+        files.setdefault(a.request_id, []).append(
+            {
+                "kind": a.kind,
+                "stored": a.stored_at is not None,
+                "sha256": a.sha256,
+                "size": a.size,
+                "path": a.path,
+                "last_error": a.last_error,
+                "given_up": a.stored_at is None and math.isinf(a.next_attempt_at),
+            }
+        )
+    return files
+
+
+def _files(artifacts: Sequence[dict[str, Any]]) -> str:
+    """Per file ``KIND:STATE``: the sha256 prefix once stored, else ``pending`` (being
+    retried) or ``failed`` (given up); ``-`` for a training without files."""
+    cells = []
+    for a in artifacts:
+        state = a["sha256"][:12] if a["stored"] else "failed" if a["given_up"] else "pending"
+        cells.append(f"{a['kind']}:{state}")
+    return " ".join(cells) or "-"
 
 
 def _age(iso: str | None) -> str:
@@ -229,7 +263,18 @@ def _age(iso: str | None) -> str:
 
 
 def render_table(rows: Sequence[dict[str, Any]]) -> str:
-    headers = ("NAME", "TYPE", "STATUS", "PROG", "TRIGGER", "RESULT", "FALLBACK", "BY", "AGE")
+    headers = (
+        "NAME",
+        "TYPE",
+        "STATUS",
+        "PROG",
+        "TRIGGER",
+        "RESULT",
+        "FALLBACK",
+        "BY",
+        "FILES",
+        "AGE",
+    )
     lines = []
     for r in rows:
         result = r["lora_url"] or r["finetune_id"] or "-"
@@ -247,6 +292,7 @@ def render_table(rows: Sequence[dict[str, Any]]) -> str:
                 result,
                 fallback,
                 r["result_layer"] or "-",
+                _files(r["artifacts"]),
                 _age(r["submitted_at"]),
             )
         )

@@ -86,6 +86,7 @@ def demo_config(
             "jwks_cache_seconds": 30.0,
         },
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
+        "artifacts": {"dir": str(workdir / "artifacts")},
     }
     for name, values in (tables or {}).items():
         top.setdefault(name, {}).update(values)

@@ -82,7 +82,7 @@ def daemon_settings(
     for name, values in (layers or {}).items():
         tables.setdefault(name, {}).update(values)
     if only is not None:
-        for name in config.BUILTIN_LAYERS:
+        for name in (*config.BUILTIN_LAYERS, "artifacts"):
             tables.setdefault(name, {})["enabled"] = name in only
     data: dict[str, Any] = {
         "database": {"url": f"sqlite:///{db_path}"},
@@ -97,6 +97,7 @@ def daemon_settings(
             "public_url": f"http://127.0.0.1:{port}/fal/webhook",
         },
         "metrics": {"listen": "127.0.0.1:0"},
+        "artifacts": {"dir": str(db_path.parent / "artifacts")},  # never ./var/artifacts
         "layers": tables,
     }
     for table, values in (extra or {}).items():

@@ -22,7 +22,7 @@ import trio
 from structlog.testing import capture_logs
 
 from daemon import supervisor
-from daemon.config import BUILTIN_LAYERS, ConfigError, Settings
+from daemon.config import ConfigError, Settings
 from daemon.layer import LayerContext
 from daemon.logs import WARN
 from daemon.metrics import Metrics
@@ -30,7 +30,6 @@ from daemon.simulator import SimConfig, Simulator
 from daemon.supervisor import Daemon, LayerStartError
 from plugins.hookspecs import hookimpl
 from plugins.manager import (
-    BUILTIN_MODULES,
     HookRunner,
     PluginError,
     build_manager,
@@ -39,6 +38,17 @@ from plugins.manager import (
 from tests.conftest import daemon_settings
 from tests.test_layers import finished, submit, wait_for
 
+#: The layers the built-in modules offer with the default configuration, in registration
+#: order (plugins.delivery offers its layer only when [delivery] enabled = true).
+DEFAULT_BUILTINS = (
+    "webhook",
+    "startup",
+    "poller",
+    "delayed",
+    "completeness",
+    "emergency",
+    "artifacts",
+)
 DIST = "trainguard-example-stale-alert"
 SOURCE = f"{DIST} {version(DIST)}"
 NAME = trainguard_stale_alert.NAME
@@ -113,7 +123,7 @@ def test_the_example_is_found_through_its_entry_point(settings: Settings) -> Non
     entries = {e.layer.name: e for e in collect_layers(build_manager(), settings)}
     assert entries["stale_alert"].source == SOURCE
     assert entries["stale_alert"].plugin == "stale_alert"  # the entry point's name
-    assert {name for name, e in entries.items() if e.source == "built-in"} == set(BUILTIN_LAYERS)
+    assert {name for name, e in entries.items() if e.source == "built-in"} == set(DEFAULT_BUILTINS)
     without = collect_layers(build_manager(entry_points=False), settings)
     assert "stale_alert" not in {e.layer.name for e in without}
 
@@ -131,13 +141,12 @@ def test_cli_plugins_lists_builtins_and_the_example(tmp_path: Path) -> None:
     )
     rows = json.loads(done.stdout)
     assert {r["layer"]: r["source"] for r in rows} == {
-        **dict.fromkeys(BUILTIN_LAYERS, "built-in"),
+        **dict.fromkeys(DEFAULT_BUILTINS, "built-in"),
         "stale_alert": SOURCE,
     }
     assert all(r["enabled"] for r in rows)
     # Listed in registration order: the built-ins, then entry-point plugins.
-    builtins = [module.removeprefix("layers.") for module in BUILTIN_MODULES]
-    assert [r["layer"] for r in rows] == [*builtins, "stale_alert"]
+    assert [r["layer"] for r in rows] == [*DEFAULT_BUILTINS, "stale_alert"]
 
 
 # -- the example layer ------------------------------------------------------------------
@@ -270,7 +279,7 @@ async def test_enabled_false_turns_a_layer_off(
 ) -> None:
     settings = daemon_settings(tmp_path / "db.sqlite", sim, layers={off: {"enabled": False}})
     daemon = await start(nursery, settings)
-    assert set(daemon.layers) == {*BUILTIN_LAYERS, "stale_alert"} - {off}
+    assert set(daemon.layers) == {*DEFAULT_BUILTINS, "stale_alert"} - {off}
     assert f'trainguard_layer_up{{layer="{off}"}} 0.0'.encode() in daemon.metrics.render()
 
 
