@@ -55,7 +55,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from daemon import signing
+from daemon import http, signing
 
 logger = logging.getLogger("trainguard.simulator")
 
@@ -397,13 +397,8 @@ class Simulator:
     async def app(self, scope: Scope, receive: Receive, send: Send) -> None:
         """The ASGI application."""
         if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                if message["type"] == "lifespan.startup":
-                    await send({"type": "lifespan.startup.complete"})
-                elif message["type"] == "lifespan.shutdown":
-                    await send({"type": "lifespan.shutdown.complete"})
-                    return
+            await http.lifespan(receive, send)
+            return
         if scope["type"] != "http":
             return
         body = b""
