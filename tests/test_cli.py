@@ -24,7 +24,7 @@ from daemon.reconcile import Kind, Observation, Reconciler
 from daemon.simulator import Simulator
 from daemon.store import open_store
 
-COMMANDS = ("run", "demo", "simulate", "submit", "track", "check", "plugins")
+COMMANDS = ("run", "demo", "simulate", "submit", "track", "cancel", "recheck", "check", "plugins")
 #: The keys of `check --json` that scripts and the bot depend on (design.md).
 CONTRACT_KEYS = {
     "request_id",
