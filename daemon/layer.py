@@ -53,6 +53,8 @@ class LayerContext:
     #: How long a layer with nothing due waits before looking again (for trainings that
     #: another process, such as the CLI, registers; this process's own wake it at once).
     idle_seconds: float = IDLE_RECHECK_SECONDS
+    #: systemd's notify socket (a ``daemon.sdnotify.Notifier``), when the daemon has one.
+    notifier: Any = None
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -71,6 +73,16 @@ class LayerContext:
         if self.metrics is not None:
             self.metrics.layer_pass(self.name)
             self.metrics.layer_success(self.name, self.clock.now())
+
+    def progress(self, text: str, *, extend_start_seconds: float = 0.0) -> None:
+        """Show ``text`` as the service's status; before READY, ``extend_start_seconds``
+        asks systemd for that much more start time (a long startup sweep that is moving)."""
+        if self.notifier is None:
+            return
+        fields: dict[str, str | int] = {"STATUS": text}
+        if extend_start_seconds > 0:
+            fields["EXTEND_TIMEOUT_USEC"] = int(extend_start_seconds * 1_000_000)
+        self.notifier.notify(**fields)
 
     def failed(self, exc: BaseException) -> None:
         if self.metrics is not None:

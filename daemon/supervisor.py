@@ -210,6 +210,7 @@ class Daemon:
             fal=self.fal,
             metrics=self.metrics,
             clock=self.clock,
+            notifier=self.notifier,
         )
         timeout_fn = getattr(layer, "heartbeat_timeout", None)
         timeout = timeout_fn(ctx.options) if callable(timeout_fn) else DEFAULT_HEARTBEAT_TIMEOUT

@@ -16,6 +16,9 @@ from daemon.layer import LayerContext, check_training
 from daemon.store import UNFINISHED, Training, TrainingView, WebhookReceipt
 from plugins.hookspecs import hookimpl
 
+PROGRESS_EVERY_SECONDS = 5.0
+EXTEND_START_SECONDS = 30.0
+
 
 def _pending_receipts() -> list[int]:
     query = (
@@ -44,8 +47,11 @@ class StartupLayer:
 
         unfinished = await ctx.store.trainings(Training.status.in_(UNFINISHED))
         limiter = trio.CapacityLimiter(int(ctx.options["concurrency"]))
+        done = 0
+        shown = trio.current_time()
 
         async def one(training: TrainingView) -> None:
+            nonlocal done, shown
             async with limiter:
                 try:
                     change = await check_training(ctx, training, self.name)
@@ -54,6 +60,15 @@ class StartupLayer:
                     outcomes["error"] += 1
                     ctx.failed(exc)
                 ctx.heartbeat()
+                done += 1
+                if trio.current_time() - shown >= PROGRESS_EVERY_SECONDS:
+                    # A big backlog at a modest FAL rate limit takes longer than systemd's
+                    # start timeout: while the sweep moves, ask for more time.
+                    shown = trio.current_time()
+                    ctx.progress(
+                        f"startup sweep: {done}/{len(unfinished)} trainings checked",
+                        extend_start_seconds=EXTEND_START_SECONDS,
+                    )
 
         async with trio.open_nursery() as nursery:
             for training in unfinished:

@@ -23,6 +23,7 @@ from daemon.store import Store, open_store
 from layers.delayed import DelayedLayer
 from layers.emergency import EmergencyLayer
 from layers.poller import PollerLayer
+from layers.startup import StartupLayer
 
 LORA = {
     "diffusers_lora_file": {"url": "https://v3.fal.media/x.safetensors"},
@@ -201,3 +202,37 @@ async def test_emergency_fallback_at_the_deadline(
     view = await store.training("r1")
     assert view is not None and view.is_fallback and view.fallback_kind == "deadline"
     assert view.completed_at is not None
+
+
+class RecordingNotifier:
+    def __init__(self) -> None:
+        self.sent: list[dict[str, Any]] = []
+
+    def notify(self, **fields: Any) -> bool:
+        self.sent.append(fields)
+        return True
+
+
+class SlowFal(ScriptedFal):
+    async def status(self, url: str, *, logs: bool = True) -> fal.Answer:
+        await trio.sleep(1.0)  # a FAL answering one call a second
+        return await super().status(url, logs=logs)
+
+
+async def test_a_long_startup_sweep_asks_systemd_for_more_time(
+    clock: trio.testing.MockClock, store: Store, settings_factory: Callable[..., Settings]
+) -> None:
+    settings = settings_factory({"layers": {"startup": {"concurrency": 1}}})
+    scripted = SlowFal()
+    ctx = context("startup", store, settings, scripted)
+    ctx.notifier = RecordingNotifier()
+    for i in range(20):
+        await register(ctx, f"r{i}")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(StartupLayer().run, ctx)  # returns when the sweep is done
+    sent = ctx.notifier.sent
+    assert len(sent) in (3, 4)  # every 5 s of a 20 s sweep
+    assert all(m["EXTEND_TIMEOUT_USEC"] == 30_000_000 for m in sent)
+    assert sent[0]["STATUS"].startswith("startup sweep: ") and sent[-1]["STATUS"].endswith(
+        "/20 trainings checked"
+    )
