@@ -101,7 +101,14 @@ def configure(
         )
         render.append(structlog.processors.JSONRenderer(ensure_ascii=False))
     else:
-        render.append(structlog.dev.ConsoleRenderer(colors=_isatty(out)))
+        render.append(
+            structlog.dev.ConsoleRenderer(
+                colors=_isatty(out),
+                # Plain tracebacks whatever else is installed: rich's (pulled in by some
+                # tools) takes a third of a second per exception.
+                exception_formatter=structlog.dev.plain_traceback,
+            )
+        )
     redact = _redactor(secrets)
     if redact is not None:
         render.append(redact)

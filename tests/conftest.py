@@ -7,10 +7,26 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 
 from daemon import config
 from daemon.reconcile import Reconciler
 from daemon.store import Store, open_store
+
+
+@pytest.fixture(autouse=True, scope="session")
+def plain_log_tracebacks() -> None:
+    """structlog's defaults, but with plain tracebacks: its default renders them with rich
+    when rich is installed (schemathesis brings it), at ~0.3 s each, which skews timings."""
+    processors = structlog.get_config()["processors"]
+    structlog.configure(
+        processors=[
+            *processors[:-1],
+            structlog.dev.ConsoleRenderer(
+                colors=False, exception_formatter=structlog.dev.plain_traceback
+            ),
+        ]
+    )
 
 
 def make_settings(
