@@ -28,9 +28,17 @@ test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest
 
-# Benchmarks print their figures and write them under bench-results/; they are not tests.
+# Benchmarks print their figures and write them under bench-results/; they are not tests
+# (no figure fails them). All of them take about 15 minutes; each stops by itself and kills
+# what it started. webhook_ingest needs wrk (Debian: apt-get install -y wrk). Each one waits
+# (boundedly) for other processes to go quiet and reports the load they added anyway.
 bench: $(STAMP)
 	$(BIN)/python bench/store_ingest.py --out bench-results/store_ingest.json
+	$(BIN)/python bench/webhook_ingest.py --out bench-results/webhook_ingest.json
+	$(BIN)/python bench/poller_capacity.py --out bench-results/poller_capacity.json
+	$(BIN)/python bench/restart_recovery.py --out bench-results/restart_recovery.json
+	$(BIN)/python bench/memory.py --out bench-results/memory.json
+	$(BIN)/python bench/time_to_result.py --out bench-results/time_to_result.json
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

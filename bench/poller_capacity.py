@@ -1,0 +1,302 @@
+"""Poller capacity: status checks per second one daemon sustains, and the CPU it needs to keep
+10,000 unfinished trainings on a 60 s interval.
+
+The simulator runs in its own process (``python -m daemon simulate --fault never_finish=1``)
+and the trainings are real there: they are submitted to it over HTTP first, so every status
+check is answered 202 IN_PROGRESS with logs, as FAL does for a training that is running. The
+same request ids are then written straight into a fresh database as IN_PROGRESS trainings,
+and the daemon (``python -m daemon run``) is started on it. ``[fal] max_requests_per_second``
+is set to 10,000 in the benchmark's config: the shipped default of 10 requests/s would itself
+cap a daemon at 600 trainings per 60 s interval.
+
+A. Capacity: all trainings due at once, interval 3600 s (each is checked exactly once), only
+   the poller enabled; status checks per second from the first to the last, at the shipped
+   ``concurrency`` (8) and at 32.
+B. Steady state: ``next_check_at`` spread evenly over the first 60 s, ``interval_seconds`` 60
+   (jitter 0.1, as shipped); every built-in layer enabled except startup (its one-off sweep is
+   restart_recovery's subject, and would bunch the schedule). After a warm-up, the daemon's
+   CPU (utime+stime from /proc/PID/stat, all threads) over a window of at least 60 s, as a
+   share of one core. Target: under 25%.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+from _common import (
+    Children,
+    ForeignLoad,
+    cpu_seconds,
+    daemon_args,
+    free_port,
+    metrics,
+    profile_summary,
+    query,
+    say,
+    seed_database,
+    simulator_args,
+    start_profile,
+    submit_to_simulator,
+    training_row,
+    wait_http,
+    wait_quiet,
+    write_config,
+    write_json,
+)
+
+BUILTIN_BUT_STARTUP = ("webhook", "poller", "delayed", "completeness", "emergency")
+
+
+def status_checks(values: dict[str, float]) -> float:
+    return sum(
+        v
+        for k, v in values.items()
+        if k.startswith("trainguard_fal_requests_total{") and 'operation="status"' in k
+    )
+
+
+async def capacity(
+    children: Children,
+    workdir: Path,
+    subs: list[dict[str, str]],
+    sim_url: str,
+    sim_pid: int,
+    concurrency: int,
+) -> dict[str, Any]:
+    """Every training due now, checked once; checks per second first to last."""
+    db_path = workdir / f"capacity-{concurrency}.db"
+    now = time.time()
+    seed_database(
+        db_path, [training_row(s, i, now=now, next_check_at=now - 1) for i, s in enumerate(subs)]
+    )
+    metrics_port = free_port()
+    config = write_config(
+        workdir,
+        db_path=db_path,
+        queue_url=sim_url,
+        jwks_url=f"{sim_url}/.well-known/jwks.json",
+        webhook_port=free_port(),
+        metrics_port=metrics_port,
+        enabled=("poller",),
+        layers={"poller": {"interval_seconds": 3600.0, "concurrency": concurrency}},
+        name=f"capacity-{concurrency}.toml",
+    )
+    await wait_quiet()
+    daemon = children.spawn(daemon_args(config), f"daemon-capacity-{concurrency}")
+    await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
+    n = len(subs)
+    first: float | None = None
+    cpu0 = sim0 = 0.0
+    foreign = ForeignLoad()
+    with trio.fail_after(600):
+        while True:
+            count = status_checks(await metrics(metrics_port))
+            t = time.monotonic()
+            if first is None and count > 0:
+                first, first_count = t, count
+                cpu0, sim0 = cpu_seconds(daemon.pid), cpu_seconds(sim_pid)
+                foreign.start()
+            if count >= n:
+                break
+            await trio.sleep(0.25)
+    assert first is not None
+    wall = t - first
+    result = {
+        "concurrency": concurrency,
+        "checks": count - first_count,
+        "seconds": wall,
+        "checks_per_second": (count - first_count) / wall,
+        "daemon_cpu_share": (cpu_seconds(daemon.pid) - cpu0) / wall,
+        "simulator_cpu_share": (cpu_seconds(sim_pid) - sim0) / wall,
+        "foreign_cores": foreign.cores(),
+    }
+    children.stop(daemon)
+    return result
+
+
+async def steady(
+    children: Children,
+    workdir: Path,
+    subs: list[dict[str, str]],
+    sim_url: str,
+    sim_pid: int,
+    *,
+    interval: float,
+    warmup: float,
+    window: float,
+    profile: bool,
+) -> dict[str, Any]:
+    db_path = workdir / "steady.db"
+    now = time.time()
+    rng = random.Random(4)
+    rows = [
+        training_row(s, i, now=now, next_check_at=now + rng.uniform(0, interval))
+        for i, s in enumerate(subs)
+    ]
+    seed_database(db_path, rows)
+    metrics_port = free_port()
+    config = write_config(
+        workdir,
+        db_path=db_path,
+        queue_url=sim_url,
+        jwks_url=f"{sim_url}/.well-known/jwks.json",
+        webhook_port=free_port(),
+        metrics_port=metrics_port,
+        enabled=BUILTIN_BUT_STARTUP,
+        layers={"poller": {"interval_seconds": interval}},
+        name="steady.toml",
+    )
+    await wait_quiet()
+    daemon = children.spawn(daemon_args(config), "daemon-steady")
+    await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
+    say(f"steady state: warming up {warmup:.0f} s, then measuring {window:.0f} s")
+    await trio.sleep(warmup)
+    before = status_checks(await metrics(metrics_port))
+    cpu0, sim0, t0 = cpu_seconds(daemon.pid), cpu_seconds(sim_pid), time.monotonic()
+    foreign = ForeignLoad()
+    spy_out = workdir / "profile-steady.txt"
+    spy = start_profile(children, daemon.pid, window - 2, spy_out) if profile else None
+    samples: list[float] = []
+    while time.monotonic() - t0 < window:
+        await trio.sleep(10.0)
+        samples.append(
+            (cpu_seconds(daemon.pid) - cpu0) / (time.monotonic() - t0)
+        )  # running share, to see it is steady
+    wall = time.monotonic() - t0
+    checks = status_checks(await metrics(metrics_port)) - before
+    cpu = cpu_seconds(daemon.pid) - cpu0
+    overdue = query(
+        db_path,
+        "SELECT COUNT(*) FROM trainings WHERE status = 'IN_PROGRESS' AND next_check_at < ?",
+        time.time() - 5,
+    )[0][0]
+    children.stop(daemon)
+    hot: list[dict[str, Any]] = []
+    if spy is not None:
+        spy.wait(30)
+        hot = [
+            {"inclusive_pct": round(i, 1), "self_pct": round(o, 1), "frame": frame}
+            for i, o, frame in profile_summary(spy_out, 60)
+        ]
+        say(f"  profile (py-spy --gil, collapsed stacks) in {spy_out}")
+    return {
+        "profile": hot,
+        "trainings": len(subs),
+        "interval_seconds": interval,
+        "window_seconds": wall,
+        "status_checks": checks,
+        "checks_per_second": checks / wall,
+        "offered_checks_per_second": len(subs) / interval,
+        "daemon_cpu_share": cpu / wall,
+        "daemon_cpu_ms_per_check": 1000 * cpu / checks if checks else float("nan"),
+        "running_cpu_share_every_10s": samples,
+        "simulator_cpu_share": (cpu_seconds(sim_pid) - sim0) / wall,
+        "overdue_more_than_5s_at_end": overdue,
+        "foreign_cores": foreign.cores(),
+    }
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    with Children(workdir) as children:
+        port = free_port()
+        sim = children.spawn(
+            simulator_args(port, run_seconds=3600, faults=["never_finish=1"]), "simulator"
+        )
+        sim_url = f"http://127.0.0.1:{port}"
+        await wait_http(f"{sim_url}/.well-known/jwks.json", sim)
+        say(f"submitting {args.trainings} never-finishing trainings to the simulator")
+        t0 = time.monotonic()
+        subs = await submit_to_simulator(sim_url, args.trainings)
+        say(f"  submitted in {time.monotonic() - t0:.1f} s")
+        for concurrency in args.concurrency:
+            say(f"A. capacity: {len(subs)} due at once, poller concurrency {concurrency}")
+            a = await capacity(children, workdir, subs, sim_url, sim.pid, concurrency)
+            figures[f"capacity_concurrency_{concurrency}"] = a
+            say(
+                f"  {a['checks_per_second']:.0f} status checks/s, daemon CPU "
+                f"{a['daemon_cpu_share']:.0%}, simulator CPU {a['simulator_cpu_share']:.0%}"
+            )
+        say(f"B. steady state: {len(subs)} trainings on a {args.interval:.0f} s interval")
+        b = await steady(
+            children,
+            workdir,
+            subs,
+            sim_url,
+            sim.pid,
+            interval=args.interval,
+            warmup=args.warmup,
+            window=args.window,
+            profile=args.profile,
+        )
+        figures["steady"] = b
+    figures["targets"] = {
+        "cpu_share_below": 0.25,
+        "met": b["daemon_cpu_share"] < 0.25,
+        "fal_max_requests_per_second_in_config": 10_000.0,
+    }
+    return figures
+
+
+def report(f: dict[str, Any]) -> None:
+    print()
+    print("poller capacity")
+    for key, a in f.items():
+        if key.startswith("capacity_"):
+            print(
+                f"  A. all due at once, concurrency {a['concurrency']:>2}: "
+                f"{a['checks_per_second']:6.0f} status checks/s over {a['seconds']:.1f} s; "
+                f"daemon CPU {a['daemon_cpu_share']:.0%} of a core, simulator "
+                f"{a['simulator_cpu_share']:.0%}; other processes {a['foreign_cores']:.2f} cores"
+            )
+    b = f["steady"]
+    print(
+        f"  B. {b['trainings']} trainings every {b['interval_seconds']:.0f} s: daemon CPU "
+        f"{b['daemon_cpu_share']:.1%} of one core over {b['window_seconds']:.0f} s "
+        f"(target < 25%); {b['checks_per_second']:.0f} checks/s "
+        f"(offered {b['offered_checks_per_second']:.0f}/s); {b['daemon_cpu_ms_per_check']:.2f} ms CPU "
+        f"per check; overdue at end {b['overdue_more_than_5s_at_end']}; other processes "
+        f"{b['foreign_cores']:.2f} cores"
+    )
+    for row in b["profile"]:
+        print(f"    {row['inclusive_pct']:5.1f} {row['self_pct']:5.1f}  {row['frame']}")
+    best = max(
+        (a["checks_per_second"] for k, a in f.items() if k.startswith("capacity_")), default=0
+    )
+    if best:
+        print(
+            f"  one daemon's check capacity covers {best * b['interval_seconds']:.0f} trainings "
+            f"per {b['interval_seconds']:.0f} s interval; the steady-state ratio of "
+            f"needed to capacity is {b['offered_checks_per_second'] / best:.2f}"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--trainings", type=int, default=10_000)
+    parser.add_argument("--interval", type=float, default=60.0)
+    parser.add_argument("--warmup", type=float, default=10.0)
+    parser.add_argument("--window", type=float, default=70.0, help="at least 60 s")
+    parser.add_argument(
+        "--concurrency", type=int, nargs="+", default=[8, 32], help="poller concurrency for A"
+    )
+    parser.add_argument("--profile", action="store_true", help="sample the daemon with py-spy in B")
+    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, databases)")
+    parser.add_argument("--out", help="write the figures as JSON to this file")
+    args = parser.parse_args()
+    with tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp:
+        workdir = Path(args.keep) if args.keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        figures = trio.run(bench, args, workdir)
+    report(figures)
+    write_json(args.out, figures)
+
+
+if __name__ == "__main__":
+    main()
