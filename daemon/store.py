@@ -96,6 +96,7 @@ class Training(BaseModel):
 
     class Meta:
         table_name = "trainings"
+        only_save_dirty = True  # an UPDATE of the changed columns, not all 35
 
 
 class WebhookReceipt(BaseModel):

@@ -2,7 +2,8 @@
 
 Once, when the daemon starts and before READY: every stored webhook receipt not yet applied is
 applied, then every unfinished training, however old, is reconciled with FAL (the original
-skipped trainings older than 24 h), with bounded concurrency. One summary log line.
+skipped trainings older than 24 h): its result is asked for directly, by a fixed pool of
+``concurrency`` workers fed page by page. One summary log line.
 """
 
 from __future__ import annotations
@@ -12,12 +13,22 @@ from collections import Counter
 import trio
 
 from daemon import logs
-from daemon.layer import LayerContext, check_training
+from daemon.layer import LayerContext
+from daemon.reconcile import Change
 from daemon.store import UNFINISHED, Training, TrainingView, WebhookReceipt
 from plugins.hookspecs import hookimpl
 
 PROGRESS_EVERY_SECONDS = 5.0
 EXTEND_START_SECONDS = 30.0
+PAGE = 500
+
+
+async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
+    """One request per training: the result itself. A finished training answers with its
+    output or its failure; one still running answers "in progress", and the poller takes it
+    from there. Half the calls of status-then-result, which matters for a large backlog."""
+    answer = await ctx.fal.result(ctx.urls(training)[1])
+    return await ctx.reconciler.observe_answer(answer, training.request_id, StartupLayer.name)
 
 
 def _pending_receipts() -> list[int]:
@@ -45,39 +56,52 @@ class StartupLayer:
             outcomes[f"receipt_{change.kind}"] += 1
             ctx.heartbeat()
 
-        unfinished = await ctx.store.trainings(Training.status.in_(UNFINISHED))
-        limiter = trio.CapacityLimiter(int(ctx.options["concurrency"]))
+        total = sum(
+            n for status, n in (await ctx.store.status_counts()).items() if status in UNFINISHED
+        )
         done = 0
         shown = trio.current_time()
 
-        async def one(training: TrainingView) -> None:
+        async def worker(queue: trio.MemoryReceiveChannel[TrainingView]) -> None:
             nonlocal done, shown
-            async with limiter:
-                try:
-                    change = await check_training(ctx, training, self.name)
-                    outcomes[change.kind] += 1
-                except Exception as exc:  # one training's trouble must not stop the sweep
-                    outcomes["error"] += 1
-                    ctx.failed(exc)
-                ctx.heartbeat()
-                done += 1
-                if trio.current_time() - shown >= PROGRESS_EVERY_SECONDS:
-                    # A big backlog at a modest FAL rate limit takes longer than systemd's
-                    # start timeout: while the sweep moves, ask for more time.
-                    shown = trio.current_time()
-                    ctx.progress(
-                        f"startup sweep: {done}/{len(unfinished)} trainings checked",
-                        extend_start_seconds=EXTEND_START_SECONDS,
-                    )
+            async with queue:
+                async for training in queue:
+                    try:
+                        change = await ask_result(ctx, training)
+                        outcomes[change.kind] += 1
+                    except Exception as exc:  # one training's trouble must not stop the sweep
+                        outcomes["error"] += 1
+                        ctx.failed(exc)
+                    ctx.heartbeat()
+                    done += 1
+                    if trio.current_time() - shown >= PROGRESS_EVERY_SECONDS:
+                        # A big backlog at a modest FAL rate limit takes longer than
+                        # systemd's start timeout: while the sweep moves, ask for more time.
+                        shown = trio.current_time()
+                        ctx.progress(
+                            f"startup sweep: {done}/{total} trainings checked",
+                            extend_start_seconds=EXTEND_START_SECONDS,
+                        )
 
+        # A fixed pool of workers fed page by page: memory stays flat however big the backlog.
+        send, receive = trio.open_memory_channel[TrainingView](PAGE)
         async with trio.open_nursery() as nursery:
-            for training in unfinished:
-                nursery.start_soon(one, training)
+            for _ in range(int(ctx.options["concurrency"])):
+                nursery.start_soon(worker, receive.clone())
+            receive.close()
+            async with send:
+                after = 0
+                while page := await ctx.store.trainings(
+                    Training.status.in_(UNFINISHED), Training.id > after, limit=PAGE
+                ):
+                    for training in page:
+                        await send.send(training)
+                    after = page[-1].id
         ctx.passed()
         ctx.log.info(
             f"{logs.CHECK} startup sweep done",
             receipts_applied=len(receipts),
-            trainings_checked=len(unfinished),
+            trainings_checked=done,
             seconds=round(trio.current_time() - started, 3),
             **dict(sorted(outcomes.items())),
         )

@@ -257,7 +257,7 @@ class _Handler:
 
         signature = headers.get(signing.HEADER_SIGNATURE.lower(), "")
         dedupe = hashlib.sha256(signature.encode() + b"\n" + body).hexdigest()
-        receipt_id, duplicate = await ctx.reconciler.record_receipt(
+        _, duplicate, change = await ctx.reconciler.receive_webhook(
             body=body,
             headers=headers,
             verification=verification,
@@ -271,7 +271,9 @@ class _Handler:
         if verification == "unverified":
             self.wake.set()
             return 202, "unverified", "stored; will verify when FAL's keys are reachable"
-        change = await ctx.reconciler.apply_receipt(receipt_id)
+        if change is None:  # stored; applying failed and is retried by retry_stored
+            self.wake.set()
+            return 200, "accepted", "stored"
         if change.kind == "unknown":
             ctx.log.info(f"{TAG} webhook for an unknown training kept", request_id=request_id)
             return 200, "unknown_training", "stored; training not known yet"

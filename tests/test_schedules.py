@@ -214,9 +214,9 @@ class RecordingNotifier:
 
 
 class SlowFal(ScriptedFal):
-    async def status(self, url: str, *, logs: bool = True) -> fal.Answer:
+    async def result(self, url: str) -> fal.Answer:
         await trio.sleep(1.0)  # a FAL answering one call a second
-        return await super().status(url, logs=logs)
+        return await super().result(url)
 
 
 async def test_a_long_startup_sweep_asks_systemd_for_more_time(
