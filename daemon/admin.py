@@ -289,20 +289,11 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
 
 
 async def _read_body(receive: Any) -> bytes:
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            break
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > MAX_BODY_BYTES:
-            raise ApiError(413, "too_large", f"the body is larger than {MAX_BODY_BYTES} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            break
-    return b"".join(chunks)
+    try:
+        body = await http.read_body(receive, MAX_BODY_BYTES)
+    except http.BodyTooLarge as exc:
+        raise ApiError(413, "too_large", str(exc)) from None
+    return body or b""
 
 
 async def _send_json(

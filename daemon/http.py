@@ -165,6 +165,32 @@ async def respond(
     await send({"type": "http.response.body", "body": b"" if head else body})
 
 
+class BodyTooLarge(ValueError):
+    """A request body grew past the limit given to ``read_body``."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"body larger than {limit} bytes")
+        self.limit = limit
+
+
+async def read_body(receive: Receive, limit: int) -> bytes | None:
+    """A request's whole body, or None if the client disconnected before its end; raises
+    ``BodyTooLarge`` as soon as it grows past ``limit`` bytes (nothing more is read)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None
+        chunk = message.get("body", b"")
+        size += len(chunk)
+        if size > limit:
+            raise BodyTooLarge(limit)
+        chunks.append(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks)
+
+
 async def lifespan(receive: Receive, send: Send) -> None:
     """Answer the ASGI lifespan protocol: nothing to set up or tear down."""
     while True:

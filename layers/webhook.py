@@ -187,7 +187,10 @@ class _Handler:
         if declared.isdigit() and int(declared) > limit:
             raise Refusal(413, "too_large", f"body larger than {limit} bytes")
         with trio.move_on_after(BODY_TIMEOUT_SECONDS):
-            return await _read_body(receive, limit)
+            try:
+                return await http.read_body(receive, limit)
+            except http.BodyTooLarge as exc:
+                raise Refusal(413, "too_large", str(exc)) from None
         raise Refusal(408, "timeout", f"body not received within {BODY_TIMEOUT_SECONDS:g} s")
 
     async def _answer(
@@ -367,24 +370,6 @@ def _body_request_id(body: bytes) -> str:
         raise MalformedWebhook("body has no request_id")
     parse_webhook(body)  # the whole shape must be FAL's, or it is refused now
     return data["request_id"]
-
-
-async def _read_body(receive: Any, limit: int) -> bytes | None:
-    """The request body, None if the client disconnected before its end; raises Refusal
-    (413) once it grows past ``limit`` bytes."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None
-        chunk = message.get("body", b"")
-        size += len(chunk)
-        if size > limit:
-            raise Refusal(413, "too_large", f"body larger than {limit} bytes")
-        chunks.append(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks)
 
 
 @hookimpl
