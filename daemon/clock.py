@@ -24,7 +24,3 @@ class Clock:
         if self._offset is None:
             self._offset = time.time() - current
         return current + self._offset
-
-    async def sleep_until(self, wall: float) -> None:
-        """Sleep until the wall-clock time ``wall`` (returns at once if it has passed)."""
-        await trio.sleep(max(0.0, wall - self.now()))

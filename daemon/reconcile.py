@@ -759,9 +759,7 @@ class Reconciler:
             return
         tag = logs.tag_for(change.layer)
         m = self.metrics
-        with structlog.contextvars.bound_contextvars(
-            request_id=view.request_id, name=view.name, layer=change.layer
-        ):
+        with logs.bound(request_id=view.request_id, name=view.name, layer=change.layer):
             if change.kind == "backoff":
                 log.info(f"{tag} FAL not reachable for this training; will retry", **change.detail)
                 return

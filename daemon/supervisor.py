@@ -291,7 +291,7 @@ class Daemon:
             task_status.started()
 
         try:
-            with structlog.contextvars.bound_contextvars(layer=name):
+            with logs.bound(layer=name):
                 await running.entry.layer.run(running.ctx, task_status=_Started(mark_started))
         finally:  # returned, crashed or cancelled: not running any more
             running.running = False
