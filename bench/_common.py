@@ -8,6 +8,7 @@ through the daemon's own models before the daemon starts.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import signal
@@ -15,9 +16,11 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +63,47 @@ def write_json(out: str | None, figures: Mapping[str, Any]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(figures, indent=2, sort_keys=True) + "\n", encoding="utf-8")
     say(f"figures written to {path}")
+
+
+# -- command line ----------------------------------------------------------------------------
+def parse_args(
+    description: str | None,
+    options: Callable[[argparse.ArgumentParser], None],
+    *,
+    keep_what: str = "logs, databases",
+) -> argparse.Namespace:
+    """The command line: the benchmark's own ``options``, then the two every benchmark
+    ends with (``--keep``, ``--out``)."""
+    parser = argparse.ArgumentParser(description=description)
+    options(parser)
+    parser.add_argument("--keep", metavar="DIR", help=f"keep the work directory ({keep_what})")
+    parser.add_argument("--out", help="write the figures as JSON to this file")
+    return parser.parse_args()
+
+
+@contextmanager
+def work_directory(keep: str | None, prefix: str) -> Iterator[Path]:
+    """``keep`` (created if need be) or a temporary directory removed afterwards."""
+    with tempfile.TemporaryDirectory(prefix=prefix) as tmp:
+        workdir = Path(keep) if keep else Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        yield workdir
+
+
+def run_main(
+    description: str | None,
+    options: Callable[[argparse.ArgumentParser], None],
+    bench: Callable[[argparse.Namespace, Path], Awaitable[dict[str, Any]]],
+    report: Callable[[dict[str, Any]], None],
+    prefix: str,
+) -> None:
+    """A benchmark's main: parse the arguments, run ``bench`` in a work directory, print
+    ``report`` and write the figures to ``--out``."""
+    args = parse_args(description, options)
+    with work_directory(args.keep, prefix) as workdir:
+        figures = trio.run(bench, args, workdir)
+    report(figures)
+    write_json(args.out, figures)
 
 
 # -- /proc ---------------------------------------------------------------------------------
@@ -188,6 +232,28 @@ async def metrics(port: int) -> dict[str, float]:
     return out
 
 
+async def start_simulator(
+    children: Children, *, run_seconds: float, faults: Iterable[str] = ()
+) -> tuple[subprocess.Popen[bytes], str]:
+    """The simulator in its own process, answering; the process and its base URL."""
+    port = free_port()
+    sim = children.spawn(simulator_args(port, run_seconds=run_seconds, faults=faults), "simulator")
+    sim_url = f"http://127.0.0.1:{port}"
+    await wait_http(f"{sim_url}/.well-known/jwks.json", sim)
+    return sim, sim_url
+
+
+async def start_daemon(
+    children: Children, config: Path, name: str, metrics_port: int, *, timeout: float = 60.0
+) -> tuple[subprocess.Popen[bytes], float]:
+    """Wait for a quiet machine, then start ``daemon-{name}``; the process and the seconds
+    to its /readyz answering 200."""
+    await wait_quiet()
+    daemon = children.spawn(daemon_args(config), f"daemon-{name}")
+    ready = await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon, timeout=timeout)
+    return daemon, ready
+
+
 # -- configuration ---------------------------------------------------------------------------
 _installed: tuple[str, ...] | None = None
 
@@ -252,6 +318,39 @@ def write_config(
     return path
 
 
+def simulator_config(
+    workdir: Path, name: str, *, db_path: Path, sim_url: str, **options: Any
+) -> tuple[Path, int]:
+    """``{name}.toml`` for a daemon on ``db_path`` talking to the simulator at ``sim_url``,
+    on free ports (``options``: more ``write_config`` keywords, e.g. ``enabled``,
+    ``layers``); the config's path and the daemon's metrics port."""
+    metrics_port = free_port()
+    config = write_config(
+        workdir,
+        db_path=db_path,
+        queue_url=sim_url,
+        jwks_url=f"{sim_url}/.well-known/jwks.json",
+        webhook_port=free_port(),
+        metrics_port=metrics_port,
+        name=f"{name}.toml",
+        **options,
+    )
+    return config, metrics_port
+
+
+def seeded_config(
+    workdir: Path, name: str, rows: Sequence[Mapping[str, Any]], *, sim_url: str, **options: Any
+) -> tuple[Path, Path, int]:
+    """A fresh database ``{name}.db`` seeded with ``rows``, and ``simulator_config`` for a
+    daemon on it; the database's path, the config's path and the daemon's metrics port."""
+    db_path = workdir / f"{name}.db"
+    seed_database(db_path, rows)
+    config, metrics_port = simulator_config(
+        workdir, name, db_path=db_path, sim_url=sim_url, **options
+    )
+    return db_path, config, metrics_port
+
+
 # -- seeding ---------------------------------------------------------------------------------
 async def submit_to_simulator(
     base_url: str, n: int, *, concurrency: int = 16, webhook_url: str | None = None
@@ -301,6 +400,25 @@ def fake_submission(base_url: str = "http://127.0.0.1:9") -> dict[str, str]:
     }
 
 
+def lora_result(response_url: str) -> dict[str, dict[str, Any]]:
+    """The result FAL gives for a finished LoRA training at ``response_url``."""
+    files = f"{response_url}/files"
+    return {
+        "diffusers_lora_file": {
+            "url": f"{files}/pytorch_lora_weights.safetensors",
+            "content_type": "application/octet-stream",
+            "file_name": "pytorch_lora_weights.safetensors",
+            "file_size": 4096,
+        },
+        "config_file": {
+            "url": f"{files}/config.json",
+            "content_type": "application/json",
+            "file_name": "config.json",
+            "file_size": 300,
+        },
+    }
+
+
 def training_row(
     sub: Mapping[str, str],
     i: int,
@@ -339,21 +457,7 @@ def training_row(
         "last_checked_at": now - 30,
     }
     if finished:
-        files = f"{sub['response_url']}/files"
-        output = {
-            "diffusers_lora_file": {
-                "url": f"{files}/pytorch_lora_weights.safetensors",
-                "content_type": "application/octet-stream",
-                "file_name": "pytorch_lora_weights.safetensors",
-                "file_size": 4096,
-            },
-            "config_file": {
-                "url": f"{files}/config.json",
-                "content_type": "application/json",
-                "file_name": "config.json",
-                "file_size": 300,
-            },
-        }
+        output = lora_result(sub["response_url"])
         row.update(
             status="COMPLETED",
             progress=100,
@@ -401,6 +505,11 @@ def query(db_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, args).fetchall()
 
 
+def count_rows(db_path: Path, table_where: str, *args: Any) -> int:
+    """``SELECT COUNT(*) FROM {table_where}`` on the daemon's database (read-only)."""
+    return int(query(db_path, f"SELECT COUNT(*) FROM {table_where}", *args)[0][0])
+
+
 # -- profiling (optional: py-spy is not a project dependency) ------------------------------
 def py_spy() -> str | None:
     """The py-spy executable next to this Python, or on PATH."""
@@ -422,6 +531,20 @@ def start_profile(
     args = [exe, "record", "--gil", "--nonblocking", "--format", "raw", "--rate", "100"]
     args += ["--duration", str(int(seconds)), "--output", str(out), "--pid", str(pid)]
     return children.spawn(args, out.stem)
+
+
+def profile_rows(path: Path, top: int) -> list[dict[str, Any]]:
+    """``profile_summary`` as JSON rows (percentages rounded to 0.1)."""
+    return [
+        {"inclusive_pct": round(i, 1), "self_pct": round(o, 1), "frame": frame}
+        for i, o, frame in profile_summary(path, top)
+    ]
+
+
+def print_profile(rows: Iterable[Mapping[str, Any]]) -> None:
+    """The rows of ``profile_rows``, one a line: inclusive %, self %, frame."""
+    for row in rows:
+        print(f"    {row['inclusive_pct']:5.1f} {row['self_pct']:5.1f}  {row['frame']}")
 
 
 def profile_summary(path: Path, top: int = 30) -> list[tuple[float, float, str]]:

@@ -21,7 +21,6 @@ and no growth with the count of finished trainings.
 from __future__ import annotations
 
 import argparse
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -29,22 +28,17 @@ from typing import Any
 import trio
 from _common import (
     Children,
-    daemon_args,
     fake_submission,
-    free_port,
     memory_kib,
+    run_main,
     say,
     seed_database,
-    simulator_args,
+    simulator_config,
+    start_daemon,
+    start_simulator,
     submit_to_simulator,
     training_row,
-    wait_http,
-    wait_quiet,
-    write_config,
-    write_json,
 )
-
-BUILTIN = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 
 
 async def measure(
@@ -70,20 +64,8 @@ async def measure(
     seed_database(db_path, rows)
     say(f"  seeded {len(rows)} trainings in {time.monotonic() - t0:.1f} s")
     del rows
-    metrics_port = free_port()
-    config = write_config(
-        workdir,
-        db_path=db_path,
-        queue_url=sim_url,
-        jwks_url=f"{sim_url}/.well-known/jwks.json",
-        webhook_port=free_port(),
-        metrics_port=metrics_port,
-        enabled=BUILTIN,
-        name=f"{name}.toml",
-    )
-    await wait_quiet()
-    daemon = children.spawn(daemon_args(config), f"daemon-{name}")
-    ready = await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon, timeout=600)
+    config, metrics_port = simulator_config(workdir, name, db_path=db_path, sim_url=sim_url)
+    daemon, ready = await start_daemon(children, config, name, metrics_port, timeout=600)
     at_ready = memory_kib(daemon.pid)
     say(f"  READY after {ready:.1f} s; idle {idle:.0f} s")
     samples = []
@@ -111,12 +93,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {"idle_seconds": args.idle}
     small, large = args.small, args.large
     with Children(workdir) as children:
-        port = free_port()
-        sim = children.spawn(
-            simulator_args(port, run_seconds=3600, faults=["never_finish=1"]), "simulator"
-        )
-        sim_url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{sim_url}/.well-known/jwks.json", sim)
+        _sim, sim_url = await start_simulator(children, run_seconds=3600, faults=["never_finish=1"])
         say(f"submitting {large // 10} never-finishing trainings to the simulator")
         running = await submit_to_simulator(sim_url, large // 10)
         few = running[: small // 10]
@@ -169,21 +146,11 @@ def report(f: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--small", type=int, default=10_000)
     parser.add_argument("--large", type=int, default=100_000)
     parser.add_argument("--idle", type=float, default=20.0, help="seconds idle after READY")
-    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, databases)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-memory-") as tmp:
-        workdir = Path(args.keep) if args.keep else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        figures = trio.run(bench, args, workdir)
-    report(figures)
-    write_json(args.out, figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__, options, bench, report, "bench-memory-")

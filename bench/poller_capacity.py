@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -32,22 +31,19 @@ import trio
 from _common import (
     Children,
     ForeignLoad,
+    count_rows,
     cpu_seconds,
-    daemon_args,
-    free_port,
     metrics,
-    profile_summary,
-    query,
+    print_profile,
+    profile_rows,
+    run_main,
     say,
-    seed_database,
-    simulator_args,
+    seeded_config,
+    start_daemon,
     start_profile,
+    start_simulator,
     submit_to_simulator,
     training_row,
-    wait_http,
-    wait_quiet,
-    write_config,
-    write_json,
 )
 
 BUILTIN_BUT_STARTUP = ("webhook", "poller", "delayed", "completeness", "emergency")
@@ -70,26 +66,17 @@ async def capacity(
     concurrency: int,
 ) -> dict[str, Any]:
     """Every training due now, checked once; checks per second first to last."""
-    db_path = workdir / f"capacity-{concurrency}.db"
+    name = f"capacity-{concurrency}"
     now = time.time()
-    seed_database(
-        db_path, [training_row(s, i, now=now, next_check_at=now - 1) for i, s in enumerate(subs)]
-    )
-    metrics_port = free_port()
-    config = write_config(
+    _db_path, config, metrics_port = seeded_config(
         workdir,
-        db_path=db_path,
-        queue_url=sim_url,
-        jwks_url=f"{sim_url}/.well-known/jwks.json",
-        webhook_port=free_port(),
-        metrics_port=metrics_port,
+        name,
+        [training_row(s, i, now=now, next_check_at=now - 1) for i, s in enumerate(subs)],
+        sim_url=sim_url,
         enabled=("poller",),
         layers={"poller": {"interval_seconds": 3600.0, "concurrency": concurrency}},
-        name=f"capacity-{concurrency}.toml",
     )
-    await wait_quiet()
-    daemon = children.spawn(daemon_args(config), f"daemon-capacity-{concurrency}")
-    await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
+    daemon, _ready = await start_daemon(children, config, name, metrics_port)
     n = len(subs)
     first: float | None = None
     cpu0 = sim0 = 0.0
@@ -132,29 +119,21 @@ async def steady(
     window: float,
     profile: bool,
 ) -> dict[str, Any]:
-    db_path = workdir / "steady.db"
     now = time.time()
     rng = random.Random(4)
     rows = [
         training_row(s, i, now=now, next_check_at=now + rng.uniform(0, interval))
         for i, s in enumerate(subs)
     ]
-    seed_database(db_path, rows)
-    metrics_port = free_port()
-    config = write_config(
+    db_path, config, metrics_port = seeded_config(
         workdir,
-        db_path=db_path,
-        queue_url=sim_url,
-        jwks_url=f"{sim_url}/.well-known/jwks.json",
-        webhook_port=free_port(),
-        metrics_port=metrics_port,
+        "steady",
+        rows,
+        sim_url=sim_url,
         enabled=BUILTIN_BUT_STARTUP,
         layers={"poller": {"interval_seconds": interval}},
-        name="steady.toml",
     )
-    await wait_quiet()
-    daemon = children.spawn(daemon_args(config), "daemon-steady")
-    await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
+    daemon, _ready = await start_daemon(children, config, "steady", metrics_port)
     say(f"steady state: warming up {warmup:.0f} s, then measuring {window:.0f} s")
     await trio.sleep(warmup)
     before = status_checks(await metrics(metrics_port))
@@ -171,19 +150,16 @@ async def steady(
     wall = time.monotonic() - t0
     checks = status_checks(await metrics(metrics_port)) - before
     cpu = cpu_seconds(daemon.pid) - cpu0
-    overdue = query(
+    overdue = count_rows(
         db_path,
-        "SELECT COUNT(*) FROM trainings WHERE status = 'IN_PROGRESS' AND next_check_at < ?",
+        "trainings WHERE status = 'IN_PROGRESS' AND next_check_at < ?",
         time.time() - 5,
-    )[0][0]
+    )
     children.stop(daemon)
     hot: list[dict[str, Any]] = []
     if spy is not None:
         spy.wait(30)
-        hot = [
-            {"inclusive_pct": round(i, 1), "self_pct": round(o, 1), "frame": frame}
-            for i, o, frame in profile_summary(spy_out, 60)
-        ]
+        hot = profile_rows(spy_out, 60)
         say(f"  profile (py-spy --gil, collapsed stacks) in {spy_out}")
     return {
         "profile": hot,
@@ -205,12 +181,7 @@ async def steady(
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with Children(workdir) as children:
-        port = free_port()
-        sim = children.spawn(
-            simulator_args(port, run_seconds=3600, faults=["never_finish=1"]), "simulator"
-        )
-        sim_url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{sim_url}/.well-known/jwks.json", sim)
+        sim, sim_url = await start_simulator(children, run_seconds=3600, faults=["never_finish=1"])
         say(f"submitting {args.trainings} never-finishing trainings to the simulator")
         t0 = time.monotonic()
         subs = await submit_to_simulator(sim_url, args.trainings)
@@ -264,8 +235,7 @@ def report(f: dict[str, Any]) -> None:
         f"per check; overdue at end {b['overdue_more_than_5s_at_end']}; other processes "
         f"{b['foreign_cores']:.2f} cores"
     )
-    for row in b["profile"]:
-        print(f"    {row['inclusive_pct']:5.1f} {row['self_pct']:5.1f}  {row['frame']}")
+    print_profile(b["profile"])
     best = max(
         (a["checks_per_second"] for k, a in f.items() if k.startswith("capacity_")), default=0
     )
@@ -277,8 +247,7 @@ def report(f: dict[str, Any]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainings", type=int, default=10_000)
     parser.add_argument("--interval", type=float, default=60.0)
     parser.add_argument("--warmup", type=float, default=10.0)
@@ -287,16 +256,7 @@ def main() -> None:
         "--concurrency", type=int, nargs="+", default=[8, 32], help="poller concurrency for A"
     )
     parser.add_argument("--profile", action="store_true", help="sample the daemon with py-spy in B")
-    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, databases)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-poller-") as tmp:
-        workdir = Path(args.keep) if args.keep else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        figures = trio.run(bench, args, workdir)
-    report(figures)
-    write_json(args.out, figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__, options, bench, report, "bench-poller-")

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import socket
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -30,24 +29,20 @@ import trio
 from _common import (
     Children,
     ForeignLoad,
+    count_rows,
     cpu_seconds,
     daemon_args,
-    free_port,
-    profile_summary,
-    query,
+    print_profile,
+    profile_rows,
+    run_main,
     say,
-    seed_database,
-    simulator_args,
+    seeded_config,
     start_profile,
+    start_simulator,
     submit_to_simulator,
     training_row,
-    wait_http,
     wait_quiet,
-    write_config,
-    write_json,
 )
-
-BUILTIN = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 
 
 async def time_to_ready(
@@ -60,19 +55,8 @@ async def time_to_ready(
     concurrency: int,
     profile: bool = False,
 ) -> dict[str, Any]:
-    db_path = workdir / f"{name}.db"
-    seed_database(db_path, rows)
-    metrics_port = free_port()
-    config = write_config(
-        workdir,
-        db_path=db_path,
-        queue_url=sim_url,
-        jwks_url=f"{sim_url}/.well-known/jwks.json",
-        webhook_port=free_port(),
-        metrics_port=metrics_port,
-        enabled=BUILTIN,
-        layers={"startup": {"concurrency": concurrency}},
-        name=f"{name}.toml",
+    db_path, config, metrics_port = seeded_config(
+        workdir, name, rows, sim_url=sim_url, layers={"startup": {"concurrency": concurrency}}
     )
     notify_path = workdir / f"{name}.notify"
     sock = trio.socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
@@ -122,19 +106,14 @@ async def time_to_ready(
     if spy is not None:
         spy.wait(30)  # py-spy writes its profile when the process it samples exits
         if spy_out.exists():
-            hot = [
-                {"inclusive_pct": round(i, 1), "self_pct": round(o, 1), "frame": frame}
-                for i, o, frame in profile_summary(spy_out, 60)
-            ]
-    recovered = query(
+            hot = profile_rows(spy_out, 60)
+    recovered = count_rows(
         db_path,
-        "SELECT COUNT(*) FROM trainings WHERE status = 'COMPLETED' AND result_layer = 'startup' "
-        "AND is_fallback = 0",
-    )[0][0]
-    unfinished = query(
-        db_path,
-        "SELECT COUNT(*) FROM trainings WHERE status IN ('SUBMITTED', 'IN_QUEUE', 'IN_PROGRESS')",
-    )[0][0]
+        "trainings WHERE status = 'COMPLETED' AND result_layer = 'startup' AND is_fallback = 0",
+    )
+    unfinished = count_rows(
+        db_path, "trainings WHERE status IN ('SUBMITTED', 'IN_QUEUE', 'IN_PROGRESS')"
+    )
     return {
         "trainings": len(rows),
         "startup_concurrency": concurrency,
@@ -151,10 +130,7 @@ async def time_to_ready(
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {}
     with Children(workdir) as children:
-        port = free_port()
-        sim = children.spawn(simulator_args(port, run_seconds=1.0), "simulator")
-        sim_url = f"http://127.0.0.1:{port}"
-        await wait_http(f"{sim_url}/.well-known/jwks.json", sim)
+        _sim, sim_url = await start_simulator(children, run_seconds=1.0)
         say(f"submitting {args.trainings} trainings to the simulator (no webhook: daemon down)")
         subs = await submit_to_simulator(sim_url, args.trainings)
         await trio.sleep(2.0)  # every one is COMPLETED at the simulator now
@@ -218,27 +194,16 @@ def report(f: dict[str, Any]) -> None:
             f"{r['unfinished_after_stop']} unfinished; daemon CPU {r['daemon_cpu_seconds_at_ready']:.1f} s; "
             f"other processes {r['foreign_cores']:.2f} cores"
         )
-        for row in r["profile"]:
-            print(f"    {row['inclusive_pct']:5.1f} {row['self_pct']:5.1f}  {row['frame']}")
+        print_profile(r["profile"])
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainings", type=int, default=10_000)
     parser.add_argument(
         "--concurrency", type=int, nargs="+", default=[8, 32], help="[layers.startup] concurrency"
     )
     parser.add_argument("--profile", action="store_true", help="py-spy the first recovery")
-    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, databases)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-restart-") as tmp:
-        workdir = Path(args.keep) if args.keep else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        figures = trio.run(bench, args, workdir)
-    report(figures)
-    write_json(args.out, figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__, options, bench, report, "bench-restart-")

@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import random
-import tempfile
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -37,15 +36,17 @@ from typing import Any
 
 import trio
 from _common import (
+    LAYERS,
     Children,
+    count_rows,
     daemon_args,
     free_port,
     percentile,
     query,
+    run_main,
     say,
     wait_http,
     write_config,
-    write_json,
 )
 
 from daemon import actions, config
@@ -53,7 +54,6 @@ from daemon.reconcile import Reconciler
 from daemon.simulator import Faults, SimConfig, Simulator
 from daemon.store import open_store
 
-BUILTIN = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 COMPRESSION = 30.0  # part 3: shipped timings divided by this
 
 
@@ -97,7 +97,7 @@ async def daemon_for(
         jwks_url=sim.jwks_url,
         webhook_port=free_port(),
         metrics_port=metrics_port,
-        enabled=BUILTIN,
+        enabled=LAYERS,
         layers=layers,
         fal={"max_requests_per_second": 1000.0},
         name=f"{name}.toml",
@@ -256,12 +256,12 @@ async def part_outage(
         ids = [await submit(s, fal, rec, base + i, shift=shift) for i in range(n)]
         marks = ",".join("?" * len(ids))
         with trio.move_on_after(30):
-            while query(
+            while count_rows(
                 db,
-                f"SELECT COUNT(*) FROM trainings WHERE request_id IN ({marks}) "
+                f"trainings WHERE request_id IN ({marks}) "
                 "AND delayed_check_at IS NULL AND last_checked_at IS NOT NULL",
                 *ids,
-            )[0][0] < len(ids):
+            ) < len(ids):
                 await trio.sleep(0.1)
         refused0 = sum(n for (route, code), n in sim.stats.items() if code == 503)
         sim.faults.api_down = True
@@ -272,11 +272,7 @@ async def part_outage(
         up_at = time.time()
         refused = sum(n for (route, code), n in sim.stats.items() if code == 503) - refused0
         stored = await wait_stored(db, ids, 60 * interval)
-        errors = query(
-            db,
-            f"SELECT COUNT(*) FROM events WHERE kind = 'error' AND request_id IN ({marks})",
-            *ids,
-        )[0][0]
+        errors = count_rows(db, f"events WHERE kind = 'error' AND request_id IN ({marks})", *ids)
     sim.config.run_seconds = 2.0
     last = max((v[0] for v in stored.values()), default=float("nan"))
     after_up = [v[0] - up_at for v in stored.values()]
@@ -377,23 +373,13 @@ def report(f: dict[str, Any]) -> None:
         )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainings", type=int, default=200, help="for parts 1 and 2")
     parser.add_argument("--interval", type=float, default=4.0, help="poll interval of part 2")
     parser.add_argument("--outage-trainings", type=int, default=100)
     parser.add_argument("--outage-intervals", type=int, default=10)
     parser.add_argument("--outage-repeats", type=int, default=2, help="the phase varies")
-    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, databases)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    args = parser.parse_args()
-    with tempfile.TemporaryDirectory(prefix="bench-ttr-") as tmp:
-        workdir = Path(args.keep) if args.keep else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
-        figures = trio.run(bench, args, workdir)
-    report(figures)
-    write_json(args.out, figures)
 
 
 if __name__ == "__main__":
-    main()
+    run_main(__doc__, options, bench, report, "bench-ttr-")

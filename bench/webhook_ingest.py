@@ -23,7 +23,6 @@ import argparse
 import json
 import shutil
 import subprocess
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -34,19 +33,23 @@ from _common import (
     ROOT,
     Children,
     ForeignLoad,
+    count_rows,
     cpu_seconds,
     daemon_args,
     fake_submission,
     free_port,
+    lora_result,
     metrics,
-    profile_summary,
-    query,
+    parse_args,
+    print_profile,
+    profile_rows,
     say,
     seed_database,
     start_profile,
     training_row,
     wait_http,
     wait_quiet,
+    work_directory,
     write_config,
     write_json,
 )
@@ -59,26 +62,11 @@ USER_ID = "bench-user"
 
 
 def webhook_body(sub: dict[str, str]) -> bytes:
-    files = f"{sub['response_url']}/files"
-    payload = {
-        "diffusers_lora_file": {
-            "url": f"{files}/pytorch_lora_weights.safetensors",
-            "content_type": "application/octet-stream",
-            "file_name": "pytorch_lora_weights.safetensors",
-            "file_size": 4096,
-        },
-        "config_file": {
-            "url": f"{files}/config.json",
-            "content_type": "application/json",
-            "file_name": "config.json",
-            "file_size": 300,
-        },
-    }
     body = {
         "request_id": sub["request_id"],
         "gateway_request_id": sub["request_id"],
         "status": "OK",
-        "payload": payload,
+        "payload": lora_result(sub["response_url"]),
     }
     return json.dumps(body, separators=(",", ":")).encode()
 
@@ -96,19 +84,18 @@ def sign_file(path: Path, subs: list[dict[str, str]], private_key: Any) -> None:
             )
 
 
-async def run_wrk(
-    url: str, file: Path, pid: int, *, threads: int, connections: int, duration: int
-) -> dict[str, Any]:
-    """One wrk run; its figures plus the server's CPU over the run."""
+async def run_wrk(url: str, file: Path, pid: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One wrk run (``--threads``, ``--connections``, ``--duration`` from ``args``); its
+    figures plus the server's CPU over the run."""
     await wait_quiet()
     foreign = ForeignLoad()
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
     result = await trio.run_process(
         [
             "wrk",
-            f"-t{threads}",
-            f"-c{connections}",
-            f"-d{duration}s",
+            f"-t{args.threads}",
+            f"-c{args.connections}",
+            f"-d{args.duration}s",
             "--timeout",
             "10s",
             "-s",
@@ -117,7 +104,7 @@ async def run_wrk(
             "--",
             WEBHOOK_PATH,
             str(file),
-            str(threads),
+            str(args.threads),
         ],
         capture_stdout=True,
         capture_stderr=True,
@@ -241,14 +228,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
             if level == "info":
                 say(f"wrk against the ceiling for {args.duration} s")
-                figures["ceiling_wrk"] = await run_wrk(
-                    ceiling_url,
-                    wrk_file,
-                    ceiling.pid,
-                    threads=args.threads,
-                    connections=args.connections,
-                    duration=args.duration,
-                )
+                figures["ceiling_wrk"] = await run_wrk(ceiling_url, wrk_file, ceiling.pid, args)
                 say(f"  ceiling: {figures['ceiling_wrk']['ok_per_second']:.0f} requests/s")
 
             before = await metrics(metrics_port)
@@ -259,21 +239,11 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 if args.profile
                 else None
             )
-            real = await run_wrk(
-                url,
-                wrk_file,
-                daemon.pid,
-                threads=args.threads,
-                connections=args.connections,
-                duration=args.duration,
-            )
+            real = await run_wrk(url, wrk_file, daemon.pid, args)
             await trio.sleep(1.0)  # let requests still in flight when wrk stopped finish
             if spy is not None:
                 spy.wait(30)
-                figures[f"profile_log_{level}"] = [
-                    {"inclusive_pct": round(i, 1), "self_pct": round(o, 1), "frame": frame}
-                    for i, o, frame in profile_summary(profile, args.profile_top)
-                ]
+                figures[f"profile_log_{level}"] = profile_rows(profile, args.profile_top)
                 say(f"  profile (py-spy, collapsed stacks) in {profile}")
             after = await metrics(metrics_port)
             outcomes = {
@@ -317,15 +287,10 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
             sent = {s["request_id"] for s in wrk_subs}
             if level == "info":
                 sent |= {s["request_id"] for s in load_subs}
-            stored = query(
-                db_path,
-                "SELECT COUNT(*) FROM webhook_receipts WHERE verification = 'verified'",
-            )[0][0]
-            completed = query(
-                db_path,
-                "SELECT COUNT(*) FROM trainings WHERE status = 'COMPLETED' "
-                "AND result_layer = 'webhook'",
-            )[0][0]
+            stored = count_rows(db_path, "webhook_receipts WHERE verification = 'verified'")
+            completed = count_rows(
+                db_path, "trainings WHERE status = 'COMPLETED' AND result_layer = 'webhook'"
+            )
             figures[f"db_after_log_{level}"] = {
                 "verified_receipts_total": stored,
                 "trainings_completed_by_webhook_total": completed,
@@ -383,8 +348,7 @@ def report(f: dict[str, Any]) -> None:
     for key in ("profile_log_info", "profile_log_warning"):
         if key in f:
             print(f"  {key}: inclusive% self% frame")
-            for row in f[key]:
-                print(f"    {row['inclusive_pct']:5.1f} {row['self_pct']:5.1f}  {row['frame']}")
+            print_profile(f[key])
     db = f["db_after_log_info"]
     print(
         f"  database afterwards: {db['verified_receipts_total']} verified receipts, "
@@ -393,8 +357,7 @@ def report(f: dict[str, Any]) -> None:
     )
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+def options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--duration", type=int, default=15, help="seconds per wrk/loadgen run")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--connections", type=int, default=50)
@@ -412,16 +375,15 @@ def main() -> None:
         "--profile", action="store_true", help="sample the daemon with py-spy during wrk"
     )
     parser.add_argument("--profile-top", type=int, default=40, help="frames to list")
-    parser.add_argument("--keep", metavar="DIR", help="keep the work directory (logs, database)")
-    parser.add_argument("--out", help="write the figures as JSON to this file")
-    args = parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args(__doc__, options, keep_what="logs, database")
     if shutil.which("wrk") is None:
         print("webhook_ingest SKIPPED: wrk is not installed (Debian: apt-get install -y wrk)")
         write_json(args.out, {"skipped": "wrk is not installed"})
         return
-    with tempfile.TemporaryDirectory(prefix="bench-webhook-") as tmp:
-        workdir = Path(args.keep) if args.keep else Path(tmp)
-        workdir.mkdir(parents=True, exist_ok=True)
+    with work_directory(args.keep, "bench-webhook-") as workdir:
         try:
             figures = trio.run(bench, args, workdir)
         except (subprocess.CalledProcessError, RuntimeError) as exc:
