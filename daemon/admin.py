@@ -397,6 +397,20 @@ _COMMON = {
 }
 
 
+def _json_body(required: list[str], **optional: str) -> dict[str, Any]:
+    """A required JSON object body: the ``required`` string fields, plus ``optional`` ones
+    given as name=type; nothing else allowed."""
+    properties = {name: {"type": "string"} for name in required}
+    properties.update({name: {"type": kind} for name, kind in optional.items()})
+    schema = {
+        "type": "object",
+        "required": required,
+        "additionalProperties": False,
+        "properties": properties,
+    }
+    return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
 def openapi() -> dict[str, Any]:
     training = "#/components/schemas/Training"
     return {
@@ -458,25 +472,9 @@ def openapi() -> dict[str, Any]:
                 },
                 "post": {
                     "summary": "Submit a training to FAL and record it",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["type", "name", "images_url"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "type": {"type": "string"},
-                                        "name": {"type": "string"},
-                                        "images_url": {"type": "string"},
-                                        "trigger": {"type": "string"},
-                                        "arguments": {"type": "object"},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(
+                        ["type", "name", "images_url"], trigger="string", arguments="object"
+                    ),
                     "responses": {
                         "201": _ok("recorded", training),
                         "400": _error("bad request"),
@@ -489,24 +487,7 @@ def openapi() -> dict[str, Any]:
             "/v1/trainings/track": {
                 "post": {
                     "summary": "Adopt a request submitted elsewhere",
-                    "requestBody": {
-                        "required": True,
-                        "content": {
-                            "application/json": {
-                                "schema": {
-                                    "type": "object",
-                                    "required": ["request_id", "type", "name"],
-                                    "additionalProperties": False,
-                                    "properties": {
-                                        "request_id": {"type": "string"},
-                                        "type": {"type": "string"},
-                                        "name": {"type": "string"},
-                                        "trigger": {"type": "string"},
-                                    },
-                                }
-                            }
-                        },
-                    },
+                    "requestBody": _json_body(["request_id", "type", "name"], trigger="string"),
                     "responses": {
                         "201": _ok("adopted", training),
                         "400": _error("bad request"),
