@@ -162,6 +162,7 @@ def fal_client(settings: Settings, **kwargs: Any) -> FalClient:
 
     return FalClient(
         queue_url=settings.fal["queue_url"],
+        backup_queue_url=settings.fal["backup_queue_url"],
         key=settings.fal_key,
         rate_limiter=RateLimiter(settings.fal["max_requests_per_second"]),
         timeout=settings.fal["timeout_seconds"],

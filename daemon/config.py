@@ -117,6 +117,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_requests_per_second": Key(FLOAT, 10.0, _positive),
         "timeout_seconds": Key(FLOAT, 30.0, _positive),
         "retries": Key((int,), 2, _non_negative),
+        "backup_queue_url": Key((str,), "https://queue.falrun.com", _optional_http_url),
+        "result_error_attempts": Key((int,), 5, _positive),
     },
     "webhook": {
         "listen": Key((str,), "127.0.0.1:8700", _listen),

@@ -76,6 +76,7 @@ def demo_config(
         "database": {"url": f"sqlite:///{workdir / 'trainguard.db'}"},
         "fal": {
             "queue_url": sim.base_url,
+            "backup_queue_url": "",  # tests talk only to loopback
             "jwks_url": sim.jwks_url,
             "max_requests_per_second": 500.0,
             "timeout_seconds": 3.0,

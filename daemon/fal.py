@@ -28,6 +28,7 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import structlog
 import trio
 
 __all__ = [
@@ -42,14 +43,20 @@ __all__ = [
 ]
 
 # fal-client treats these app prefixes as namespaces: the app is the next two segments.
+log = structlog.get_logger("trainguard.fal")
+
 _NAMESPACES = frozenset({"workflows", "comfy"})
 # 4xx answers that say nothing about the training itself: retry them, never fail on them.
 # 401/403 mean *our* key is wrong or revoked; a training must not be failed for that.
 _TRANSIENT_4XX = frozenset({401, 403, 408, 409, 429})
 # Answers after which the server has certainly not acted on the request, so even a
 # non-idempotent submit may be sent again without risking a duplicate (paid) training.
-_RESENDABLE_HTTP = frozenset({408, 429, 503})
+# fal_client retries every call, submit included, on 408/409/429 (client.py RETRY_CODES).
+_RESENDABLE_HTTP = frozenset({408, 409, 429, 503})
 _UNSENT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout, httpx.PoolTimeout)
+# The connection to the host itself failed: fal_client's AsyncBackupDomainTransport replays
+# exactly these on the backup host (queue.fal.run -> queue.falrun.com), never an answer.
+_CONNECT_ERRORS = (httpx.ConnectError, httpx.ConnectTimeout)
 _DETAIL_LIMIT = 500
 _REDACTED = "[redacted]"
 _STEP_RE = re.compile(
@@ -178,6 +185,15 @@ class _Reply:
     def ok(self) -> bool:
         return 200 <= self.code < 300
 
+    @property
+    def from_fal(self) -> bool:
+        """FAL's (or the app's) own error answer: a typed error (``X-Fal-Error-Type`` or
+        ``error_type`` in the body) or a JSON error body with ``detail``. An HTML or
+        plain-text page from a gateway on the way is neither."""
+        return self.error_type is not None or (
+            isinstance(self.body, dict) and "detail" in self.body
+        )
+
     def answer(self, kind: Kind, detail: str | None = None, **fields: Any) -> Answer:
         return Answer(
             op=self.op,
@@ -285,14 +301,19 @@ def _classify_status(reply: _Reply) -> Answer:
     if state in ("IN_QUEUE", "IN_PROGRESS"):
         return reply.answer(Kind.PENDING, **fields)
     if state == "COMPLETED":
-        error = body.get("error")
-        if error:
-            return reply.answer(Kind.FAILED, _clip(_readable(error)), **fields)
+        error, error_type = body.get("error"), body.get("error_type")
+        if error or error_type:
+            return reply.answer(Kind.FAILED, _clip(_readable(error or error_type)), **fields)
         return reply.answer(Kind.COMPLETED, **fields)
     return reply.malformed(f"unknown status {state!r}")
 
 
 def _classify_result(reply: _Reply) -> Answer:
+    """SUCCEEDED (the output), PENDING ("still in progress"), FAILED (an error answer from
+    FAL or the app: final once the status said COMPLETED, see fal-api.md), NOT_FOUND, or
+    TRANSIENT (transport, 401/403/408/409/429, and an untyped 5xx such as a gateway page).
+    Whether a FAILED or NOT_FOUND here is final is not this answer's to say: the caller
+    knows whether COMPLETED was seen (reconcile decides)."""
     body = reply.body if isinstance(reply.body, dict) else {}
     if reply.ok:
         if not reply.decoded:
@@ -307,6 +328,8 @@ def _classify_result(reply: _Reply) -> Answer:
     detail = body.get("detail")
     if 400 <= reply.code < 500 and isinstance(detail, str) and "in progress" in detail.lower():
         return reply.answer(Kind.PENDING, detail)
+    if reply.code >= 500 and reply.from_fal:
+        return reply.answer(Kind.FAILED, reply.describe())
     return _http_failure(reply)
 
 
@@ -343,6 +366,7 @@ class FalClient:
         *,
         queue_url: str,
         key: str | None,
+        backup_queue_url: str = "",
         rate_limiter: RateLimiter,
         timeout: float,
         retries: int = 2,
@@ -357,6 +381,7 @@ class FalClient:
         if timeout <= 0 or retries < 0 or clients < 1 or connections_per_client < 1:
             raise ValueError("timeout must be > 0, retries >= 0, clients and connections >= 1")
         self._queue_url = queue_url.rstrip("/")
+        self._backup_url = backup_queue_url.rstrip("/")
         self._auth = {"Authorization": f"Key {key}"} if key else {}
         secrets = [key] if key else []
         if key and ":" in key:
@@ -388,7 +413,10 @@ class FalClient:
 
     def __repr__(self) -> str:
         key = "set" if self._auth else "none"
-        return f"FalClient(queue_url={self._queue_url!r}, clients={len(self._clients)}, key={key})"
+        return (
+            f"FalClient(queue_url={self._queue_url!r}, backup_queue_url={self._backup_url!r}, "
+            f"clients={len(self._clients)}, key={key})"
+        )
 
     async def __aenter__(self) -> FalClient:
         return self
@@ -498,12 +526,43 @@ class FalClient:
         auth: bool,
         request: dict[str, Any],
     ) -> tuple[Answer, bool]:
-        """One HTTP attempt, classified; also says whether FAL certainly did not act on it."""
+        """One HTTP attempt, classified; also says whether FAL certainly did not act on it.
+
+        When the connection to the queue host itself fails (never on an answer, never on a
+        read timeout), the same request is sent once to ``backup_queue_url``, as fal_client's
+        backup-domain transport does; if that fails too, the first failure is reported."""
         await self._limiter.acquire()
         client = next(self._rotation)
         started = trio.current_time()
-        response: httpx.Response | None = None
-        failure, resendable = "timeout", False
+        response, failure, unsent = await self._send(client, method, url, auth, request)
+        backup = self._backup_for(url) if failure is not None and unsent == "connect" else None
+        if backup is not None:
+            log.warning("connection to the FAL queue failed; trying the backup host", op=op)
+            second = await self._send(client, method, backup, auth, request)
+            if second[0] is not None or second[2] != "connect":
+                response, failure, unsent = second
+        if response is None:
+            detail = _clip(self._scrub(failure or "timeout"))
+            answer = Answer(op=op, kind=Kind.TRANSIENT, detail=detail)
+            resendable = unsent is not None
+        else:
+            answer = classify(self._decode(op, response))
+            resendable = response.status_code in _RESENDABLE_HTTP
+        if self._observe is not None:
+            self._observe(op, answer.kind.value, trio.current_time() - started)
+        return answer, resendable
+
+    async def _send(
+        self,
+        client: httpx.AsyncClient,
+        method: str,
+        url: str,
+        auth: bool,
+        request: dict[str, Any],
+    ) -> tuple[httpx.Response | None, str | None, str | None]:
+        """(response, failure, unsent): ``unsent`` is "connect" when the connection to the
+        host failed, "pool" when no connection was free, None when the request may have
+        reached FAL."""
         with trio.move_on_after(self._timeout):
             try:
                 response = await client.request(
@@ -515,15 +574,17 @@ class FalClient:
                     failure = f"timeout ({name})"
                 else:
                     failure = f"{name}: {exc}" if str(exc) else name
-                resendable = isinstance(exc, _UNSENT_ERRORS)
-        if response is None:
-            answer = Answer(op=op, kind=Kind.TRANSIENT, detail=_clip(self._scrub(failure)))
-        else:
-            answer = classify(self._decode(op, response))
-            resendable = response.status_code in _RESENDABLE_HTTP
-        if self._observe is not None:
-            self._observe(op, answer.kind.value, trio.current_time() - started)
-        return answer, resendable
+                if isinstance(exc, _CONNECT_ERRORS):
+                    return None, failure, "connect"
+                return None, failure, "pool" if isinstance(exc, _UNSENT_ERRORS) else None
+            return response, None, None
+        return None, "timeout", None
+
+    def _backup_for(self, url: str) -> str | None:
+        """The same request on the backup host, for a URL on the primary queue host."""
+        if self._backup_url and url.startswith(self._queue_url + "/"):
+            return self._backup_url + url[len(self._queue_url) :]
+        return None
 
     def _scrub(self, text: str) -> str:
         for secret in self._secrets:

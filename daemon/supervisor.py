@@ -152,6 +152,7 @@ class Daemon:
             self.db_ok = True
             async with FalClient(
                 queue_url=s.fal["queue_url"],
+                backup_queue_url=s.fal["backup_queue_url"],
                 key=s.fal_key,
                 rate_limiter=RateLimiter(s.fal["max_requests_per_second"]),
                 timeout=s.fal["timeout_seconds"],

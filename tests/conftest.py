@@ -104,6 +104,7 @@ def daemon_settings(
         "database": {"url": f"sqlite:///{db_path}"},
         "fal": {
             "queue_url": sim.base_url,
+            "backup_queue_url": "",  # tests talk only to loopback
             "jwks_url": sim.jwks_url,
             "max_requests_per_second": 500.0,
             "timeout_seconds": 2.0,

@@ -210,7 +210,33 @@ VALIDATION = {
         (r(400, {"detail": "bad input"}), Kind.FAILED, "HTTP 400: bad input"),
         (r(400, {"detail": {"code": 1}}), Kind.FAILED, 'HTTP 400: {"code":1}'),
         (r(404, {"detail": "not found"}), Kind.NOT_FOUND, "HTTP 404: not found"),
-        (r(503, {"detail": "busy"}), Kind.TRANSIENT, "HTTP 503: busy"),
+        # Once COMPLETED, FAL's or the app's own error answer is final (fal-api.md, result):
+        (r(503, {"detail": "busy"}), Kind.FAILED, "HTTP 503: busy"),
+        (r(500, {"detail": "CUDA out of memory"}), Kind.FAILED, "HTTP 500: CUDA out of memory"),
+        (
+            r(504, {"detail": "Request timed out", "error_type": "request_timeout"}),
+            Kind.FAILED,
+            "HTTP 504: Request timed out",
+        ),
+        (
+            r(502, content=b"upstream died", x_fal_error_type="runner_incomplete_response"),
+            Kind.FAILED,
+            "HTTP 502: upstream died",
+        ),
+        # ... but a gateway's untyped page is transient (bounded by reconcile once COMPLETED).
+        (
+            r(502, content=b"<html><body><h1>502 Bad Gateway</h1>nginx</body></html>"),
+            Kind.TRANSIENT,
+            "HTTP 502: <html><body><h1>502 Bad Gateway</h1>nginx</body></html>",
+        ),
+        (
+            r(503, content=b"Service Unavailable"),
+            Kind.TRANSIENT,
+            "HTTP 503: Service Unavailable",
+        ),
+        (r(500, {"message": "oops"}), Kind.TRANSIENT, 'HTTP 500: {"message":"oops"}'),
+        (r(429, {"detail": "slow down"}, retry_after="3"), Kind.TRANSIENT, "HTTP 429: slow down"),
+        (r(408, content=b""), Kind.TRANSIENT, "HTTP 408"),
         (r(200, [1]), Kind.TRANSIENT, "output is not a JSON object: HTTP 200: [1]"),
         (r(200, content=b"{trunc"), Kind.TRANSIENT, "undecodable JSON: HTTP 200: {trunc"),
         (r(202, {"status": "IN_PROGRESS"}), Kind.PENDING, None),
@@ -436,6 +462,7 @@ async def test_submit_raises_without_resending(
         r(503, {"detail": "busy"}),
         r(429, {"detail": "slow down"}),
         r(408, {}),
+        r(409, {}),
         httpx.ConnectError("refused"),
         httpx.ConnectTimeout("connect"),
     ],
@@ -448,6 +475,84 @@ async def test_submit_resends_when_fal_did_not_act(
         submitted = await client.submit(ENDPOINT, {}, None)
     assert submitted.request_id == RID
     assert len(fake.requests) == 2
+
+
+# ---------------------------------------------------------------- the backup host
+BACKUP = "https://queue.falrun.com"
+
+
+class TwoHosts:
+    """The primary queue host answers with ``primary`` (a step); the backup with ``backup``."""
+
+    def __init__(self, primary: Step, backup: Step) -> None:
+        self.primary, self.backup = Fake(primary), Fake(backup)
+
+    async def __call__(self, request: httpx.Request) -> httpx.Response:
+        fake = self.backup if request.url.host == "queue.falrun.com" else self.primary
+        return await fake(request)
+
+
+@pytest.mark.parametrize("error", [httpx.ConnectError("refused"), httpx.ConnectTimeout("slow")])
+async def test_connection_failure_falls_back_to_the_backup_host(error: Exception) -> None:
+    hosts = TwoHosts(error, r(200, {"status": "COMPLETED"}))
+    async with make_client(hosts, backup_queue_url=BACKUP) as client:
+        status = await client.status(STATUS_URL)
+        result = await client.result(RESPONSE_URL)
+        cancel = await client.cancel(CANCEL_URL)
+    assert status.kind is Kind.COMPLETED
+    assert result.kind is Kind.SUCCEEDED
+    assert cancel.kind is Kind.SUCCEEDED
+    paths = [req.url.path for req in hosts.backup.requests]
+    assert paths == [httpx.URL(u).path for u in (STATUS_URL, RESPONSE_URL, CANCEL_URL)]
+    assert [req.headers["authorization"] for req in hosts.backup.requests] == [f"Key {KEY}"] * 3
+
+
+async def test_submit_falls_back_only_when_it_never_reached_fal() -> None:
+    hosts = TwoHosts(httpx.ConnectError("refused"), r(200, SUBMIT_OK))
+    async with make_client(hosts, backup_queue_url=BACKUP) as client:
+        submitted = await client.submit(ENDPOINT, {"a": 1}, None)
+    assert submitted.request_id == RID
+    assert [str(req.url) for req in hosts.backup.requests] == [f"{BACKUP}/{ENDPOINT}"]
+    assert json.loads(hosts.backup.requests[0].content) == {"a": 1}
+
+    # A read timeout may have reached FAL: no second (paid) training on the backup host.
+    hosts = TwoHosts(httpx.ReadTimeout("read"), r(200, SUBMIT_OK))
+    async with make_client(hosts, backup_queue_url=BACKUP, retries=3) as client:
+        with pytest.raises(FalRequestError):
+            await client.submit(ENDPOINT, {}, None)
+    assert (len(hosts.primary.requests), hosts.backup.requests) == (1, [])
+
+
+@pytest.mark.parametrize(
+    "step",
+    [
+        r(503, content=b"Service Unavailable"),
+        r(404, {"detail": "Request not found"}),
+        httpx.ReadTimeout("read"),
+        httpx.RemoteProtocolError("disconnected"),
+    ],
+)
+async def test_no_fallback_on_an_answer_or_after_the_request_was_sent(step: Step) -> None:
+    hosts = TwoHosts(step, r(200, {"status": "COMPLETED"}))
+    async with make_client(hosts, backup_queue_url=BACKUP) as client:
+        answer = await client.status(STATUS_URL)
+    assert answer.kind in (Kind.TRANSIENT, Kind.NOT_FOUND)
+    assert hosts.backup.requests == []
+
+
+async def test_backup_down_too_reports_the_first_failure_and_no_backup_means_none() -> None:
+    hosts = TwoHosts(httpx.ConnectError("primary refused"), httpx.ConnectError("backup refused"))
+    async with make_client(hosts, backup_queue_url=BACKUP) as client:
+        answer = await client.status(STATUS_URL)
+    assert answer.kind is Kind.TRANSIENT and "primary refused" in (answer.detail or "")
+    assert len(hosts.backup.requests) == 1
+    hosts = TwoHosts(httpx.ConnectError("refused"), r(200, {"status": "COMPLETED"}))
+    async with make_client(hosts, backup_queue_url="") as client:
+        assert (await client.status(STATUS_URL)).kind is Kind.TRANSIENT
+        # URLs on another host (media probes) never go to the backup either.
+    async with make_client(hosts, backup_queue_url=BACKUP) as client:
+        assert (await client.probe(MEDIA_URL)).kind is Kind.TRANSIENT
+    assert hosts.backup.requests == []
 
 
 # ---------------------------------------------------------------- auth and the key
@@ -530,7 +635,7 @@ async def test_retries_exhausted_returns_last_transient(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
     for op in ("status", "result", "cancel", "probe"):
-        answer, fake = await ask(op, r(503, {"detail": "busy"}), retries=3)
+        answer, fake = await ask(op, r(503, content=b"Service Unavailable"), retries=3)
         assert answer.kind is Kind.TRANSIENT
         assert len(fake.requests) == 4
 
