@@ -123,7 +123,9 @@ async def _known(reconciler: Reconciler, request_id: str) -> TrainingView:
 async def cancel(
     settings: Settings, fal: FalClient, reconciler: Reconciler, request_id: str
 ) -> TrainingView:
-    """Ask FAL to cancel; once FAL accepts, the training is CANCELLED through reconcile.
+    """Ask FAL to cancel. An accepted cancel is a request, not an outcome: it is recorded
+    (``cancel_requested_at``) and the layers keep watching until FAL shows what happened (a
+    queued request is removed: CANCELLED; a running one may still finish with its result).
 
     Raises NotFound, Conflict (already finished here or at FAL) or Unavailable (a transient
     answer: try again).
@@ -135,12 +137,17 @@ async def cancel(
         view.cancel_url or queue_urls(settings.fal["queue_url"], view.endpoint, request_id)[2]
     )
     answer = await fal.cancel(cancel_url)
-    change = await reconciler.observe_answer(answer, request_id, "admin")
-    if change.kind == "cancelled" and change.training is not None:
-        return change.training
+    if answer.kind == Kind.SUCCEEDED:
+        change = await reconciler.observe_answer(answer, request_id, "admin")
+        return change.training or await _known(reconciler, request_id)
     if answer.kind == Kind.TRANSIENT:
         raise Unavailable(f"FAL did not answer the cancel: {answer.detail}")
-    if change.kind == "fal_completed" or answer.detail == "ALREADY_COMPLETED":
+    if answer.kind == Kind.NOT_FOUND and view.cancel_requested_at is not None:
+        change = await reconciler.observe_answer(answer, request_id, "admin")  # removed
+        if change.training is not None and change.training.status == "CANCELLED":
+            return change.training
+    if answer.status == "ALREADY_COMPLETED":
+        await reconciler.observe_answer(answer, request_id, "admin")  # fetch the result now
         raise Conflict(
             f"training {request_id} already completed at FAL; its result is being fetched"
         )

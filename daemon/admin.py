@@ -257,7 +257,7 @@ class AdminApi:
             raise ApiError(409, "conflict", str(exc)) from None
         except actions.Unavailable as exc:
             raise ApiError(503, "fal_unavailable", str(exc)) from None
-        return 200, view_as_dict(view)
+        return 200, {**view_as_dict(view), "cancel": "requested"}
 
     async def recheck(self, request: Request) -> tuple[int, Any]:
         s = self.services
@@ -357,6 +357,9 @@ _TRAINING = {
         "last_checked_at": {**_NULLABLE_STRING, "format": "date-time"},
         "next_check_at": {**_NULLABLE_STRING, "format": "date-time"},
         "deadline_at": {**_NULLABLE_STRING, "format": "date-time"},
+        "cancel_requested_at": {**_NULLABLE_STRING, "format": "date-time"},
+        "result_errors": {"type": "integer"},
+        "cancel": {"type": "string", "enum": ["requested"]},
     },
 }
 _EVENT = {
@@ -509,10 +512,10 @@ def openapi() -> dict[str, Any]:
             },
             "/v1/trainings/{request_id}/cancel": {
                 "post": {
-                    "summary": "Cancel at FAL, then CANCELLED through reconcile",
+                    "summary": "Ask FAL to cancel; CANCELLED once FAL shows it will not finish",
                     "parameters": [_ID],
                     "responses": {
-                        "200": _ok("cancelled", training),
+                        "200": _ok("cancel requested (FAL may still finish it)", training),
                         "404": _error("unknown"),
                         "409": _error("already finished"),
                         **_COMMON,

@@ -185,7 +185,13 @@ def cmd_cancel(args: argparse.Namespace) -> int:
         view = _run(cancel)
     except (actions.NotFound, actions.Conflict, actions.Unavailable) as exc:
         raise CliError(str(exc)) from exc
-    _print_training(view, args.json)
+    if args.json:
+        print(json.dumps({**view_as_dict(view), "cancel": "requested"}, ensure_ascii=False))
+    else:
+        print(
+            f"{view.request_id}: cancel requested ({view.status}); FAL may still finish it, "
+            "the training is watched until FAL shows the outcome"
+        )
     return 0
 
 
@@ -394,7 +400,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--trigger")
     p.add_argument("--json", action="store_true")
 
-    p = add("cancel", cmd_cancel, "cancel a training at FAL (then CANCELLED through reconcile)")
+    p = add(
+        "cancel",
+        cmd_cancel,
+        "ask FAL to cancel a training (CANCELLED once FAL shows it will not finish)",
+    )
     p.add_argument("request_id")
     p.add_argument("--json", action="store_true")
 

@@ -167,7 +167,13 @@ class DaemonProcess:
 
 
 # -- the verdict ---------------------------------------------------------------------------
-EXPECTED_FALLBACK = {"fail": "fal_failure", "no_lora": "no_artifact", "never": "deadline"}
+EXPECTED_FALLBACK = {
+    "fail": "fal_failure",
+    "error500": "fal_failure",
+    "typed_error": "fal_failure",
+    "no_lora": "no_artifact",
+    "never": "deadline",
+}
 #: Outcomes with a real result at FAL. A payload_error spoils only the webhook: the result
 #: fetch still answers, so a fallback applied on it must have been upgraded by the end.
 REAL_OUTCOMES = ("ok", "payload_error")
@@ -187,12 +193,16 @@ def judge(view: TrainingView | None, truth: Truth) -> str | None:
         return "not in the store"
     if view.status not in TERMINAL:
         return f"not finished ({view.status})"
+    if truth.cancel_requested and view.cancel_requested_at is None:
+        return "FAL accepted a cancel that is not recorded"
     if truth.outcome in REAL_OUTCOMES:
         if view.is_fallback:
             return f"fallback ({view.fallback_kind}) although FAL had a real result"
         if (view.lora_url or view.finetune_id) != _real_result(truth):
             return "stored result differs from FAL's"
         return None
+    if truth.outcome == "cancelled":
+        return None if view.status == "CANCELLED" else f"expected CANCELLED, found {view.status}"
     expected = EXPECTED_FALLBACK.get(truth.outcome)
     if not view.is_fallback or view.fallback_kind != expected:
         return f"expected a {expected} fallback, found {view.fallback_kind or view.status}"

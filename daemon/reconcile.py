@@ -53,12 +53,16 @@ class Kind(StrEnum):
     PENDING = "pending"  # FAL: not done yet, nothing more known
     FAL_COMPLETED = "fal_completed"  # FAL: COMPLETED; the result is still to be fetched
     SUCCEEDED = "succeeded"  # a model output (result fetch, OK webhook)
-    FAILED = "failed"  # FAL's definitive failure (error result, ERROR webhook)
+    FAILED = "failed"  # FAL's definitive failure (ERROR webhook, COMPLETED status with error)
+    ERROR_RESULT = "error_result"  # the result call answered an error: final once COMPLETED
+    RESULT_ERROR_5XX = "result_error_5xx"  # an untyped 5xx on the result: bounded once COMPLETED
+    RESULT_NOT_FOUND = "result_not_found"  # the result call answered 404
     PAYLOAD_ERROR = "payload_error"  # FAL finished but could not serialise the output
     NOT_FOUND = "not_found"  # FAL does not know the request (expired after completion)
     TRANSIENT = "transient"  # timeout, 429, 5xx, connection error: try again later
     DEADLINE = "deadline"  # the emergency deadline has passed
-    CANCELLED = "cancelled"  # FAL accepted our cancel request
+    CANCEL_REQUESTED = "cancel_requested"  # FAL accepted our cancel request (not an outcome)
+    CANCELLED = "cancelled"  # FAL certainly will not produce a result: the cancel took effect
     PROBED = "probed"  # the stored LoRA URL was asked whether it still answers
     RECHECK = "recheck"  # an operator asked for a check now
 
@@ -110,6 +114,7 @@ EVENT_KINDS = frozenset(
         "upgrade",
         "filled",
         "cancelled",
+        "cancel_requested",
         "fal_completed",
         "artifact_missing",
         "recheck",
@@ -131,28 +136,44 @@ OutboxCollector = Callable[[TrainingView, str, str], list[dict[str, Any]]]
 
 # -- reading FAL's answers ---------------------------------------------------------------
 def observation_from_answer(answer: fal.Answer, request_id: str, layer: str) -> Observation:
-    """Translate a classified FAL answer into an observation."""
-    k = fal.Kind
+    """Translate a classified FAL answer into an observation.
+
+    What a result call's error means depends on whether FAL said COMPLETED before (only
+    reconcile knows), so those get kinds of their own; a status call's error answer (not
+    COMPLETED with an error) says nothing certain about the training and is transient.
+    """
+    k, op = fal.Kind, answer.op
+
+    def seen(kind: Kind, **fields: Any) -> Observation:
+        return Observation(request_id, layer, kind, **fields)
+
     if answer.kind == k.TRANSIENT:
-        return Observation(request_id, layer, Kind.TRANSIENT, detail=answer.detail)
+        if op == "result" and (answer.http_status or 0) >= 500:
+            return seen(Kind.RESULT_ERROR_5XX, detail=answer.detail)
+        return seen(Kind.TRANSIENT, detail=answer.detail)
     if answer.kind == k.NOT_FOUND:
-        return Observation(request_id, layer, Kind.NOT_FOUND, detail=answer.detail)
+        kind = Kind.RESULT_NOT_FOUND if op == "result" else Kind.NOT_FOUND
+        return seen(kind, detail=answer.detail)
     if answer.kind == k.FAILED:
-        if answer.op == "cancel":  # ALREADY_COMPLETED: finished at FAL, fetch the result
-            return Observation(request_id, layer, Kind.FAL_COMPLETED, detail=answer.detail)
-        return Observation(request_id, layer, Kind.FAILED, detail=answer.detail)
+        if answer.status == "ALREADY_COMPLETED":  # a cancel too late: fetch the result
+            return seen(Kind.FAL_COMPLETED, detail=answer.detail)
+        if op == "result":
+            return seen(Kind.ERROR_RESULT, detail=answer.detail)
+        if answer.status == "COMPLETED":  # a COMPLETED status with an error
+            return seen(Kind.FAILED, detail=answer.detail)
+        return seen(Kind.TRANSIENT, detail=answer.detail)
     if answer.kind == k.COMPLETED:
-        return Observation(request_id, layer, Kind.FAL_COMPLETED)
+        return seen(Kind.FAL_COMPLETED)
     if answer.kind == k.SUCCEEDED:
-        if answer.op == "cancel":
-            return Observation(request_id, layer, Kind.CANCELLED)
-        return Observation(request_id, layer, Kind.SUCCEEDED, output=answer.output or {})
+        if op == "cancel":
+            return seen(Kind.CANCEL_REQUESTED)
+        return seen(Kind.SUCCEEDED, output=answer.output or {})
     # PENDING
     if answer.status == "IN_QUEUE":
-        return Observation(request_id, layer, Kind.QUEUED)
+        return seen(Kind.QUEUED)
     if answer.status == "IN_PROGRESS":
-        return Observation(request_id, layer, Kind.RUNNING, progress=answer.progress)
-    return Observation(request_id, layer, Kind.PENDING)
+        return seen(Kind.RUNNING, progress=answer.progress)
+    return seen(Kind.PENDING)
 
 
 def _detail_text(value: Any) -> str:
@@ -485,9 +506,8 @@ class Reconciler:
         k = obs.kind
         terminal = row.status in TERMINAL
         if obs.layer == "delayed":  # the delayed layer's one-off check is done (or retried)
-            row.delayed_check_at = (
-                self._backoff(row.attempts + 1, now) if k == Kind.TRANSIENT else None
-            )
+            retry = k in (Kind.TRANSIENT, Kind.RESULT_ERROR_5XX)
+            row.delayed_check_at = self._backoff(row.attempts + 1, now) if retry else None
 
         if k == Kind.SUCCEEDED:
             ttype = self.settings.training_types.get(row.training_type)
@@ -527,7 +547,10 @@ class Reconciler:
             ttr = now - row.fal_completed_at if row.fal_completed_at else None
             if kind == "result":
                 row.delayed_check_at = now + self._verify_after()
-                return kind, {"lora_url": row.lora_url, "finetune_id": row.finetune_id}, ttr
+                stored = {"lora_url": row.lora_url, "finetune_id": row.finetune_id}
+                if row.cancel_requested_at is not None:
+                    stored["cancel_not_honoured"] = True  # it finished anyway: a paid result
+                return kind, stored, ttr
             return kind, {"replaced": previous, "lora_url": row.lora_url}, ttr
 
         if k == Kind.RECHECK:  # due now: the poller (unfinished) or the delayed layer (finished)
@@ -552,18 +575,39 @@ class Reconciler:
         if terminal:  # a terminal state never regresses; late or duplicate news changes nothing
             return "none", {}, None
 
-        if k == Kind.TRANSIENT or (k == Kind.NOT_FOUND and not row.fal_completed_at):
+        completed = row.fal_completed_at is not None
+        cancelling = row.cancel_requested_at is not None
+        if k == Kind.CANCEL_REQUESTED:  # a request, not an outcome: keep watching, soon
+            if cancelling:
+                return "none", {}, None
+            row.cancel_requested_at = now
+            row.next_check_at = now
+            return "cancel_requested", {}, None
+        if k in (Kind.ERROR_RESULT, Kind.RESULT_NOT_FOUND) and not completed:
+            # Not certainly final before FAL said COMPLETED ("not ready" has no documented
+            # wording): ask the status now, decide on its answer.
+            row.next_check_at = now
+            return "checked", {}, None
+        if k == Kind.RESULT_ERROR_5XX and completed:
+            row.result_errors += 1
+            limit = int(self.settings.fal["result_error_attempts"])
+            if row.result_errors >= limit:
+                detail = f"{obs.detail or 'HTTP 5xx'} (result failed {row.result_errors} times)"
+                return self._failure(row, obs, "result_error", detail, now)
+        if k in (Kind.TRANSIENT, Kind.RESULT_ERROR_5XX) or (
+            k == Kind.NOT_FOUND and not completed and not cancelling
+        ):
             row.attempts += 1
             row.last_error = (obs.detail or k.value)[:2000]
             row.next_check_at = self._backoff(row.attempts, now)
             return "backoff", {"error": row.last_error, "attempts": row.attempts}, None
-        if k == Kind.NOT_FOUND:
+        if k in (Kind.NOT_FOUND, Kind.RESULT_NOT_FOUND):
+            if not completed:  # FAL no longer knows a request we cancelled: it was removed
+                return self._cancelled(row, now, obs.detail or "FAL no longer knows the request")
             reason = "FAL no longer has the result (expired)"
             return self._fallback(row, obs, "expired", reason, now), {"reason": reason}, None
-        if k == Kind.FAILED:
-            row.failure_detail = (obs.detail or "")[:4000] or None
-            reason = f"FAL reported a failure: {obs.detail or 'no detail'}"[:2000]
-            return self._fallback(row, obs, "fal_failure", reason, now), {"reason": reason}, None
+        if k in (Kind.FAILED, Kind.ERROR_RESULT):
+            return self._failure(row, obs, "fal_failure", obs.detail, now)
         if k == Kind.PAYLOAD_ERROR:
             reason = f"FAL could not deliver the output: {obs.detail or 'payload_error'}"[:2000]
             return self._fallback(row, obs, "payload_error", reason, now), {"reason": reason}, None
@@ -573,10 +617,7 @@ class Reconciler:
             reason = "no final answer from FAL before the deadline"
             return self._fallback(row, obs, "deadline", reason, now), {"reason": reason}, None
         if k == Kind.CANCELLED:
-            row.status = "CANCELLED"
-            row.completed_at = now
-            row.next_check_at = row.delayed_check_at = None
-            return "cancelled", {}, None
+            return self._cancelled(row, now, obs.detail)
 
         row.attempts = 0
         if k == Kind.FAL_COMPLETED:
@@ -600,6 +641,24 @@ class Reconciler:
                 row.progress = progress
                 return "progress", {}, None
         return "checked", {}, None
+
+    def _failure(
+        self, row: Training, obs: Observation, kind: str, detail: str | None, now: float
+    ) -> tuple[str, dict[str, Any], float | None]:
+        """FAL's certain failure; after a cancel was requested it is the cancel taking effect."""
+        if row.cancel_requested_at is not None:
+            return self._cancelled(row, now, detail)
+        row.failure_detail = (detail or "")[:4000] or None
+        reason = f"FAL reported a failure: {detail or 'no detail'}"[:2000]
+        return self._fallback(row, obs, kind, reason, now), {"reason": reason}, None
+
+    def _cancelled(
+        self, row: Training, now: float, detail: str | None
+    ) -> tuple[str, dict[str, Any], float | None]:
+        row.status = "CANCELLED"
+        row.completed_at = now
+        row.next_check_at = row.delayed_check_at = None
+        return "cancelled", {"detail": detail[:2000]} if detail else {}, None
 
     def _verify_after(self) -> float:
         return float(self.settings.layer("delayed").options.get("verify_after_seconds", 60.0))
@@ -843,4 +902,6 @@ def view_as_dict(view: TrainingView) -> dict[str, Any]:
         "last_checked_at": iso(view.last_checked_at),
         "next_check_at": iso(view.next_check_at),
         "deadline_at": iso(view.deadline_at),
+        "cancel_requested_at": iso(view.cancel_requested_at),
+        "result_errors": view.result_errors,
     }

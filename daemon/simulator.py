@@ -4,11 +4,22 @@ Tests and the demo point the daemon here instead of ``https://queue.fal.run``. T
 API, the webhook bodies and the signatures follow /work/shared/fal-api.md. Where that page
 is silent the simulator picks one plausible behaviour and says so here:
 
-- Cancel takes effect at once: the training becomes COMPLETED (status carries
-  ``error``/``error_type`` ``client_cancelled``), its result answers 499
+- Cancel follows fal-api.md: a queued request is removed (from then on its status, result
+  and cancel answer 404 as for an unknown id, and no webhook is sent). A running one gets
+  the signal: by default the app stops at once, the training becomes COMPLETED (status
+  carries ``error``/``error_type`` ``client_cancelled``), its result answers 499
   ``{"detail": ..., "error_type": "client_cancelled"}`` with ``X-Fal-Error-Type`` (fal's
   documented error type for a client cancellation), and a webhook, if registered, is sent
-  with ``status: "ERROR"`` and ``error: "Invalid status code: 499"``.
+  with ``status: "ERROR"`` and ``error: "Invalid status code: 499"``. A running app may
+  also ignore the signal and finish with its result ("the app decides"): the input's
+  ``sim_cancel: "ignore"`` or the ``ignore_cancel`` fault.
+- Outcomes ``error500`` (the app's own 500 ``{"detail": ...}`` on the result) and
+  ``typed_error`` (504 ``{"detail", "error_type": "request_timeout"}`` with
+  ``X-Fal-Error-Type``, fal's typed error after its own retries) are final errors of a
+  finished request (fal-api.md, result and "Infrastructure errors").
+- The not-ready answer of the result call is undocumented: ``not_ready_answer`` picks the
+  wording (400 "still in progress" by default, 400 "Request is not completed", 404, a bare
+  422, or a random one of these per call).
 - A failed training answers its result with 422 ``{"detail": [...]}``; about half of the
   failed trainings (seeded) also show ``error: "Invalid status code: 422"`` on the COMPLETED
   status, so a client cannot rely on it.
@@ -19,8 +30,10 @@ is silent the simulator picks one plausible behaviour and says so here:
 - Inputs missing the trainer's required field (``images_data_url``, or ``data_url`` for the
   pro trainer) fail like fal's runner does (422 ``field required``) unless ``sim_outcome``
   says otherwise. Unknown apps are treated as generic LoRA trainers.
-- 429 carries ``error_type: "rate_limited"`` (fal documents none for it); ``api_down``
-  answers 503 ``runner_scheduling_failure``.
+- Transient faults (``api_error_rate``, ``api_down``, ``result_gateway_error``) are what
+  fal-api.md calls transient: 429 with ``Retry-After`` (carrying ``error_type:
+  "rate_limited"``, fal documents none for it) and untyped gateway pages (HTML 502/504,
+  plain-text 503: no ``X-Fal-Error-Type``, no FAL error body), never fal's typed errors.
 
 Time is ``trio.current_time()`` read lazily on every request, so no task runs per training
 except the webhook sender; ``Truth.completed_at`` is on that clock too.
@@ -64,7 +77,7 @@ Message = dict[str, Any]
 Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 
-OUTCOMES = ("ok", "fail", "no_lora", "payload_error", "never")
+OUTCOMES = ("ok", "fail", "error500", "typed_error", "no_lora", "payload_error", "never")
 """Values accepted in an input's ``sim_outcome`` key ("cancelled" comes only from a cancel)."""
 
 DEFAULT_WEBHOOK_RETRY_DELAYS: tuple[float, ...] = (0.5, 1, 2, 4, 8, 15, 30, 60, 120, 240)
@@ -79,15 +92,35 @@ PAYLOAD_ERROR_TEXT = (
     "or use the queue endpoint to retrieve the response."
 )
 CANCELLED_DETAIL = "Request was cancelled by the client"
+APP_ERROR_DETAIL = "Training crashed: CUDA error: an illegal memory access was encountered"
+TYPED_ERROR = (504, "request_timeout", "Request timed out")
+#: The ``error`` of a COMPLETED status (about half the failed trainings show one, seeded).
+_FAILED_STATUS = {
+    "fail": "Invalid status code: 422",
+    "error500": "Invalid status code: 500",
+    "typed_error": TYPED_ERROR[2],
+}
+NOT_READY_ANSWERS = ("in_progress", "not_completed", "not_found", "bare_422")
+CANCEL_BEHAVIOURS = ("honour", "ignore")
 LOG_CHECKPOINTS = 10
 
-_API_ERRORS: tuple[tuple[int, str, str], ...] = (
-    (429, "rate_limited", "Too many concurrent requests"),
-    (500, "internal_error", "An unexpected internal error occurred"),
-    (502, "runner_incomplete_response", "The runner sent an incomplete response payload"),
-    (503, "runner_scheduling_failure", "No runner could be allocated to handle the request"),
-    (504, "request_timeout", "Request timed out"),
-)
+_HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
+_HTML_504 = b"<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center><hr><center>nginx</center></body></html>"
+
+
+def _rate_limited() -> _Reply:
+    return _json_reply(
+        429,
+        {"detail": "Too many concurrent requests", "error_type": "rate_limited"},
+        {"Retry-After": "1"},
+    )
+
+
+def _gateway_page(status: int) -> _Reply:
+    """An untyped page from a proxy on the way: not FAL's answer about the request."""
+    if status == 503:
+        return _Reply(503, b"Service Unavailable", content_type="text/plain")
+    return _Reply(status, _HTML_504 if status == 504 else _HTML_502, content_type="text/html")
 
 
 @dataclass
@@ -106,7 +139,8 @@ class Faults:
     bad_signature: float = 0.0
     """A delivery attempt is signed over different bytes."""
     api_error_rate: float = 0.0
-    """A queue API call answers 429 (with Retry-After) or 500/502/503/504 in FAL's shape."""
+    """A queue API call answers 429 (with Retry-After) or an untyped gateway page (HTML
+    502/504, plain-text 503)."""
     api_timeout_rate: float = 0.0
     """A queue API call hangs ``api_timeout_seconds`` before answering."""
     api_timeout_seconds: float = 30.0
@@ -123,12 +157,25 @@ class Faults:
     jwks_down: bool = False
     """The JWKS endpoint answers 503."""
     api_down: bool = False
-    """Every queue API call answers 503."""
+    """Every queue API call answers 503 (an untyped plain-text page)."""
+    result_gateway_error: float = 0.0
+    """A result call answers an untyped gateway page (HTML 502 or plain-text 503)."""
+    ignore_cancel: float = 0.0
+    """A running training ignores a cancel and finishes with its outcome (unless its input
+    says ``sim_cancel``)."""
+    not_ready_answer: str = "in_progress"
+    """The result call's answer before completion: in_progress (400 "Request is still in
+    progress"), not_completed (400 "Request is not completed"), not_found (404), bare_422
+    (422, no body), or mixed (one of those at random per call)."""
 
     def __post_init__(self) -> None:
         for item in fields(self):
             value = getattr(self, item.name)
-            if item.name in _BOOL_FAULTS:
+            if item.name in _CHOICE_FAULTS:
+                if value not in _CHOICE_FAULTS[item.name]:
+                    choices = ", ".join(_CHOICE_FAULTS[item.name])
+                    raise ValueError(f"fault {item.name} is one of {choices}, got {value!r}")
+            elif item.name in _BOOL_FAULTS:
                 if not isinstance(value, bool):
                     raise ValueError(f"fault {item.name} must be a boolean, got {value!r}")
             elif value is None and item.name in _OPTIONAL_FAULTS:
@@ -142,6 +189,7 @@ class Faults:
 
 
 _BOOL_FAULTS = frozenset({"jwks_down", "api_down"})
+_CHOICE_FAULTS = {"not_ready_answer": (*NOT_READY_ANSWERS, "mixed")}
 _OPTIONAL_FAULTS = frozenset({"result_expiry_seconds"})
 _PROBABILITY_FAULTS = frozenset(
     {
@@ -154,11 +202,13 @@ _PROBABILITY_FAULTS = frozenset(
         "missing_lora",
         "payload_error",
         "never_finish",
+        "result_gateway_error",
+        "ignore_cancel",
     }
 )
 
 
-def parse_fault(spec: str) -> tuple[str, float | bool | None]:
+def parse_fault(spec: str) -> tuple[str, float | bool | str | None]:
     """Parse ``NAME=VALUE`` from ``--fault``; raises ValueError naming what is wrong."""
     name, sep, raw = spec.partition("=")
     name, raw = name.strip(), raw.strip()
@@ -167,6 +217,11 @@ def parse_fault(spec: str) -> tuple[str, float | bool | None]:
         raise ValueError(f"--fault {spec!r}: expected NAME=VALUE")
     if name not in known:
         raise ValueError(f"--fault {spec!r}: unknown fault {name!r}; known: {', '.join(known)}")
+    if name in _CHOICE_FAULTS:
+        if raw not in _CHOICE_FAULTS[name]:
+            choices = ", ".join(_CHOICE_FAULTS[name])
+            raise ValueError(f"--fault {spec!r}: {name} is one of {choices}")
+        return name, raw
     if name in _BOOL_FAULTS:
         lowered = raw.lower()
         if lowered in {"1", "true", "yes", "on"}:
@@ -233,6 +288,10 @@ class Truth:
     webhook_signatures: list[str] = field(default_factory=list)
     """Per delivery attempt, in order: "good" or "bad" signature."""
     webhook_gave_up: bool = False
+    cancel_requested: bool = False
+    """A cancel was accepted (CANCELLATION_REQUESTED) for this request."""
+    cancel_ignored: bool = False
+    """The app got the cancel signal while running and finished anyway."""
 
 
 @dataclass(frozen=True)
@@ -289,6 +348,9 @@ class _Training:
     rng: random.Random
     files: dict[str, tuple[str, int]]
     config_bytes: bytes
+    ignores_cancel: bool = False
+    removed: bool = False
+    """A queued request removed by a cancel: fal no longer knows it."""
     cancelled: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -460,7 +522,12 @@ class Simulator:
         app_id = f"{parts[0]}/{parts[1]}"
         training = self._trainings.get(parts[3])
         now = trio.current_time()
-        if training is None or training.app_id != app_id or self._expired(training, now):
+        if (
+            training is None
+            or training.app_id != app_id
+            or training.removed
+            or self._expired(training, now)
+        ):
             training = None
         if route == "status":
             return route, self._status(training, now, query, base)
@@ -472,12 +539,19 @@ class Simulator:
         """An injected infrastructure failure for this queue call, if any."""
         faults = self.faults
         if faults.api_down:
-            return _fal_error(503, "runner_scheduling_failure", "Service temporarily unavailable")
+            return _gateway_page(503)
         if self._api_rng.random() < faults.api_timeout_rate:
             self.hangs[route] += 1
             await trio.sleep(faults.api_timeout_seconds)
         if self._api_rng.random() < faults.api_error_rate:
-            return _fal_error(*self._api_rng.choice(_API_ERRORS))
+            code = self._api_rng.choice((429, 502, 503, 504))
+            return _rate_limited() if code == 429 else _gateway_page(code)
+        if (
+            route == "result"
+            and faults.result_gateway_error > 0  # no draw when off: seeds stay as they were
+            and self._api_rng.random() < faults.result_gateway_error
+        ):
+            return _gateway_page(self._api_rng.choice((502, 503)))
         return None
 
     # -- queue operations ------------------------------------------------------------------
@@ -507,6 +581,21 @@ class Simulator:
                         {
                             "loc": ["body", "sim_outcome"],
                             "msg": f"sim_outcome must be one of {', '.join(OUTCOMES)}",
+                            "type": "value_error",
+                        }
+                    ]
+                },
+            )
+
+        on_cancel = payload.get("sim_cancel")
+        if on_cancel is not None and on_cancel not in CANCEL_BEHAVIOURS:
+            return _json_reply(
+                422,
+                {
+                    "detail": [
+                        {
+                            "loc": ["body", "sim_cancel"],
+                            "msg": f"sim_cancel must be one of {', '.join(CANCEL_BEHAVIOURS)}",
                             "type": "value_error",
                         }
                     ]
@@ -556,6 +645,13 @@ class Simulator:
             steps=steps,
             error_detail=error_detail,
             error_on_status=rng.random() < 0.5,
+            # Its own generator: the draws of existing seeds stay as they were.
+            ignores_cancel=on_cancel == "ignore"
+            or (
+                on_cancel is None
+                and random.Random(f"{self.config.seed}:cancel:{index}").random()
+                < self.faults.ignore_cancel
+            ),
             rng=rng,
             files=files,
             config_bytes=config_bytes,
@@ -665,10 +761,13 @@ class Simulator:
             return _json_reply(202, body)
         started = training.submitted_at + self.config.queue_seconds
         body["metrics"] = {"inference_time": max(0.0, min(now, self._end(training)) - started)}
-        if training.truth.outcome == "cancelled":
+        outcome = training.truth.outcome
+        if outcome == "cancelled":
             body["error"], body["error_type"] = CANCELLED_DETAIL, "client_cancelled"
-        elif training.truth.outcome == "fail" and training.error_on_status:
-            body["error"] = "Invalid status code: 422"
+        elif outcome in _FAILED_STATUS and training.error_on_status:
+            body["error"] = _FAILED_STATUS[outcome]
+            if outcome == "typed_error":
+                body["error_type"] = TYPED_ERROR[1]
         return _json_reply(200, body)
 
     def _end(self, training: _Training) -> float:
@@ -702,6 +801,10 @@ class Simulator:
                 detail = training.error_detail or []
                 message = detail[0]["msg"] if detail else "Training failed"
                 logs.append(self._log(training, until, message, "ERROR"))
+            elif outcome == "error500":
+                logs.append(self._log(training, until, APP_ERROR_DETAIL, "ERROR"))
+            elif outcome == "typed_error":
+                logs.append(self._log(training, until, TYPED_ERROR[2], "ERROR"))
             else:
                 logs.append(self._log(training, until, "Training completed", "INFO"))
         return logs
@@ -714,21 +817,46 @@ class Simulator:
         if training is None:
             return _json_reply(404, {"detail": "Request not found"})
         if self._phase(training, now) != "COMPLETED":
-            return _json_reply(400, {"detail": "Request is still in progress"})
+            return self._not_ready()
         truth = training.truth
         if truth.outcome == "fail":
             return _json_reply(422, {"detail": training.error_detail})
+        if truth.outcome == "error500":
+            return _json_reply(500, {"detail": APP_ERROR_DETAIL})
+        if truth.outcome == "typed_error":
+            return _fal_error(*TYPED_ERROR)
         if truth.outcome == "cancelled":
             return _fal_error(499, "client_cancelled", CANCELLED_DETAIL)
         return _json_reply(200, truth.output)
 
+    def _not_ready(self) -> _Reply:
+        """The result call's answer before completion (undocumented: see not_ready_answer)."""
+        wording = self.faults.not_ready_answer
+        if wording == "mixed":
+            wording = self._api_rng.choice(NOT_READY_ANSWERS)
+        if wording == "not_completed":
+            return _json_reply(400, {"detail": "Request is not completed"})
+        if wording == "not_found":
+            return _json_reply(404, {"detail": "Request not found"})
+        if wording == "bare_422":
+            return _Reply(422)
+        return _json_reply(400, {"detail": "Request is still in progress"})
+
     def _cancel(self, training: _Training | None, now: float) -> _Reply:
+        """A queued request is removed; a running one gets the signal and its app decides
+        (fal-api.md, cancel)."""
         if training is None:
             return _json_reply(404, {"status": "NOT_FOUND"})
-        if self._phase(training, now) == "COMPLETED":
+        phase = self._phase(training, now)
+        if phase == "COMPLETED":
             return _json_reply(400, {"status": "ALREADY_COMPLETED"})
         truth = training.truth
+        truth.cancel_requested = True
+        if phase == "IN_PROGRESS" and training.ignores_cancel:
+            truth.cancel_ignored = True  # it finishes as it would have, result and all
+            return _json_reply(202, {"status": "CANCELLATION_REQUESTED"})
         truth.outcome, truth.output, truth.completed_at = "cancelled", None, now
+        training.removed = phase == "IN_QUEUE"
         training.files.clear()
         training.cancelled.set()
         return _json_reply(202, {"status": "CANCELLATION_REQUESTED"})
@@ -753,6 +881,8 @@ class Simulator:
         """Wait for completion (or a cancel), then POST the webhook with fal's retries."""
         with trio.move_on_at(self._end(training)):
             await training.cancelled.wait()
+        if training.removed:  # a queued request removed by a cancel never ran
+            return
         extra = self.faults.delay_webhook_seconds
         if extra > 0:
             await trio.sleep(training.rng.uniform(0, extra))
@@ -781,6 +911,18 @@ class Simulator:
                 status="ERROR",
                 error="Invalid status code: 422",
                 payload={"detail": training.error_detail},
+            )
+        elif truth.outcome == "error500":
+            body.update(
+                status="ERROR",
+                error="Invalid status code: 500",
+                payload={"detail": APP_ERROR_DETAIL},
+            )
+        elif truth.outcome == "typed_error":
+            body.update(
+                status="ERROR",
+                error=f"Invalid status code: {TYPED_ERROR[0]}",
+                payload={"detail": TYPED_ERROR[2], "error_type": TYPED_ERROR[1]},
             )
         elif truth.outcome == "cancelled":
             body.update(

@@ -25,11 +25,12 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import peewee
+import playhouse.migrate
 import trio
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
@@ -93,6 +94,8 @@ class Training(BaseModel):
     lora_checked_at = peewee.FloatField(null=True)
     lora_available = peewee.BooleanField(null=True)
     updated_at = peewee.FloatField()
+    cancel_requested_at = peewee.FloatField(null=True)
+    result_errors = peewee.IntegerField(default=0)  # untyped 5xx on the result after COMPLETED
 
     class Meta:
         table_name = "trainings"
@@ -192,10 +195,25 @@ def _migrate_2(db: peewee.Database) -> None:
     db.create_tables([Outbox, Artifact])
 
 
+def _migrate_3(db: peewee.Database) -> None:
+    """``cancel_requested_at`` and ``result_errors`` on trainings (a database created at
+    version 0 already has them: ``_migrate_1`` creates the table from the current model)."""
+    existing = {column.name for column in db.get_columns("trainings")}
+    migrator = playhouse.migrate.SchemaMigrator.from_database(db)
+    playhouse.migrate.migrate(
+        *(
+            migrator.add_column("trainings", name, getattr(Training, name))
+            for name in ("cancel_requested_at", "result_errors")
+            if name not in existing
+        )
+    )
+
+
 #: Forward migrations, applied in order at open; never edit a released one, append.
 MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
     (1, _migrate_1),
     (2, _migrate_2),
+    (3, _migrate_3),
 )
 
 
@@ -238,6 +256,8 @@ class TrainingView:
     lora_checked_at: float | None
     lora_available: bool | None
     updated_at: float
+    cancel_requested_at: float | None
+    result_errors: int
 
     @classmethod
     def of(cls, row: Training) -> TrainingView:

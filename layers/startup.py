@@ -2,7 +2,8 @@
 
 Once, when the daemon starts and before READY: every stored webhook receipt not yet applied is
 applied, then every unfinished training, however old, is reconciled with FAL (the original
-skipped trainings older than 24 h): its result is asked for directly, by a fixed pool of
+skipped trainings older than 24 h): its result is asked for directly (the status too, when
+the result's answer is anything but an output or "in progress"), by a fixed pool of
 ``concurrency`` workers fed page by page. One summary log line.
 """
 
@@ -12,8 +13,8 @@ from collections import Counter
 
 import trio
 
-from daemon import logs
-from daemon.layer import LayerContext
+from daemon import fal, logs
+from daemon.layer import LayerContext, check_training
 from daemon.reconcile import Change
 from daemon.store import UNFINISHED, Training, TrainingView, WebhookReceipt
 from plugins.hookspecs import hookimpl
@@ -24,11 +25,19 @@ PAGE = 500
 
 
 async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
-    """One request per training: the result itself. A finished training answers with its
-    output or its failure; one still running answers "in progress", and the poller takes it
-    from there. Half the calls of status-then-result, which matters for a large backlog."""
+    """The result first: a finished training answers with its output, one still running
+    usually with "in progress" (the poller takes it from there). Half the calls of
+    status-then-result, which matters for a large backlog. Any other answer is not certainly
+    final before FAL said COMPLETED (fal documents no "not ready" wording): the status is
+    asked before anything is decided, and the result again if it says COMPLETED."""
     answer = await ctx.fal.result(ctx.urls(training)[1])
-    return await ctx.reconciler.observe_answer(answer, training.request_id, StartupLayer.name)
+    if (
+        answer.kind in (fal.Kind.SUCCEEDED, fal.Kind.PENDING)
+        or training.fal_completed_at is not None
+        or (answer.kind is fal.Kind.TRANSIENT and (answer.http_status or 0) < 500)
+    ):
+        return await ctx.reconciler.observe_answer(answer, training.request_id, StartupLayer.name)
+    return await check_training(ctx, training, StartupLayer.name)
 
 
 def _pending_receipts() -> list[int]:

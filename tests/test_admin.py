@@ -131,10 +131,21 @@ async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> No
         rid = running["request_id"]
         recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
         assert recheck.status_code == 202
-        cancelled = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
-        assert cancelled.status_code == 200, cancelled.text
-        assert cancelled.json()["status"] == "CANCELLED"
+        requested = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        assert requested.status_code == 200, requested.text
+        # A cancel is a request, not an outcome: the training is still being watched ...
+        assert requested.json()["cancel"] == "requested"
+        assert requested.json()["status"] in ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
+        assert requested.json()["cancel_requested_at"]
         assert sim.truth[rid].outcome == "cancelled"
+        # ... until FAL shows it will not finish (the poller sees the cancelled request).
+        with trio.fail_after(10):
+            while True:
+                one = await client.get(f"{base}/v1/trainings/{rid}", headers=AUTH)
+                if one.json()["status"] == "CANCELLED":
+                    break
+                await trio.sleep(0.1)
+        assert not one.json()["is_fallback"] and one.json()["cancel_requested_at"]
         again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
         assert again.status_code == 409
         assert (
@@ -160,6 +171,7 @@ async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> No
         ).status_code == 409
     events = [e["kind"] for e in await daemon.store.events(rid)]  # type: ignore[union-attr]
     assert events[0] == "registered" and "recheck" in events and events[-1] == "cancelled"
+    assert events.index("cancel_requested") < events.index("cancelled")
 
 
 async def test_cli_cancel_and_recheck(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -192,13 +204,27 @@ async def test_cli_cancel_and_recheck(nursery: trio.Nursery, tmp_path: Path) -> 
     assert rechecked.returncode == 0 and json.loads(rechecked.stdout)["request_id"] == rid
     cancelled = await cli("cancel", rid, "--json")
     assert cancelled.returncode == 0, cancelled.stderr
-    assert json.loads(cancelled.stdout)["status"] == "CANCELLED"
+    shown = json.loads(cancelled.stdout)
+    assert (shown["status"], shown["cancel"]) == ("SUBMITTED", "requested")
+    assert shown["cancel_requested_at"]
+    # The running request stopped at FAL; no daemon here, so the CLI is told FAL finished it.
     again = await cli("cancel", rid)
     assert (
         again.returncode == 1
-        and b"already CANCELLED" in again.stderr
+        and b"already completed at FAL" in again.stderr
         and b"Traceback" not in again.stderr
     )
+    plain = await cli(
+        "cancel",
+        (
+            await cli(
+                "submit", "--type", "portrait", "--name", "bo", "--images-url", "https://x/b.zip"
+            )
+        )
+        .stdout.decode()
+        .strip(),
+    )
+    assert plain.returncode == 0 and b"cancel requested" in plain.stdout
     missing = await cli("recheck", "nope")
     assert missing.returncode == 1 and b"no training" in missing.stderr
 
@@ -235,4 +261,6 @@ async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
     )
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output[-4000:]
-    assert "6 passed" in output or "6 operations" in output, output[-2000:]  # every route was tested
+    assert "6 passed" in output or "6 operations" in output, output[
+        -2000:
+    ]  # every route was tested

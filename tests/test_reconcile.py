@@ -500,3 +500,112 @@ async def test_outbox_failure_in_fail_mode_is_training_failed(settings_factory: 
         await register(r)
         await r.observe(obs(Kind.FAILED, detail="boom"))
     assert events == ["training.failed"]
+
+
+# -- issue 8: final errors after COMPLETED, cancels as requests, ambiguous answers -----------
+def fal_answer(op: str, kind: Any, **fields: Any) -> Any:
+    from daemon import fal
+
+    return fal.Answer(op=op, kind=fal.Kind(kind), **fields)
+
+
+def test_observation_from_answer_keeps_what_only_reconcile_can_judge_apart() -> None:
+    from daemon.reconcile import observation_from_answer as read
+
+    def kind(op: str, fal_kind: str, **fields: Any) -> Kind:
+        return read(fal_answer(op, fal_kind, **fields), "req-1", "poller").kind
+
+    assert kind("result", "failed", http_status=500) == Kind.ERROR_RESULT
+    assert kind("result", "not_found", http_status=404) == Kind.RESULT_NOT_FOUND
+    assert kind("result", "transient", http_status=502) == Kind.RESULT_ERROR_5XX
+    assert kind("result", "transient", http_status=429) == Kind.TRANSIENT
+    assert kind("result", "transient") == Kind.TRANSIENT  # no answer at all
+    assert kind("status", "failed", http_status=200, status="COMPLETED") == Kind.FAILED
+    assert kind("status", "failed", http_status=400) == Kind.TRANSIENT  # says nothing certain
+    assert kind("status", "not_found", http_status=404) == Kind.NOT_FOUND
+    assert kind("cancel", "succeeded", status="CANCELLATION_REQUESTED") == Kind.CANCEL_REQUESTED
+    assert kind("cancel", "failed", status="ALREADY_COMPLETED") == Kind.FAL_COMPLETED
+    assert kind("cancel", "failed", http_status=422) == Kind.TRANSIENT
+
+
+async def test_an_error_result_is_final_only_after_completed_was_seen(
+    reconciler: Reconciler, store: Store
+) -> None:
+    await register(reconciler)
+    for ambiguous in (Kind.ERROR_RESULT, Kind.RESULT_NOT_FOUND):
+        change = await reconciler.observe(obs(ambiguous, layer="startup", detail="HTTP 400: x"))
+        assert change.kind == "checked" and change.to_status == "SUBMITTED"
+        view = await store.training("req-1")
+        assert view is not None and not view.is_fallback
+        assert view.next_check_at == pytest.approx(view.last_checked_at)  # ask the status now
+    assert (await reconciler.observe(obs(Kind.FAL_COMPLETED))).kind == "fal_completed"
+    change = await reconciler.observe(obs(Kind.ERROR_RESULT, detail="HTTP 500: CUDA error"))
+    assert change.kind == "fallback"
+    view = await store.training("req-1")
+    assert view is not None
+    assert (view.fallback_kind, view.failure_detail) == ("fal_failure", "HTTP 500: CUDA error")
+
+
+async def test_untyped_5xx_after_completed_is_bounded_and_counted_in_the_row(
+    tmp_path: Path,
+) -> None:
+    settings = make_settings(tmp_path / "db.sqlite", {"fal": {"result_error_attempts": 3}})
+    url = settings.database["url"]
+    for attempt in range(1, 4):  # a fresh store and reconciler each time: as after a restart
+        async with open_store(url) as store:
+            reconciler = Reconciler(store, settings)
+            if attempt == 1:
+                await register(reconciler)
+                # before COMPLETED an untyped 5xx is an ordinary transient: not counted
+                await reconciler.observe(obs(Kind.RESULT_ERROR_5XX, layer="startup"))
+                await reconciler.observe(obs(Kind.FAL_COMPLETED))
+            change = await reconciler.observe(obs(Kind.RESULT_ERROR_5XX, detail="HTTP 502: <html>"))
+            view = await store.training("req-1")
+            assert view is not None and view.result_errors == attempt
+            if attempt < 3:
+                assert change.kind == "backoff" and view.status == "SUBMITTED"
+    assert change.kind == "fallback"
+    assert (view.status, view.fallback_kind) == ("COMPLETED", "result_error")
+    assert view.failure_detail == "HTTP 502: <html> (result failed 3 times)"
+
+
+async def test_a_cancel_request_is_not_an_outcome(reconciler: Reconciler, store: Store) -> None:
+    await register(reconciler)
+    await reconciler.observe(obs(Kind.RUNNING, progress=30))
+    change = await reconciler.observe(obs(Kind.CANCEL_REQUESTED, layer="admin"))
+    assert change.kind == "cancel_requested" and change.to_status == "IN_PROGRESS"
+    assert not (await reconciler.observe(obs(Kind.CANCEL_REQUESTED, layer="admin"))).changed
+    # Not-ready answers after the cancel decide nothing.
+    assert (await reconciler.observe(obs(Kind.RESULT_NOT_FOUND, layer="startup"))).kind == "checked"
+    assert (await reconciler.observe(obs(Kind.ERROR_RESULT, layer="startup"))).kind == "checked"
+    # The trainer finished anyway: a real result, marked as a cancel not honoured.
+    change = await reconciler.observe(obs(Kind.SUCCEEDED, layer="webhook", output=LORA))
+    assert change.kind == "result" and change.detail["cancel_not_honoured"] is True
+    view = await store.training("req-1")
+    assert view is not None and view.status == "COMPLETED" and not view.is_fallback
+    assert view.cancel_requested_at is not None
+
+
+@pytest.mark.parametrize(
+    ("steps", "last"),
+    [
+        ([Kind.NOT_FOUND], Kind.NOT_FOUND),  # a queued request fal removed
+        ([Kind.FAL_COMPLETED], Kind.ERROR_RESULT),  # the 499 client_cancelled result
+        ([], Kind.FAILED),  # an ERROR webhook, or a COMPLETED status with error
+    ],
+)
+async def test_a_cancel_that_took_effect_ends_cancelled(
+    reconciler: Reconciler, store: Store, steps: list[Kind], last: Kind
+) -> None:
+    await register(reconciler)
+    # Without a cancel, NOT_FOUND before COMPLETED is only waited on.
+    assert (await reconciler.observe(obs(Kind.NOT_FOUND))).kind == "backoff"
+    await reconciler.observe(obs(Kind.CANCEL_REQUESTED, layer="admin"))
+    for step in steps[:-1] if last == Kind.NOT_FOUND else steps:
+        await reconciler.observe(obs(step))
+    change = await reconciler.observe(obs(last, detail="client_cancelled"))
+    assert change.kind == "cancelled"
+    view = await store.training("req-1")
+    assert view is not None
+    assert (view.status, view.is_fallback, view.fallback_kind) == ("CANCELLED", False, None)
+    assert not (await reconciler.observe(obs(Kind.SUCCEEDED, output=LORA))).changed

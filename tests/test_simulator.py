@@ -522,13 +522,20 @@ async def test_never_finish_then_cancel(
 
 
 async def test_cancel_rules(sim: Simulator, client: httpx.AsyncClient) -> None:
-    queued = await _submit(client, sim)
+    # fal-api.md, cancel: "A queued request is removed".
+    queued = await _submit(client, sim, webhook=None)
     answer = await client.put(queued["cancel_url"])
     assert (answer.status_code, answer.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
-    status = await client.get(queued["status_url"])
-    assert status.status_code == 200 and status.json()["status"] == "COMPLETED"
+    assert (await client.get(queued["status_url"])).status_code == 404
+    assert (await client.get(queued["response_url"])).status_code == 404
     again = await client.put(queued["cancel_url"])
-    assert (again.status_code, again.json()) == (400, {"status": "ALREADY_COMPLETED"})
+    assert (again.status_code, again.json()) == (404, {"status": "NOT_FOUND"})
+    truth = sim.truth[queued["request_id"]]
+    assert (truth.outcome, truth.cancel_requested, truth.cancel_ignored) == (
+        "cancelled",
+        True,
+        False,
+    )
 
     finished = await _submit(client, sim)
     await _wait_completed(client, finished["status_url"])
@@ -564,20 +571,26 @@ async def test_result_expiry(sim: Simulator, client: httpx.AsyncClient) -> None:
 
 
 async def test_api_error_rate(sim: Simulator, client: httpx.AsyncClient) -> None:
+    """fal-api.md, transient: 429 with Retry-After and untyped gateway pages, never fal's
+    typed errors (those are final on a finished request's result)."""
     submitted = await _submit(client, sim)
     sim.faults.api_error_rate = 1.0
     codes = []
     for _ in range(40):
         answer = await client.get(submitted["status_url"])
         codes.append(answer.status_code)
-        body = answer.json()
-        assert set(body) == {"detail", "error_type"}
-        assert answer.headers["x-fal-error-type"] == body["error_type"]
         if answer.status_code == 429:
             assert int(answer.headers["retry-after"]) >= 1
-    assert set(codes) <= {429, 500, 502, 503, 504}
-    assert len(set(codes)) >= 4
-    assert 429 in codes
+            continue
+        assert "x-fal-error-type" not in answer.headers
+        kind = answer.headers["content-type"]
+        assert kind in ("text/html", "text/plain"), kind
+        if answer.status_code == 503:
+            assert (kind, answer.text) == ("text/plain", "Service Unavailable")
+        else:
+            assert kind == "text/html"
+            assert ("Bad Gateway" if answer.status_code == 502 else "Time-out") in answer.text
+    assert set(codes) == {429, 502, 503, 504}
     sim.faults.api_error_rate = 0.0
     assert (await client.get(submitted["status_url"])).status_code in (200, 202)
 
@@ -643,11 +656,12 @@ async def test_api_down_and_jwks_down_at_runtime(sim: Simulator, client: httpx.A
     for answer in (
         await client.get(submitted["status_url"]),
         await client.post(f"{sim.base_url}/{FAST}", json=IMAGES),
-        await client.get(sim.jwks_url),
-    ):
-        assert answer.status_code == 503
-        assert answer.headers["x-fal-error-type"] == answer.json()["error_type"]
-        assert answer.json()["detail"]
+    ):  # an untyped gateway page: transient everywhere
+        assert (answer.status_code, answer.text) == (503, "Service Unavailable")
+        assert "x-fal-error-type" not in answer.headers
+    jwks = await client.get(sim.jwks_url)
+    assert jwks.status_code == 503
+    assert jwks.headers["x-fal-error-type"] == jwks.json()["error_type"]
     assert len(sim.truth) == 1
     sim.faults.api_down = False
     assert (await client.get(submitted["status_url"])).status_code in (200, 202)
@@ -656,8 +670,113 @@ async def test_api_down_and_jwks_down_at_runtime(sim: Simulator, client: httpx.A
     assert len(await _jwks_keys(client, sim)) == 1
 
 
+async def test_a_running_request_may_ignore_the_cancel_and_finish_with_its_result(
+    sim: Simulator, client: httpx.AsyncClient, receiver: Receiver
+) -> None:
+    """fal-api.md, cancel: a running one only receives a signal; it may still finish."""
+    sim.config.run_seconds = 0.5
+    payload = {**IMAGES, "sim_cancel": "ignore"}
+    submitted = await _submit(client, sim, payload=payload, webhook=receiver.url)
+    with trio.fail_after(3):
+        while (await client.get(submitted["status_url"])).json()["status"] != "IN_PROGRESS":
+            await trio.sleep(0.02)
+    answer = await client.put(submitted["cancel_url"])
+    assert (answer.status_code, answer.json()) == (202, {"status": "CANCELLATION_REQUESTED"})
+    done = await _wait_completed(client, submitted["status_url"])
+    assert "error" not in done
+    truth = sim.truth[submitted["request_id"]]
+    result = await client.get(submitted["response_url"])
+    assert (result.status_code, result.json()) == (200, truth.output)
+    assert (await receiver.next()).json()["status"] == "OK"
+    assert (truth.outcome, truth.cancel_requested, truth.cancel_ignored) == ("ok", True, True)
+
+    # The knob does it for requests that do not say; "honour" in the input wins over it.
+    sim.faults.ignore_cancel = 1.0
+    honoured = await _submit(client, sim, payload={**IMAGES, "sim_cancel": "honour"})
+    ignored = await _submit(client, sim)
+    with trio.fail_after(3):
+        while (await client.get(ignored["status_url"])).json()["status"] != "IN_PROGRESS":
+            await trio.sleep(0.02)
+    for submitted in (honoured, ignored):
+        assert (await client.put(submitted["cancel_url"])).status_code == 202
+    assert sim.truth[honoured["request_id"]].outcome == "cancelled"
+    assert sim.truth[ignored["request_id"]].cancel_ignored
+    bad = await client.post(f"{sim.base_url}/{FAST}", json={**IMAGES, "sim_cancel": "maybe"})
+    assert bad.status_code == 422 and bad.json()["detail"][0]["loc"] == ["body", "sim_cancel"]
+
+
+@pytest.mark.parametrize(
+    ("outcome", "code", "error_type", "webhook_error"),
+    [
+        ("error500", 500, None, "Invalid status code: 500"),
+        ("typed_error", 504, "request_timeout", "Invalid status code: 504"),
+    ],
+)
+async def test_final_errors_of_a_finished_request(
+    sim: Simulator,
+    client: httpx.AsyncClient,
+    receiver: Receiver,
+    outcome: str,
+    code: int,
+    error_type: str | None,
+    webhook_error: str,
+) -> None:
+    """fal-api.md, result: done but failed answers the model's own status and body, 4xx or
+    5xx; infrastructure errors come typed (X-Fal-Error-Type) and are final there."""
+    payload = {**IMAGES, "sim_outcome": outcome}
+    submitted = await _submit(client, sim, payload=payload, webhook=receiver.url)
+    await _wait_completed(client, submitted["status_url"])
+    result = await client.get(submitted["response_url"])
+    assert result.status_code == code and result.json()["detail"]
+    assert result.headers.get("x-fal-error-type") == error_type
+    assert result.json().get("error_type") == error_type
+    delivery = (await receiver.next()).json()
+    assert (delivery["status"], delivery["error"]) == ("ERROR", webhook_error)
+
+
+@pytest.mark.parametrize(
+    ("wording", "code", "body"),
+    [
+        ("in_progress", 400, {"detail": "Request is still in progress"}),
+        ("not_completed", 400, {"detail": "Request is not completed"}),
+        ("not_found", 404, {"detail": "Request not found"}),
+        ("bare_422", 422, None),
+    ],
+)
+async def test_not_ready_wordings(
+    sim: Simulator, client: httpx.AsyncClient, wording: str, code: int, body: Any
+) -> None:
+    sim.faults.not_ready_answer = wording
+    submitted = await _submit(client, sim)
+    answer = await client.get(submitted["response_url"])
+    assert answer.status_code == code
+    assert (answer.json() if answer.content else None) == body
+    await _wait_completed(client, submitted["status_url"])
+    assert (await client.get(submitted["response_url"])).status_code == 200
+
+
+async def test_mixed_not_ready_wordings_and_result_gateway_pages(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    sim.faults.not_ready_answer = "mixed"
+    submitted = await _submit(client, sim)
+    codes = {(await client.get(submitted["response_url"])).status_code for _ in range(30)}
+    assert codes == {400, 404, 422}
+    await _wait_completed(client, submitted["status_url"])
+    sim.faults.result_gateway_error = 1.0
+    pages = [await client.get(submitted["response_url"]) for _ in range(20)]
+    assert {page.status_code for page in pages} == {502, 503}
+    assert all("x-fal-error-type" not in page.headers for page in pages)
+    assert (await client.get(submitted["status_url"])).status_code == 200  # result only
+
+
 def test_fault_parsing() -> None:
     assert parse_fault("fail_training=0.25") == ("fail_training", 0.25)
+    assert parse_fault("not_ready_answer=mixed") == ("not_ready_answer", "mixed")
+    with pytest.raises(ValueError, match="one of"):
+        parse_fault("not_ready_answer=later")
+    with pytest.raises(ValueError, match="one of"):
+        Faults(not_ready_answer="later")
     assert parse_fault("jwks_down=true") == ("jwks_down", True)
     assert parse_fault("api_down=off") == ("api_down", False)
     assert parse_fault("result_expiry_seconds=none") == ("result_expiry_seconds", None)

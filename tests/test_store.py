@@ -111,4 +111,26 @@ async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
         version = await s.read(lambda: Meta.get(Meta.key == "schema_version").value)
         assert await s.training("kept") is not None
     assert {"outbox", "artifacts"} <= set(tables)
-    assert version == str(store_mod.SCHEMA_VERSION) == "2"
+    assert version == str(store_mod.SCHEMA_VERSION) == "3"
+
+
+async def test_forward_migration_from_version_2_adds_the_cancel_and_result_error_columns(
+    tmp_path: Path,
+) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        await s.write(_insert, "kept")
+
+        def downgrade() -> None:  # a trainings table as release 2 created it
+            for column in ("cancel_requested_at", "result_errors"):
+                s.db.execute_sql(f"ALTER TABLE trainings DROP COLUMN {column}")
+            Meta.replace(key="schema_version", value="2").execute()
+
+        await s.write(downgrade)
+        columns = await s.read(lambda: {c.name for c in s.db.get_columns("trainings")})
+        assert "cancel_requested_at" not in columns
+    async with open_store(url) as s:
+        columns = await s.read(lambda: {c.name for c in s.db.get_columns("trainings")})
+        view = await s.training("kept")
+    assert {"cancel_requested_at", "result_errors"} <= columns
+    assert view is not None and (view.cancel_requested_at, view.result_errors) == (None, 0)
