@@ -6,6 +6,7 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
+import pytest
 import trio
 
 from daemon import actions
@@ -218,3 +219,148 @@ async def test_all_layers_under_a_fault_mix(
     report = await compare_with_truth(daemon.store, [sim.truth[r] for r in ids])
     assert report.problems == []
     assert report.double_transitions == []
+
+
+# -- issue 8 ---------------------------------------------------------------------------------
+def _calls(sim: Simulator, route: str) -> int:
+    return sum(n for (r, _), n in sim.stats.items() if r == route)
+
+
+@pytest.mark.parametrize("wording", ["in_progress", "not_completed", "not_found", "bare_422"])
+async def test_startup_concludes_no_failure_from_any_not_ready_answer(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, wording: str
+) -> None:
+    sim.faults.not_ready_answer = wording
+    sim.faults.drop_webhook = 1.0
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("startup",))
+    async with actions.fal_client(settings) as fal, open_store(settings.database["url"]) as store:
+        reconciler = Reconciler(store, settings)
+        done = await submit(settings, fal, reconciler, 1)
+        failed = await submit(settings, fal, reconciler, 1, outcome="error500")
+        await trio.sleep(1.0)  # these two finish at FAL while no daemon runs
+        sim.config.run_seconds = 60.0
+        running = await submit(settings, fal, reconciler, 3)
+    before = {route: _calls(sim, route) for route in ("status", "result")}
+    daemon = await start(nursery, settings)  # READY: the startup sweep is done
+    assert daemon.store is not None
+    for rid in running:
+        view = await daemon.store.training(rid)
+        assert view is not None and view.status in ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS"), view
+        assert not view.is_fallback and view.failure_detail is None
+        kinds = {e["kind"] for e in await daemon.store.events(rid)}
+        assert "fallback" not in kinds
+    (ok,) = await finished(daemon, done)
+    assert (ok.status, ok.result_layer, ok.is_fallback) == ("COMPLETED", "startup", False)
+    (bad,) = await finished(daemon, failed)  # certainly final: COMPLETED, then its 500
+    assert (bad.fallback_layer, bad.fallback_kind) == ("startup", "fal_failure")
+    assert bad.failure_detail and "CUDA" in bad.failure_detail
+    status_calls = _calls(sim, "status") - before["status"]
+    result_calls = _calls(sim, "result") - before["result"]
+    # The failed one (its COMPLETED status, seeded, carries no error): result, status, result.
+    if wording == "in_progress":  # the wording seen in practice: the others one call each
+        assert (result_calls, status_calls) == (6, 1)
+    else:  # any other not-ready answer: the status is asked before deciding
+        assert (result_calls, status_calls) == (6, 4)
+
+
+@pytest.mark.parametrize("outcome", ["error500", "typed_error", "fail"])
+async def test_a_finished_requests_error_fails_it_at_once_not_at_the_deadline(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, outcome: str
+) -> None:
+    sim.faults.drop_webhook = 1.0
+    _, (view,) = await run_alone(
+        nursery,
+        tmp_path,
+        sim,
+        ("poller", "emergency"),
+        n=1,
+        outcome=outcome,
+        layers={"emergency": {"deadline_seconds": 60.0}},
+    )
+    assert (view.status, view.fallback_layer, view.fallback_kind) == (
+        "COMPLETED",
+        "poller",
+        "fal_failure",
+    )
+    assert view.completed_at is not None and view.completed_at - view.submitted_at < 10
+    assert view.attempts == 0 and view.result_errors == 0
+
+
+async def test_untyped_5xx_on_a_finished_result_is_retried_a_bounded_number_of_times(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    sim.faults.drop_webhook = 1.0
+    sim.faults.result_gateway_error = 1.0
+    settings = daemon_settings(
+        tmp_path / "db.sqlite",
+        sim,
+        only=("poller", "emergency"),
+        extra={"fal": {"result_error_attempts": 3, "retries": 0}},
+    )
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
+    ids = await submit(settings, daemon.fal, daemon.reconciler, 1)
+
+    async def done() -> bool:
+        return len(await finished(daemon, ids)) == 1
+
+    await wait_for(done)
+    (view,) = await finished(daemon, ids)
+    assert (view.fallback_layer, view.fallback_kind, view.result_errors) == (
+        "poller",
+        "result_error",
+        3,
+    )
+    assert view.failure_detail and "(result failed 3 times)" in view.failure_detail
+    assert _calls(sim, "result") == 3  # one untyped page per attempt, then judged
+
+
+async def test_a_cancel_is_watched_to_its_real_end(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    sim.config.run_seconds = 2.0
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook", "poller"))
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
+    store, fal, reconciler = daemon.store, daemon.fal, daemon.reconciler
+    queued = await submit(settings, fal, reconciler, 1)
+    await actions.cancel(settings, fal, reconciler, queued[0])  # still queued: removed
+    running = await submit(settings, fal, reconciler, 1)
+    arguments = actions.training_arguments(
+        settings, "portrait", "https://example.invalid/i.zip", "i person", {"sim_cancel": "ignore"}
+    )
+    view = await submit_until_accepted(
+        settings,
+        fal,
+        reconciler,
+        training_type="portrait",
+        name="i0",
+        arguments=arguments,
+        trigger="i person",
+    )
+    ignoring = [view.request_id]
+
+    async def running_at_fal() -> bool:  # the poller saw IN_PROGRESS
+        views = [await store.training(rid) for rid in running + ignoring]
+        return all(v is not None and v.status == "IN_PROGRESS" for v in views)
+
+    await wait_for(running_at_fal)
+    for rid in running + ignoring:
+        view = await actions.cancel(settings, fal, reconciler, rid)
+        assert view.cancel_requested_at is not None and view.status != "CANCELLED"
+    ids = queued + running + ignoring
+
+    async def done() -> bool:
+        return len(await finished(daemon, ids)) == len(ids)
+
+    await wait_for(done)
+    for rid in queued + running:
+        view = await store.training(rid)
+        assert view is not None and (view.status, view.is_fallback) == ("CANCELLED", False)
+    (kept,) = [await store.training(rid) for rid in ignoring]
+    assert kept is not None and (kept.status, kept.is_fallback) == ("COMPLETED", False)
+    assert kept.lora_url == sim.truth[kept.request_id].output["diffusers_lora_file"]["url"]  # type: ignore[index]
+    result = [e for e in await store.events(kept.request_id) if e["kind"] == "result"]
+    assert len(result) == 1 and result[0]["detail"]["cancel_not_honoured"] is True
+    report = await compare_with_truth(store, [sim.truth[r] for r in ids])
+    assert report.problems == []
