@@ -5,8 +5,10 @@ daemon's database (``compare_with_truth``: final states, the event history, and 
 webhook delivery attempt against the stored receipts):
 
 1. 500 trainings under a fault mix (webhooks dropped, duplicated, badly signed, reordered;
-   API errors and timeouts; failed trainings, results without their LoRA, trainings that
-   never finish) with the daemon SIGKILLed five times and restarted.
+   API errors (429, untyped gateway pages) and timeouts; failed trainings, final 500s and
+   typed errors on finished requests, results without their LoRA, trainings that never
+   finish; ambiguous "not ready" answers; cancels of queued and running requests, some
+   of which finish anyway) with the daemon SIGKILLed five times and restarted.
 2. FAL's key server (JWKS) down for a while, longer than the daemon's key cache lasts, with
    one SIGKILL in the middle: webhooks acknowledged meanwhile are all verified and applied.
 3. FAL's queue API down (and no webhook at all) for several poll intervals: everything is
@@ -66,7 +68,7 @@ class Harness:
     reconciler: Reconciler
     fal: FalClient
 
-    async def submit(self, i: int, outcome: str) -> str:
+    async def submit(self, i: int, outcome: str, **extra: str) -> str:
         ttype = TYPES[i % len(TYPES)]
         name = f"t{i:03d}"
         arguments = actions.training_arguments(
@@ -74,7 +76,7 @@ class Harness:
             ttype,
             f"https://example.invalid/{name}.zip",
             f"{name} person",
-            {"sim_outcome": outcome},
+            {"sim_outcome": outcome, **extra},
         )
         view = await submit_until_accepted(
             self.settings,
@@ -86,6 +88,17 @@ class Harness:
             trigger=f"{name} person",
         )
         return view.request_id
+
+    async def cancel(self, request_id: str) -> None:
+        """Ask for a cancel the way `trainguard cancel` does, until FAL gives an answer."""
+        while True:
+            try:
+                await actions.cancel(self.settings, self.fal, self.reconciler, request_id)
+                return
+            except actions.Unavailable:
+                await trio.sleep(0.2)
+            except actions.Conflict:  # finished at FAL (or here) before the cancel: no cancel
+                return
 
     async def crash_and_restart(self, down_seconds: float) -> None:
         """SIGKILL, wait for it to be gone, stay down a while, start (until READY)."""
@@ -158,8 +171,19 @@ def show(title: str, report: Report) -> None:
 
 # -- 1. 500 trainings, a fault mix, five SIGKILLs --------------------------------------------
 TRAININGS = 500
-EXACT_OUTCOMES = {"fail": 10, "no_lora": 10, "never": 5}  # 2%, 2%, 1%; the rest "ok"
-EXPECTED_FALLBACKS = {"fail": "fal_failure", "no_lora": "no_artifact", "never": "deadline"}
+# 2% each, 1% never; the rest "ok". error500: the app's own 500 {"detail"} on the result;
+# typed_error: fal's typed 504 (X-Fal-Error-Type); both final once COMPLETED (fal-api.md).
+EXACT_OUTCOMES = {"fail": 10, "error500": 10, "typed_error": 10, "no_lora": 10, "never": 5}
+EXPECTED_FALLBACKS = {
+    "fail": "fal_failure",
+    "error500": "fal_failure",
+    "typed_error": "fal_failure",
+    "no_lora": "no_artifact",
+    "never": "deadline",
+}
+# Of the "ok" ones: cancelled while queued (removed), while running (the app stops), and
+# while running by an app that ignores the signal and finishes anyway (a real result).
+CANCEL_QUEUED, CANCEL_RUNNING, CANCEL_IGNORED = 8, 8, 12
 KILLS = 5
 DEADLINE_SECONDS = 30.0
 
@@ -172,6 +196,11 @@ async def test_500_trainings_under_faults_and_sigkills(
     outcomes = [o for o, n in EXACT_OUTCOMES.items() for _ in range(n)]
     outcomes += ["ok"] * (TRAININGS - len(outcomes))
     rng.shuffle(outcomes)
+    ok = [i for i, o in enumerate(outcomes) if o == "ok"]
+    picked = rng.sample(ok, CANCEL_QUEUED + CANCEL_RUNNING + CANCEL_IGNORED)
+    cancel_at = {i: 0.0 for i in picked[:CANCEL_QUEUED]}
+    cancel_at |= {i: 1.6 for i in picked[CANCEL_QUEUED:]}  # 1 s queued + 2 s running
+    ignores = set(picked[CANCEL_QUEUED + CANCEL_RUNNING :])
     sim_config = SimConfig(
         queue_seconds=1.0,
         run_seconds=2.0,
@@ -184,6 +213,7 @@ async def test_500_trainings_under_faults_and_sigkills(
             api_error_rate=0.1,
             api_timeout_rate=0.02,
             api_timeout_seconds=API_TIMEOUT_SECONDS,
+            not_ready_answer="mixed",  # fal documents no wording for "not ready yet"
         ),
         webhook_retry_delays=WEBHOOK_RETRIES,
     )
@@ -204,7 +234,11 @@ async def test_500_trainings_under_faults_and_sigkills(
 
         async def submit(i: int) -> None:
             async with submitters:
-                await h.submit(i, outcomes[i])
+                extra = {"sim_cancel": "ignore"} if i in ignores else {}
+                rid = await h.submit(i, outcomes[i], **extra)
+            if i in cancel_at:
+                await trio.sleep(cancel_at[i])
+                await h.cancel(rid)
 
         async def crash_at_random_moments() -> None:
             for _ in range(KILLS):
@@ -223,24 +257,34 @@ async def test_500_trainings_under_faults_and_sigkills(
     show("500 trainings, fault mix, 5 SIGKILLs", report)
 
     assert report.problems == [], "\n".join(report.problems[:50])
-    assert Counter(t.outcome for _, t, _ in report.rows) == {
-        **EXACT_OUTCOMES,
-        "ok": TRAININGS - sum(EXACT_OUTCOMES.values()),
-    }
+    truths = Counter(t.outcome for _, t, _ in report.rows)
+    cancelled = truths.pop("cancelled", 0)
+    assert truths == {**EXACT_OUTCOMES, "ok": TRAININGS - sum(EXACT_OUTCOMES.values()) - cancelled}
     assert report.double_transitions == []
     assert report.restarts == KILLS
+    # The cancels really happened, each kind of them.
+    finished_anyway = [t for _, t, _ in report.rows if t.cancel_ignored]
+    assert cancelled >= CANCEL_QUEUED and finished_anyway
+    assert all(t.outcome == "ok" for t in finished_anyway)
     for view, truth, _ in report.rows:
         assert view is not None
+        if truth.cancel_requested:
+            assert view.cancel_requested_at is not None, view
         if truth.outcome == "ok":
             assert not view.is_fallback and view.result_layer, view
+        elif truth.outcome == "cancelled":
+            assert (view.status, view.is_fallback) == ("CANCELLED", False), view
         else:
             assert (view.fallback_kind, bool(view.fallback_reason)) == (
                 EXPECTED_FALLBACKS[truth.outcome],
                 True,
             ), view
-    # Every fallback in the history is one of the 25 trainings FAL gave no result for.
+    # Every fallback in the history is one of the trainings FAL gave no result for, and
+    # none was ever replaced (no fallback applied on an ambiguous answer, then undone).
     assert sum(report.fallbacks_by_layer.values()) == sum(EXACT_OUTCOMES.values())
     assert report.fallbacks_by_layer["emergency"] == EXACT_OUTCOMES["never"]
+    assert sum(report.upgrades_by_layer.values()) == 0
+    assert not report.fallbacks_on_real
     # The faults really happened.
     deliveries = h.sim.deliveries
     bad = [d for d in deliveries if d.signature == "bad"]
@@ -332,6 +376,7 @@ async def test_fal_outage_recovers_everything_without_fallbacks(
 
     assert report.problems == [], "\n".join(report.problems)
     assert sum(report.fallbacks_by_layer.values()) == 0
+    assert sum(report.upgrades_by_layer.values()) == 0  # nothing passed its deadline here
     assert sum(report.results_by_layer.values()) == total
     assert report.results_by_layer["webhook"] == 0
     assert h.sim.stats[("status", 503)] > 0  # the daemon did knock during the outage
