@@ -374,6 +374,7 @@ def test_check_json_keeps_the_operator_contract(tmp_path: Path) -> None:
         assert isinstance(row["progress"], int) and 0 <= row["progress"] <= 100
         assert isinstance(row["is_fallback"], bool)
         parse_utc(row["submitted_at"])
+        assert row["cancel_requested_at"] is None  # issue 8: added; nobody asked to cancel
 
     carol, dave, erin = rows["carol"], rows["dave"], rows["erin"]
     assert (carol["status"], carol["progress"], carol["is_fallback"]) == ("COMPLETED", 100, False)
