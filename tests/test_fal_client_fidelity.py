@@ -25,6 +25,7 @@ PORTRAIT = "fal-ai/flux-lora-portrait-trainer"
 CLIENT_SCRIPT = r"""
 import json
 import sys
+import time
 
 import fal_client
 import httpx
@@ -51,8 +52,10 @@ try:
 except fal_client.FalClientHTTPError as exc:
     report["fail"] = [failing.request_id, exc.status_code, exc.response.json()]
 
-# A training that never finishes, cancelled.
+# A training that never finishes, cancelled while running (a queued one is removed).
 stuck = fal_client.submit(sys.argv[2], {**IMAGES, "sim_outcome": "never"})
+while type(stuck.status()).__name__ != "InProgress":
+    time.sleep(0.02)
 stuck.cancel()
 cancelled = fal_client.status(sys.argv[2], stuck.request_id)
 report["cancel"] = [stuck.request_id, type(cancelled).__name__, cancelled.error_type]
