@@ -118,6 +118,10 @@ class Faults:
     """The webhook carries ``payload: null`` and ``payload_error``."""
     never_finish: float = 0.0
     """The training stays IN_PROGRESS forever."""
+    gateway_id_header: float = 0.0
+    """The training was retried inside fal: its ``gateway_request_id`` differs from its
+    ``request_id``, and its webhooks carry the gateway id in ``X-Fal-Webhook-Request-Id``,
+    signed over it (which id fal sends then is unsourced; both are genuine)."""
     result_expiry_seconds: float | None = None
     """Result and files answer 404 this long after completion; None keeps them."""
     jwks_down: bool = False
@@ -154,6 +158,7 @@ _PROBABILITY_FAULTS = frozenset(
         "missing_lora",
         "payload_error",
         "never_finish",
+        "gateway_id_header",
     }
 )
 
@@ -289,6 +294,8 @@ class _Training:
     rng: random.Random
     files: dict[str, tuple[str, int]]
     config_bytes: bytes
+    gateway_request_id: str
+    """The body's ``gateway_request_id``; also the header's id when it differs."""
     cancelled: trio.Event = field(default_factory=trio.Event)
 
     @property
@@ -339,6 +346,8 @@ class Simulator:
         self.deliveries: list[Delivery] = []
         """Every webhook delivery attempt that ended, in the order they ended."""
         self.private_key, jwk = signing.generate_keypair()
+        self.user_id = WEBHOOK_USER_ID
+        """The ``X-Fal-Webhook-User-Id`` its webhooks are signed for (the fal account)."""
         self.jwks: list[dict[str, str]] = [jwk]
         self._trainings: dict[str, _Training] = {}
         self._submit_times: list[float] = []
@@ -538,6 +547,9 @@ class Simulator:
                 trainer, f"{base}/files/{request_id}", config_bytes, lora=outcome != "no_lora"
             )
         completed_at = None if outcome == "never" else now + self._duration
+        # Its own generator, so that the knob leaves every other draw as it was.
+        retried = random.Random(f"{self.config.seed}:gateway:{index}").random()
+        gateway_id = str(uuid.uuid4()) if retried < self.faults.gateway_id_header else request_id
         truth = Truth(
             request_id=request_id,
             endpoint="/".join(parts),
@@ -559,6 +571,7 @@ class Simulator:
             rng=rng,
             files=files,
             config_bytes=config_bytes,
+            gateway_request_id=gateway_id,
         )
         self.truth[request_id] = truth
         self._trainings[request_id] = training
@@ -577,7 +590,7 @@ class Simulator:
                 "status": "IN_QUEUE",
                 "request_id": request_id,
                 **urls,
-                "gateway_request_id": request_id,
+                "gateway_request_id": gateway_id,
                 "queue_position": self._queue_position(training, now),
             },
         )
@@ -774,7 +787,7 @@ class Simulator:
         truth = training.truth
         body: dict[str, Any] = {
             "request_id": truth.request_id,
-            "gateway_request_id": truth.request_id,
+            "gateway_request_id": training.gateway_request_id,
         }
         if truth.outcome == "fail":
             body.update(
@@ -801,7 +814,7 @@ class Simulator:
         bad = training.rng.random() < self.faults.bad_signature
         signed = body + b" " if bad else body
         headers = signing.sign_webhook(
-            self.private_key, truth.request_id, WEBHOOK_USER_ID, int(time.time()), signed
+            self.private_key, training.gateway_request_id, self.user_id, int(time.time()), signed
         )
         headers["Content-Type"] = "application/json"
         truth.webhook_attempts += 1

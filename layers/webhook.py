@@ -248,9 +248,14 @@ class _Handler:
                             raise rejected from None
                         signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
                     verification = "verified"
-            request_id = _body_request_id(body)
-            if header_id is not None and request_id != header_id:
-                raise MalformedWebhook("request_id in the body does not match the header")
+            request_id, gateway_id = _body_ids(body)
+            # Which id FAL puts in the header after it retried a request is unsourced; the
+            # signature covers the header, so either of the body's two ids is genuine.
+            if header_id is not None and header_id not in (request_id, gateway_id):
+                raise MalformedWebhook(
+                    "the request id header matches neither request_id nor gateway_request_id"
+                    " of the body"
+                )
         except signing.WebhookRejected as exc:
             await self._keep_rejected(body, headers, exc.code, exc.reason)
             return (401 if exc.code == "bad_signature" else 400), exc.code, exc.reason
@@ -361,7 +366,8 @@ def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str]
     return found, problem
 
 
-def _body_request_id(body: bytes) -> str:
+def _body_ids(body: bytes) -> tuple[str, str | None]:
+    """The body's ``request_id`` and its ``gateway_request_id`` (None unless a string)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -369,7 +375,8 @@ def _body_request_id(body: bytes) -> str:
     if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
         raise MalformedWebhook("body has no request_id")
     parse_webhook(body)  # the whole shape must be FAL's, or it is refused now
-    return data["request_id"]
+    gateway = data.get("gateway_request_id")
+    return data["request_id"], gateway if isinstance(gateway, str) else None
 
 
 @hookimpl

@@ -184,6 +184,7 @@ async def test_500_trainings_under_faults_and_sigkills(
             api_error_rate=0.1,
             api_timeout_rate=0.02,
             api_timeout_seconds=API_TIMEOUT_SECONDS,
+            gateway_id_header=0.2,
         ),
         webhook_retry_delays=WEBHOOK_RETRIES,
     )

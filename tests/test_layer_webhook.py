@@ -537,6 +537,41 @@ async def test_error_and_payload_error_webhooks_end_in_marked_fallbacks(launch: 
     assert "Invalid status code: 422" in ((await h.training(failed)).failure_detail or "")
 
 
+async def test_the_gateway_id_in_the_header_is_genuine_and_applies_to_request_id(
+    launch: Launch,
+) -> None:
+    """fal may put the body's gateway_request_id in X-Fal-Webhook-Request-Id (signed over
+    it): accepted, applied to the body's request_id. Any other id stays refused."""
+    h = await launch()
+    rid, gateway = await h.track(), str(uuid.uuid4())
+    body = json.dumps(
+        {
+            "request_id": rid,
+            "gateway_request_id": gateway,
+            "status": "OK",
+            "payload": json.loads(ok_body(rid))["payload"],
+        }
+    ).encode()
+    reply = await h.post(body, h.sign(body, gateway))
+    assert (reply.status_code, reply.json()) == (200, {"detail": "ok"})
+    view = await h.training(rid)
+    assert (view.status, view.lora_url) == ("COMPLETED", lora_url(rid))
+    (receipt,) = await h.receipts(rid)
+    assert (receipt["verification"], receipt["outcome"]) == ("verified", "result")
+    # The body's request_id in the header works as before (a later delivery: no change).
+    assert (await h.post(body, h.sign(body, rid))).status_code == 200
+    assert (await h.kinds(rid)).count("result") == 1
+    # Signed over a third id: neither of the body's, refused with 400.
+    other = str(uuid.uuid4())
+    refused = await h.post(body, h.sign(body, other))
+    assert refused.status_code == 400 and "gateway_request_id" in refused.json()["detail"]
+    assert h.counted("malformed") == 1
+    # The gateway id header, but the signature made over the request id: not genuine.
+    forged = {**h.sign(body, rid), signing.HEADER_REQUEST_ID: gateway}
+    assert (await h.post(body, forged)).status_code == 401
+    assert h.counted("accepted") == 2 and h.counted("bad_signature") == 1
+
+
 async def test_a_webhook_for_an_unknown_training_is_kept_and_applied_on_adoption(
     launch: Launch,
 ) -> None:

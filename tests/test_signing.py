@@ -199,3 +199,15 @@ def test_any_body_change_breaks_verification(body: bytes, data: st.DataObject) -
         with pytest.raises(WebhookRejected) as caught:
             signing.verify_webhook(headers, changed, _KEYS, now=NOW)
         assert caught.value.code == "bad_signature"
+
+
+def test_a_signature_over_the_gateway_id_binds_the_gateway_id(
+    keypair: tuple[Ed25519PrivateKey, dict],
+) -> None:
+    """After fal retried a request its header may carry the gateway id: the signature is
+    then over that id, and verifies with it and with nothing else."""
+    private_key, jwk = keypair
+    headers = signing.sign_webhook(private_key, "gw-7", "u-9", NOW, BODY)
+    signing.verify_webhook(headers, BODY, _keys(jwk), now=NOW)  # as sent: genuine
+    swapped = {**headers, signing.HEADER_REQUEST_ID: "r-1"}  # the body's request_id instead
+    assert _reject_code(swapped, BODY, _keys(jwk)) == "bad_signature"

@@ -322,6 +322,21 @@ async def test_webhook_verifies_with_published_keys(
     assert len(receiver.deliveries) == 1
 
 
+async def test_gateway_id_header_knob(nursery: trio.Nursery, receiver: Receiver) -> None:
+    sim = Simulator(_config(faults=Faults(gateway_id_header=1.0)))
+    await nursery.start(sim.serve)
+    async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
+        submitted = await _submit(client, sim, PORTRAIT, webhook=receiver.url)
+        keys = await _jwks_keys(client, sim)
+    request_id, gateway_id = submitted["request_id"], submitted["gateway_request_id"]
+    assert gateway_id != request_id and uuid.UUID(gateway_id).version == 4
+    delivery = await receiver.next()
+    assert delivery.json()["request_id"] == request_id
+    assert delivery.json()["gateway_request_id"] == gateway_id
+    assert delivery.headers["x-fal-webhook-request-id"] == gateway_id
+    signing.verify_webhook(delivery.headers, delivery.body, keys, now=time.time())
+
+
 async def test_failed_training(
     sim: Simulator, client: httpx.AsyncClient, receiver: Receiver
 ) -> None:
