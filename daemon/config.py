@@ -64,6 +64,19 @@ def _http_url(value: str) -> str | None:
     return None
 
 
+def _http_urls(value: str | list[Any]) -> str | None:
+    """One URL, or a non-empty list of them."""
+    if isinstance(value, str):
+        return _http_url(value)
+    if not value:
+        return "must name at least one URL"
+    for index, item in enumerate(value):
+        problem = _http_url(item) if isinstance(item, str) else "must be a string"
+        if problem:
+            return f"entry #{index + 1} {problem}"
+    return None
+
+
 def _optional_http_url(value: str) -> str | None:
     return None if value == "" else _http_url(value)
 
@@ -108,12 +121,18 @@ def _template(value: str) -> str | None:
 
 FLOAT = (int, float)
 
+#: Which of fal's hosts serves the webhook keys is unsourced (fal-api.md): ask both.
+DEFAULT_JWKS_URLS = (
+    "https://rest.alpha.fal.ai/.well-known/jwks.json",
+    "https://rest.fal.ai/.well-known/jwks.json",
+)
+
 # Section -> key -> Key. Layers and training types are tables of tables, declared below.
 SCHEMA: dict[str, dict[str, Key]] = {
     "database": {"url": Key((str,), None, _db_url)},
     "fal": {
         "queue_url": Key((str,), "https://queue.fal.run", _http_url),
-        "jwks_url": Key((str,), "https://rest.alpha.fal.ai/.well-known/jwks.json", _http_url),
+        "jwks_url": Key((str, list), list(DEFAULT_JWKS_URLS), _http_urls),
         "max_requests_per_second": Key(FLOAT, 10.0, _positive),
         "timeout_seconds": Key(FLOAT, 30.0, _positive),
         "retries": Key((int,), 2, _non_negative),
@@ -270,6 +289,8 @@ def _default_template(layer: str) -> str:
 def _type_name(types: tuple[type, ...]) -> str:
     if types == FLOAT:
         return "a number"
+    if list in types:
+        return "a string or a list of strings"
     return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
 
 
@@ -331,6 +352,8 @@ def parse(
             templates = raw.pop("url_templates", {})
         sections[section] = _validate_table(raw, schema, section)
     url_templates = _validate_templates(templates)
+    jwks_urls = sections["fal"]["jwks_url"]  # one URL stays valid: a list of one
+    sections["fal"]["jwks_url"] = [jwks_urls] if isinstance(jwks_urls, str) else list(jwks_urls)
     if sections["database"]["url"] is None:
         sections["database"]["url"] = default_database_url()
     if not sections["artifacts"]["dir"]:

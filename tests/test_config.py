@@ -102,11 +102,26 @@ def test_secret_comes_from_environment_only() -> None:
         ("layers = 3", r"layers: must be a table"),
         ("[log]\nlevel = 'loud'", r"log\.level: must be one of"),
         ("x = ", r"not valid TOML"),
+        ("[fal]\njwks_url = []", r"fal\.jwks_url: must name at least one URL"),
+        ("[fal]\njwks_url = ['https://a/k', 3]", r"fal\.jwks_url: entry #2 must be a string"),
+        ("[fal]\njwks_url = ['ftp://a/k']", r"fal\.jwks_url: entry #1 must be an http"),
+        ("[fal]\njwks_url = 3", r"fal\.jwks_url: must be a string or a list of strings"),
     ],
 )
 def test_bad_config_names_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.loads(text, env={})
+
+
+def test_jwks_url_takes_a_list_and_one_string_stays_valid() -> None:
+    assert config.parse({}, env={}).fal["jwks_url"] == [
+        "https://rest.alpha.fal.ai/.well-known/jwks.json",
+        "https://rest.fal.ai/.well-known/jwks.json",
+    ]
+    one = config.loads("[fal]\njwks_url = 'https://keys.example/jwks.json'", env={})
+    assert one.fal["jwks_url"] == ["https://keys.example/jwks.json"]
+    two = config.loads("[fal]\njwks_url = ['https://a/k.json', 'http://b/k.json']", env={})
+    assert two.fal["jwks_url"] == ["https://a/k.json", "http://b/k.json"]
 
 
 def test_fractional_timings_and_plugin_layer_tables() -> None:

@@ -494,6 +494,67 @@ async def test_a_refetch_never_holds_up_webhooks_the_cache_verifies(
     assert await h.untouched(forged)
 
 
+async def _key_servers(
+    nursery: trio.Nursery, *keysets: list[dict[str, str]], status: int = 200
+) -> tuple[list[JwksServer], list[str]]:
+    servers = [JwksServer(keys, status=status) for keys in keysets]
+    return servers, [await server.start(nursery) for server in servers]
+
+
+async def test_every_key_host_that_answers_counts_and_a_hanging_one_blocks_none(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "OTHER_HOSTS_GRACE_SECONDS", 0.2)
+    other_key, other_jwk = signing.generate_keypair()
+    (alpha, rest, hanging), urls = await _key_servers(nursery, sim.jwks, [other_jwk], sim.jwks)
+    alpha.gate.set()
+    rest.gate.set()  # `hanging` never answers (within the 10 s limit of a fetch)
+    h = await launch(fal={"jwks_url": urls, "timeout_seconds": 10.0})
+    by_sim, by_other, forged = await h.track(), await h.track(), await h.track()
+    started = trio.current_time()
+    assert (await h.deliver(ok_body(by_sim), by_sim)).status_code == 200
+    assert trio.current_time() - started < 10.0  # not held for the hanging host's limit
+    body = ok_body(by_other)
+    assert (await h.post(body, signed(other_key, body, by_other))).status_code == 200
+    assert [(await h.training(r)).status for r in (by_sim, by_other)] == ["COMPLETED"] * 2
+    assert (alpha.hits, rest.hits, hanging.hits) == (1, 1, 1)  # asked once, all at once
+    body = ok_body(forged)
+    assert (await h.post(body, _other_key(h, body, forged))).status_code == 401
+    assert await h.untouched(forged)
+
+
+async def test_a_failing_key_host_leaves_the_keys_of_the_other(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    other_key, other_jwk = signing.generate_keypair()
+    (down, up), urls = await _key_servers(nursery, sim.jwks, [other_jwk])
+    down.status = 503
+    down.gate.set()
+    up.gate.set()
+    h = await launch(fal={"jwks_url": urls})
+    by_other, by_sim = await h.track(), await h.track()
+    body = ok_body(by_other)
+    assert (await h.post(body, signed(other_key, body, by_other))).status_code == 200
+    # Only the keys of hosts that answered verify: the down host's key is not known now,
+    # and a host answering is not an outage (no 202 "unverified").
+    assert (await h.deliver(ok_body(by_sim), by_sim)).status_code == 401
+    assert h.counted("unverified") == 0
+    assert await h.untouched(by_sim)
+
+
+async def test_the_unverified_path_only_when_no_key_host_answers(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    (down, hanging), urls = await _key_servers(nursery, sim.jwks, sim.jwks)
+    down.status = 503
+    down.gate.set()
+    h = await launch(fal={"jwks_url": urls, "timeout_seconds": FETCH_TIMEOUT})
+    rid = await h.track()
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 202
+    assert [r["verification"] for r in await h.receipts(rid)] == ["unverified"]
+    assert (down.hits, hanging.hits) == (1, 1)
+
+
 async def test_a_rotated_key_is_fetched_once_and_accepted(
     launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
