@@ -19,7 +19,7 @@ from daemon import actions, http
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, FalRequestError
 from daemon.reconcile import AlreadyTracked, Reconciler, view_as_dict
-from daemon.store import STATUSES, Store, Training
+from daemon.store import STATUSES, Store, Training, fal_user_ids
 
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
@@ -195,7 +195,12 @@ class AdminApi:
         view = await store.training(request.params["id"])
         if view is None:
             raise ApiError(404, "not_found", f"no training {request.params['id']!r}")
-        return 200, {**view_as_dict(view), "events": await store.events(view.request_id)}
+        users = await store.read(fal_user_ids, view.request_id)
+        return 200, {
+            **view_as_dict(view),
+            "fal_user_id": users.get(view.request_id),
+            "events": await store.events(view.request_id),
+        }
 
     async def submit(self, request: Request) -> tuple[int, Any]:
         data = request.json()
@@ -426,7 +431,10 @@ def openapi() -> dict[str, Any]:
                         {
                             "type": "object",
                             "required": ["events"],
-                            "properties": {"events": {"type": "array", "items": _EVENT}},
+                            "properties": {
+                                "events": {"type": "array", "items": _EVENT},
+                                "fal_user_id": _NULLABLE_STRING,
+                            },
                         },
                     ]
                 },

@@ -210,13 +210,21 @@ def _print_training(view: TrainingView, as_json: bool) -> None:
 
 # -- check -------------------------------------------------------------------------------
 async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, Any]]:
-    from daemon.store import Training, open_store
+    from daemon.store import Training, fal_user_ids, open_store
 
     async with open_store(settings.database["url"]) as store:
         where = (Training.status == status,) if status else ()
         views = await store.trainings(*where)
         files = await store.read(_artifacts_by_request)
-    return [{**view_as_dict(v), "artifacts": files.get(v.request_id, [])} for v in views]
+        users = await store.read(fal_user_ids)
+    return [
+        {
+            **view_as_dict(v),
+            "artifacts": files.get(v.request_id, []),
+            "fal_user_id": users.get(v.request_id),
+        }
+        for v in views
+    ]
 
 
 def _artifacts_by_request() -> dict[str, list[dict[str, Any]]]:

@@ -77,6 +77,13 @@ def _http_urls(value: str | list[Any]) -> str | None:
     return None
 
 
+def _strings(value: list[Any]) -> str | None:
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            return f"entry #{index + 1} must be a non-empty string"
+    return None
+
+
 def _optional_http_url(value: str) -> str | None:
     return None if value == "" else _http_url(value)
 
@@ -145,6 +152,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timestamp_tolerance_seconds": Key(FLOAT, 300.0, _positive),
         "jwks_cache_seconds": Key(FLOAT, 86400.0, _positive),
         "rejected_kept": Key((int,), 1000, _non_negative),
+        "allowed_user_ids": Key((list,), [], _strings),
     },
     "metrics": {"listen": Key((str,), "127.0.0.1:9700", _listen)},
     "log": {"level": Key((str,), "info", _level)},
@@ -289,6 +297,8 @@ def _default_template(layer: str) -> str:
 def _type_name(types: tuple[type, ...]) -> str:
     if types == FLOAT:
         return "a number"
+    if types == (list,):
+        return "a list of strings"
     if list in types:
         return "a string or a list of strings"
     return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
@@ -354,6 +364,7 @@ def parse(
     url_templates = _validate_templates(templates)
     jwks_urls = sections["fal"]["jwks_url"]  # one URL stays valid: a list of one
     sections["fal"]["jwks_url"] = [jwks_urls] if isinstance(jwks_urls, str) else list(jwks_urls)
+    sections["webhook"]["allowed_user_ids"] = list(sections["webhook"]["allowed_user_ids"])
     if sections["database"]["url"] is None:
         sections["database"]["url"] = default_database_url()
     if not sections["artifacts"]["dir"]:

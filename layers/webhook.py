@@ -52,6 +52,8 @@ BODY_TIMEOUT_SECONDS = 10.0
 #: FAL's header values are short (ids, a timestamp, a 128-character hex signature).
 MAX_HEADER_CHARS = 256
 _HEADER_PREFIX = "x-fal-webhook-"
+#: The answer to a refused verification by its code; the others get 400.
+_REFUSED_STATUS = {"bad_signature": 401, "foreign_user": 403}
 
 Scope = Mapping[str, Any]
 
@@ -168,6 +170,11 @@ class WebhookLayer:
             self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
             nursery.start_soon(handler.retry_stored)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)
+            if settings["verify_signatures"] and not settings["allowed_user_ids"]:
+                ctx.log.warning(
+                    f"{TAG} {logs.WARN} [webhook] allowed_user_ids is empty: signed webhooks"
+                    " of ANY fal account are accepted; set your fal user id(s)"
+                )
             task_status.started()
 
 
@@ -278,6 +285,7 @@ class _Handler:
                             raise rejected from None
                         signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
                     verification = "verified"
+                    signing.check_user(headers, self.settings["allowed_user_ids"])
             request_id, gateway_id = _body_ids(body)
             # Which id FAL puts in the header after it retried a request is unsourced; the
             # signature covers the header, so either of the body's two ids is genuine.
@@ -288,7 +296,7 @@ class _Handler:
                 )
         except signing.WebhookRejected as exc:
             await self._keep_rejected(body, headers, exc.code, exc.reason)
-            return (401 if exc.code == "bad_signature" else 400), exc.code, exc.reason
+            return _REFUSED_STATUS.get(exc.code, 400), exc.code, exc.reason
         except MalformedWebhook as exc:
             await self._keep_rejected(body, headers, "malformed", str(exc))
             return 400, "malformed", str(exc)
@@ -343,6 +351,7 @@ class _Handler:
                     tolerance = float(self.settings["timestamp_tolerance_seconds"])
                     try:  # judged as of its arrival, when its timestamp was checked
                         signing.verify_webhook(headers, body, keys, received_at, tolerance)
+                        signing.check_user(headers, self.settings["allowed_user_ids"])
                         verification = "verified"
                     except signing.WebhookRejected as exc:
                         verification = "rejected"

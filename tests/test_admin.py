@@ -14,7 +14,7 @@ import pytest
 import trio
 
 from daemon.config import ConfigError
-from daemon.simulator import SimConfig, Simulator
+from daemon.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 from daemon.supervisor import Daemon
 from plugins.manager import build_manager
 from tests.conftest import daemon_settings
@@ -110,6 +110,7 @@ async def test_submit_list_get_filter_and_page(
         ).json()
         assert one["status"] == "COMPLETED" and one["result_layer"] == "webhook"
         assert [e["kind"] for e in one["events"]] == ["registered", "result"]
+        assert one["fal_user_id"] == WEBHOOK_USER_ID  # the account its verified webhook named
         for bad in ("status=DONE", "limit=0", "limit=x", "nope=1"):
             assert (await client.get(f"{base}/v1/trainings?{bad}", headers=AUTH)).status_code == 400
         assert (await client.get(f"{base}/v1/trainings/unknown", headers=AUTH)).status_code == 404

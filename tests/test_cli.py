@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import __version__, actions, config
+from daemon import __version__, actions, config, signing
 from daemon.config import BUILTIN_LAYERS
 from daemon.demo import free_port
 from daemon.reconcile import Kind, Observation, Reconciler
@@ -403,6 +403,38 @@ def test_check_json_keeps_the_operator_contract(tmp_path: Path) -> None:
     assert "FALLBACK" in lines["NAME"] and "BY" in lines["NAME"]
     assert "yes (emergency)" in lines["dave"]
     assert " no " in lines["carol"] and "poller" in lines["carol"]
+
+
+def test_check_json_shows_the_fal_user_id_of_the_latest_verified_webhook(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    ids = record(path, incomplete=False)
+    settings = config.load(str(path), env={})
+
+    async def receipts() -> None:
+        async with open_store(settings.database["url"]) as store:
+            reconciler = Reconciler(store, settings)
+            kept = [
+                (ids["carol"], "verified", "acct-old"),
+                (ids["carol"], "verified", "acct-1"),
+                (ids["carol"], "rejected", "acct-forger"),  # refused: not a user id seen
+                (ids["dave"], "unverified", "acct-2"),  # not verified (yet): not shown
+            ]
+            for n, (rid, verification, user) in enumerate(kept):
+                await reconciler.record_receipt(
+                    body=b"{}",
+                    headers={signing.HEADER_USER_ID.lower(): user},
+                    verification=verification,
+                    request_id=rid,
+                    dedupe_key=f"k{n}",
+                )
+
+    trio.run(receipts)
+    rows = {r["name"]: r for r in rows_of(cli(tmp_path, "check", "--json"))}
+    assert {name: row["fal_user_id"] for name, row in rows.items()} == {
+        "carol": "acct-1",
+        "dave": None,
+        "erin": None,
+    }
 
 
 def test_check_exits_1_when_a_finished_training_lacks_a_field(tmp_path: Path) -> None:

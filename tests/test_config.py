@@ -106,6 +106,8 @@ def test_secret_comes_from_environment_only() -> None:
         ("[fal]\njwks_url = ['https://a/k', 3]", r"fal\.jwks_url: entry #2 must be a string"),
         ("[fal]\njwks_url = ['ftp://a/k']", r"fal\.jwks_url: entry #1 must be an http"),
         ("[fal]\njwks_url = 3", r"fal\.jwks_url: must be a string or a list of strings"),
+        ("[webhook]\nallowed_user_ids = 'u'", r"webhook\.allowed_user_ids: must be a list"),
+        ("[webhook]\nallowed_user_ids = ['u', '']", r"allowed_user_ids: entry #2 must be a non"),
     ],
 )
 def test_bad_config_names_the_key(text: str, message: str) -> None:

@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from daemon import actions, http, signing
+from daemon.logs import WARN
 from daemon.metrics import WEBHOOK_OUTCOMES
 from daemon.simulator import Simulator
 from daemon.store import Store, TrainingView, WebhookReceipt
@@ -631,6 +633,82 @@ async def test_the_gateway_id_in_the_header_is_genuine_and_applies_to_request_id
     forged = {**h.sign(body, rid), signing.HEADER_REQUEST_ID: gateway}
     assert (await h.post(body, forged)).status_code == 401
     assert h.counted("accepted") == 2 and h.counted("bad_signature") == 1
+
+
+def _user(user_id: str) -> Signer:
+    def sign(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+        return signing.sign_webhook(h.sim.private_key, rid, user_id, int(time.time()), body)
+
+    return sign
+
+
+async def test_another_fal_accounts_signed_webhook_gets_403_and_changes_nothing(
+    launch: Launch,
+) -> None:
+    """fal signs every customer's webhooks with the same keys: only the user id header,
+    checked once the signature verified, says they are ours."""
+    with capture_logs() as logs:
+        h = await launch(webhook={"allowed_user_ids": ["someone", USER_ID]})
+    assert not [e for e in logs if "allowed_user_ids" in e["event"]]  # no warning then
+    assert h.counted("foreign_user") == 0
+    assert (
+        h.daemon.metrics.registry.get_sample_value(
+            "trainguard_webhooks_received_total", {"outcome": "foreign_user"}
+        )
+        == 0.0
+    )  # exported from the start
+    rid = await h.track()
+    body = ok_body(rid)
+    reply = await h.post(body, _user("user-9999")(h, body, rid))
+    assert (reply.status_code, reply.json()) == (
+        403,
+        {"detail": "the fal user id is not an allowed one"},
+    )
+    assert h.counted("foreign_user") == 1
+    assert await h.untouched(rid)
+    (kept,) = await h.receipts(rid)
+    assert kept["verification"] == "rejected" and kept["reject_reason"].startswith("foreign_user")
+    # An unsigned (badly signed) request does not learn whether its user id is allowed.
+    assert (await h.post(body, {**_other_key(h, body, rid)})).status_code == 401
+    forged = {**h.sign(body, rid), signing.HEADER_USER_ID: "user-9999"}
+    assert (await h.post(body, forged)).status_code == 401
+    # Ours: accepted.
+    assert (await h.deliver(body, rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+
+async def test_a_foreign_webhook_stored_while_the_keys_were_away_is_refused_later(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(layer, "FETCH_RETRY_SECONDS", 0.2)
+    sim.faults.jwks_down = True
+    h = await launch(webhook={"allowed_user_ids": [USER_ID]})
+    ours, theirs = await h.track(), await h.track()
+    assert (await h.deliver(ok_body(ours), ours)).status_code == 202
+    body = ok_body(theirs)
+    assert (await h.post(body, _user("user-9999")(h, body, theirs))).status_code == 202
+    sim.faults.jwks_down = False
+
+    async def settled() -> bool:
+        return all(r["processed"] for r in await h.receipts())
+
+    await wait_for(settled)
+    assert (await h.training(ours)).status == "COMPLETED"
+    assert await h.untouched(theirs)
+    (refused,) = await h.receipts(theirs)
+    assert refused["verification"] == "rejected"
+    assert refused["reject_reason"].startswith("foreign_user")
+
+
+async def test_an_empty_allow_list_accepts_any_account_with_a_warning(launch: Launch) -> None:
+    with capture_logs() as logs:
+        h = await launch()
+    warned = [e for e in logs if "allowed_user_ids is empty" in e["event"]]
+    assert len(warned) == 1 and warned[0]["event"].startswith(f"{layer.TAG} {WARN}")
+    rid = await h.track()
+    body = ok_body(rid)
+    assert (await h.post(body, _user("any-account")(h, body, rid))).status_code == 200
 
 
 async def test_a_webhook_for_an_unknown_training_is_kept_and_applied_on_adoption(

@@ -211,3 +211,15 @@ def test_a_signature_over_the_gateway_id_binds_the_gateway_id(
     signing.verify_webhook(headers, BODY, _keys(jwk), now=NOW)  # as sent: genuine
     swapped = {**headers, signing.HEADER_REQUEST_ID: "r-1"}  # the body's request_id instead
     assert _reject_code(swapped, BODY, _keys(jwk)) == "bad_signature"
+
+
+def test_check_user_refuses_only_ids_outside_a_non_empty_list() -> None:
+    headers = {"x-fal-webhook-user-id": "acct-1"}
+    signing.check_user(headers, [])  # empty: any account
+    signing.check_user(headers, ["acct-0", "acct-1"])
+    signing.check_user({signing.HEADER_USER_ID: "acct-1"}, ["acct-1"])  # any casing
+    for seen in ({"x-fal-webhook-user-id": "acct-2"}, {}):
+        with pytest.raises(WebhookRejected) as caught:
+            signing.check_user(seen, ["acct-1"])
+        assert caught.value.code == "foreign_user"
+        assert "acct-1" not in str(caught.value)  # the refusal does not name the allowed ids
