@@ -225,6 +225,8 @@ class AdminApi:
                 arguments=arguments,
                 trigger=trigger,
             )
+        except actions.MissingInput as exc:
+            raise ApiError(422, "missing_input", str(exc)) from None
         except FalRequestError as exc:
             raise ApiError(502, "fal_refused", str(exc)) from None
         except actions.NotRecorded as exc:
@@ -486,6 +488,7 @@ def openapi() -> dict[str, Any]:
                     "responses": {
                         "201": _ok("recorded", training),
                         "400": _error("bad request"),
+                        "422": _error("a required input field is missing (nothing was sent)"),
                         "500": _error("FAL accepted it but it could not be recorded"),
                         "502": _error("FAL refused the submit"),
                         **_COMMON,
