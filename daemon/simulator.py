@@ -16,9 +16,14 @@ is silent the simulator picks one plausible behaviour and says so here:
   result fetch still answers 200 with the real output.
 - Once a result expires (``result_expiry_seconds``), status, result, cancel and files all
   answer 404, as for an unknown id.
-- Inputs missing the trainer's required field (``images_data_url``, or ``data_url`` for the
-  pro trainer) fail like fal's runner does (422 ``field required``) unless ``sim_outcome``
-  says otherwise. Unknown apps are treated as generic LoRA trainers.
+- Inputs missing the trainer's required field (``images_data_url``) fail like fal's runner
+  does (422 ``field required``) unless ``sim_outcome`` says otherwise. The pro trainer
+  (``fal-ai/flux-pro-trainer``) refuses the submit itself without ``data_url`` or
+  ``finetune_comment``: 422 ``{"detail": [...]}``, one FastAPI-style entry per missing field,
+  nothing queued. Unknown apps are treated as generic LoRA trainers.
+- Submit answers carry ``x-fal-request-id``. ``GET .../requests/{id}/status/stream`` sends
+  server-sent events (``data: <status JSON>``, the status route's object, honouring
+  ``?logs=1``) each time the status changes, until COMPLETED.
 - 429 carries ``error_type: "rate_limited"`` (fal documents none for it); ``api_down``
   answers 503 ``runner_scheduling_failure``.
 
@@ -80,6 +85,8 @@ PAYLOAD_ERROR_TEXT = (
 )
 CANCELLED_DETAIL = "Request was cancelled by the client"
 LOG_CHECKPOINTS = 10
+STREAM_INTERVAL_SECONDS = 0.05
+"""How often a status stream looks for a change to send."""
 
 _API_ERRORS: tuple[tuple[int, str, str], ...] = (
     (429, "rate_limited", "Too many concurrent requests"),
@@ -269,6 +276,8 @@ class _Trainer:
     steps_field: str
     default_steps: int
     debug_output: bool = False
+    submit_required: tuple[str, ...] = ()
+    """Fields without which the submit itself is refused (422, FastAPI's shape)."""
 
 
 _TRAINERS = {
@@ -276,7 +285,13 @@ _TRAINERS = {
     "fal-ai/flux-lora-fast-training": _Trainer(
         "lora", "images_data_url", "steps", 1000, debug_output=True
     ),
-    "fal-ai/flux-pro-trainer": _Trainer("finetune", "data_url", "iterations", 300),
+    "fal-ai/flux-pro-trainer": _Trainer(
+        "finetune",
+        "data_url",
+        "iterations",
+        300,
+        submit_required=("data_url", "finetune_comment"),
+    ),
 }
 _GENERIC_TRAINER = _Trainer("lora", None, "steps", 1000)
 
@@ -309,6 +324,8 @@ class _Reply:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stream: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]] | None = None
+    """Server-sent events: called with a function that sends one chunk; ``body`` unused."""
 
 
 def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
@@ -338,12 +355,14 @@ class Simulator:
         self.config = config or SimConfig()
         self.truth: dict[str, Truth] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
-        """Answers by (route, status code); routes: submit, status, result, cancel, files,
-        jwks, unknown."""
+        """Answers by (route, status code); routes: submit, status, status_stream, result,
+        cancel, files, jwks, unknown."""
         self.hangs: Counter[str] = Counter()
         """Queue calls held ``api_timeout_seconds`` before answering (the timeout fault), by
         route."""
         self.deliveries: list[Delivery] = []
+        self.open_streams = 0
+        """Status streams being sent now (one ends at COMPLETED or when its client leaves)."""
         """Every webhook delivery attempt that ended, in the order they ended."""
         self.private_key, jwk = signing.generate_keypair()
         self.user_id = WEBHOOK_USER_ID
@@ -418,6 +437,9 @@ class Simulator:
                 break
         route, reply = await self._dispatch(scope, body)
         self.stats[(route, reply.status)] += 1
+        if reply.stream is not None:
+            await _send_stream(reply, receive, send)
+            return
         headers = [
             (b"content-type", reply.content_type.encode()),
             (b"content-length", str(len(reply.body)).encode()),
@@ -453,6 +475,8 @@ class Simulator:
             route = "status"
         elif queue_route and len(parts) == 5 and parts[4] == "cancel" and method == "PUT":
             route = "cancel"
+        elif queue_route and parts[4:] == ["status", "stream"] and method == "GET":
+            route = "status_stream"
         else:
             return "unknown", _json_reply(404, {"detail": "Not Found"})
 
@@ -473,6 +497,8 @@ class Simulator:
             training = None
         if route == "status":
             return route, self._status(training, now, query, base)
+        if route == "status_stream":
+            return route, self._status_stream(training, query, base)
         if route == "result":
             return route, self._result(training, now)
         return route, self._cancel(training, now)
@@ -527,6 +553,21 @@ class Simulator:
             raise RuntimeError("webhooks need the simulator running under serve()")
         app_id = f"{parts[0]}/{parts[1]}"
         trainer = _TRAINERS.get(app_id, _GENERIC_TRAINER)
+        absent = [name for name in trainer.submit_required if name not in payload]
+        if absent:  # refused before anything is queued, as FastAPI validates a body
+            return _json_reply(
+                422,
+                {
+                    "detail": [
+                        {
+                            "loc": ["body", name],
+                            "msg": "field required",
+                            "type": "value_error.missing",
+                        }
+                        for name in absent
+                    ]
+                },
+            )
         request_id = str(uuid.uuid4())
         index = len(self._submit_times)
         rng = random.Random(f"{self.config.seed}:training:{index}")
@@ -593,6 +634,7 @@ class Simulator:
                 "gateway_request_id": gateway_id,
                 "queue_position": self._queue_position(training, now),
             },
+            {"x-fal-request-id": request_id},
         )
 
     def _draw_outcome(
@@ -683,6 +725,32 @@ class Simulator:
         elif training.truth.outcome == "fail" and training.error_on_status:
             body["error"] = "Invalid status code: 422"
         return _json_reply(200, body)
+
+    def _status_stream(
+        self, training: _Training | None, query: dict[str, list[str]], base: str
+    ) -> _Reply:
+        """Server-sent events: the status object (as the status route answers it) whenever
+        it changes, checked every ``STREAM_INTERVAL_SECONDS``, until COMPLETED."""
+        if training is None:
+            return _json_reply(404, {"detail": "Request not found"})
+
+        async def events(emit: Callable[[bytes], Awaitable[None]]) -> None:
+            last = None
+            self.open_streams += 1
+            try:
+                while True:
+                    now = trio.current_time()
+                    status = json.loads(self._status(training, now, query, base).body)
+                    if status != last:
+                        await emit(b"data: " + json.dumps(status).encode() + b"\n\n")
+                        last = status
+                    if status["status"] == "COMPLETED":
+                        return
+                    await trio.sleep(STREAM_INTERVAL_SECONDS)
+            finally:
+                self.open_streams -= 1
+
+        return _Reply(200, content_type="text/event-stream", stream=events)
 
     def _end(self, training: _Training) -> float:
         done = training.truth.completed_at
@@ -838,6 +906,28 @@ class Simulator:
             return False
         truth.webhook_acks += 1
         return True
+
+
+async def _send_stream(reply: _Reply, receive: Receive, send: Send) -> None:
+    """Send ``reply``'s events as they come, until they end or the client goes away."""
+    assert reply.stream is not None
+    headers = [(b"content-type", reply.content_type.encode()), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+
+    async def emit(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await reply.stream(emit)
+        await send({"type": "http.response.body", "body": b""})
+        nursery.cancel_scope.cancel()
 
 
 def _urls(base: str, app_id: str, request_id: str) -> dict[str, str]:
