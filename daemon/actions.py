@@ -26,6 +26,28 @@ class NotRecorded(RuntimeError):
         self.request_id = request_id
 
 
+class MissingInput(ValueError):
+    """A model input field the training type requires is not given; nothing was sent."""
+
+
+def model_input(
+    settings: Settings, training_type: str, name: str, arguments: Mapping[str, Any]
+) -> dict[str, Any]:
+    """What is sent to FAL: the type's default ``arguments`` (placeholders filled for
+    ``name``) merged under the caller's. Raises MissingInput naming the first ``required``
+    field that is absent, null or empty."""
+    ttype = settings.training_type(training_type)
+    merged = {**ttype.default_arguments(name), **arguments}
+    for key in ttype.required:
+        if merged.get(key) in (None, ""):
+            raise MissingInput(
+                f"input field {key!r} is required by training type {ttype.name!r}"
+                f" ({ttype.endpoint}) and was not given: pass it as an extra argument"
+                f" or set it in [training_types.{ttype.name}] arguments"
+            )
+    return merged
+
+
 def training_arguments(
     settings: Settings,
     training_type: str,
@@ -54,11 +76,13 @@ async def submit(
 ) -> TrainingView:
     """Submit to FAL with our webhook URL, then record the training.
 
-    Raises ``FalRequestError`` when FAL refuses, and ``NotRecorded`` (with the request id)
-    when FAL accepted but the store did not.
+    The input sent is :func:`model_input`'s. Raises ``MissingInput`` (before anything is
+    sent) when a required field is missing, ``FalRequestError`` when FAL refuses, and
+    ``NotRecorded`` (with the request id) when FAL accepted but the store did not.
     """
     ttype = settings.training_type(training_type)
-    submitted = await fal.submit(ttype.endpoint, dict(arguments), settings.webhook["public_url"])
+    arguments = model_input(settings, training_type, name, arguments)
+    submitted = await fal.submit(ttype.endpoint, arguments, settings.webhook["public_url"])
     try:
         return await reconciler.register(
             name=name,

@@ -19,7 +19,7 @@ from daemon import actions, http
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, FalRequestError
 from daemon.reconcile import AlreadyTracked, Reconciler, view_as_dict
-from daemon.store import STATUSES, Store, Training
+from daemon.store import STATUSES, Store, Training, fal_user_ids
 
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
@@ -195,7 +195,12 @@ class AdminApi:
         view = await store.training(request.params["id"])
         if view is None:
             raise ApiError(404, "not_found", f"no training {request.params['id']!r}")
-        return 200, {**view_as_dict(view), "events": await store.events(view.request_id)}
+        users = await store.read(fal_user_ids, view.request_id)
+        return 200, {
+            **view_as_dict(view),
+            "fal_user_id": users.get(view.request_id),
+            "events": await store.events(view.request_id),
+        }
 
     async def submit(self, request: Request) -> tuple[int, Any]:
         data = request.json()
@@ -220,6 +225,8 @@ class AdminApi:
                 arguments=arguments,
                 trigger=trigger,
             )
+        except actions.MissingInput as exc:
+            raise ApiError(422, "missing_input", str(exc)) from None
         except FalRequestError as exc:
             raise ApiError(502, "fal_refused", str(exc)) from None
         except actions.NotRecorded as exc:
@@ -429,7 +436,10 @@ def openapi() -> dict[str, Any]:
                         {
                             "type": "object",
                             "required": ["events"],
-                            "properties": {"events": {"type": "array", "items": _EVENT}},
+                            "properties": {
+                                "events": {"type": "array", "items": _EVENT},
+                                "fal_user_id": _NULLABLE_STRING,
+                            },
                         },
                     ]
                 },
@@ -481,6 +491,7 @@ def openapi() -> dict[str, Any]:
                     "responses": {
                         "201": _ok("recorded", training),
                         "400": _error("bad request"),
+                        "422": _error("a required input field is missing (nothing was sent)"),
                         "500": _error("FAL accepted it but it could not be recorded"),
                         "502": _error("FAL refused the submit"),
                         **_COMMON,

@@ -139,6 +139,8 @@ def cmd_submit(args: argparse.Namespace) -> int:
 
     try:
         view = _run(submit)
+    except actions.MissingInput as exc:  # nothing was sent: a bad argument
+        raise CliError(f"{exc} (--arg KEY=VALUE)", EXIT_CONFIG) from exc
     except FalRequestError as exc:
         hint = "" if settings.fal_key else " (FAL_KEY is not set)"
         raise CliError(f"FAL refused the submit: {exc}{hint}") from exc
@@ -216,13 +218,21 @@ def _print_training(view: TrainingView, as_json: bool) -> None:
 
 # -- check -------------------------------------------------------------------------------
 async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, Any]]:
-    from daemon.store import Training, open_store
+    from daemon.store import Training, fal_user_ids, open_store
 
     async with open_store(settings.database["url"]) as store:
         where = (Training.status == status,) if status else ()
         views = await store.trainings(*where)
         files = await store.read(_artifacts_by_request)
-    return [{**view_as_dict(v), "artifacts": files.get(v.request_id, [])} for v in views]
+        users = await store.read(fal_user_ids)
+    return [
+        {
+            **view_as_dict(v),
+            "artifacts": files.get(v.request_id, []),
+            "fal_user_id": users.get(v.request_id),
+        }
+        for v in views
+    ]
 
 
 def _artifacts_by_request() -> dict[str, list[dict[str, Any]]]:
@@ -390,7 +400,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--name", required=True, help="whose training this is (e.g. the user)")
     p.add_argument("--images-url", required=True, help="URL of the zip of training images")
     p.add_argument("--trigger", help="trigger phrase")
-    p.add_argument("--arg", action="append", help="extra model input KEY=VALUE (JSON value)")
+    p.add_argument(
+        "--arg",
+        action="append",
+        metavar="KEY=VALUE",
+        help="an extra model input field (repeatable); VALUE is read as JSON when it parses"
+        " (200, true, [1,2], {...}), else taken as a string; wins over the type's arguments",
+    )
     p.add_argument("--json", action="store_true", help="print the recorded training as JSON")
 
     p = add("track", cmd_track, "adopt a request that was submitted elsewhere")

@@ -8,6 +8,7 @@ environment only.
 
 from __future__ import annotations
 
+import math
 import os
 import string
 import tomllib
@@ -64,6 +65,26 @@ def _http_url(value: str) -> str | None:
     return None
 
 
+def _http_urls(value: str | list[Any]) -> str | None:
+    """One URL, or a non-empty list of them."""
+    if isinstance(value, str):
+        return _http_url(value)
+    if not value:
+        return "must name at least one URL"
+    for index, item in enumerate(value):
+        problem = _http_url(item) if isinstance(item, str) else "must be a string"
+        if problem:
+            return f"entry #{index + 1} {problem}"
+    return None
+
+
+def _strings(value: list[Any]) -> str | None:
+    for index, item in enumerate(value):
+        if not isinstance(item, str) or not item.strip():
+            return f"entry #{index + 1} must be a non-empty string"
+    return None
+
+
 def _optional_http_url(value: str) -> str | None:
     return None if value == "" else _http_url(value)
 
@@ -96,24 +117,79 @@ def _non_empty(value: str) -> str | None:
 
 
 def _template(value: str) -> str | None:
+    return _placeholders(value, {"name", "request_id"})
+
+
+def _placeholders(value: str, allowed: set[str]) -> str | None:
+    """What is wrong with ``value`` as a ``str.format`` template using only ``allowed``."""
     try:
         fields = {f for _, f, _, _ in string.Formatter().parse(value) if f is not None}
     except ValueError as exc:
         return f"is not a valid template ({exc})"
-    unknown = fields - {"name", "request_id"}
+    unknown = fields - allowed
     if unknown:
-        return f"may only use {{name}} and {{request_id}}, not {{{sorted(unknown)[0]}}}"
+        names = " and ".join(f"{{{name}}}" for name in sorted(allowed))
+        return f"may only use {names}, not {{{sorted(unknown)[0]}}} (write {{{{ for a brace)"
     return None
 
 
+#: The placeholders of a string in ``[training_types.NAME] arguments``.
+ARGUMENT_PLACEHOLDERS = {"name", "training_type"}
+
+
+def _input_value(value: Any, where: str) -> str | None:
+    """What is wrong with ``value`` as a model input field (JSON only; strings are
+    templates), naming where inside it."""
+    if isinstance(value, str):
+        problem = _placeholders(value, ARGUMENT_PLACEHOLDERS)
+        if problem is None:
+            try:
+                value.format(**dict.fromkeys(ARGUMENT_PLACEHOLDERS, "x"))
+            except (ValueError, KeyError, IndexError, AttributeError) as exc:
+                problem = f"is not a valid template ({exc})"
+        return f"{where} {problem}" if problem else None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{where} must be a finite number"
+    if isinstance(value, bool | int | float):
+        return None
+    if isinstance(value, list):
+        items = (_input_value(item, f"{where}[{i}]") for i, item in enumerate(value))
+        return next((problem for problem in items if problem), None)
+    if isinstance(value, dict):
+        items = (_input_value(item, f"{where}.{key}") for key, item in value.items())
+        return next((problem for problem in items if problem), None)
+    return f"{where} must be a JSON value (string, number, boolean, list or table)"
+
+
+def _arguments(value: dict[str, Any]) -> str | None:
+    items = (_input_value(item, f"field {key!r}") for key, item in value.items())
+    return next((problem for problem in items if problem), None)
+
+
+def _fill(value: Any, fields: Mapping[str, str]) -> Any:
+    if isinstance(value, str):
+        return value.format(**fields)
+    if isinstance(value, list):
+        return [_fill(item, fields) for item in value]
+    if isinstance(value, dict):
+        return {key: _fill(item, fields) for key, item in value.items()}
+    return value
+
+
 FLOAT = (int, float)
+
+#: Which of fal's hosts serves the webhook keys is unsourced (fal-api.md): ask both.
+DEFAULT_JWKS_URLS = (
+    "https://rest.alpha.fal.ai/.well-known/jwks.json",
+    "https://rest.fal.ai/.well-known/jwks.json",
+)
 
 # Section -> key -> Key. Layers and training types are tables of tables, declared below.
 SCHEMA: dict[str, dict[str, Key]] = {
     "database": {"url": Key((str,), None, _db_url)},
     "fal": {
         "queue_url": Key((str,), "https://queue.fal.run", _http_url),
-        "jwks_url": Key((str,), "https://rest.alpha.fal.ai/.well-known/jwks.json", _http_url),
+        "jwks_url": Key((str, list), list(DEFAULT_JWKS_URLS), _http_urls),
         "max_requests_per_second": Key(FLOAT, 10.0, _positive),
         "timeout_seconds": Key(FLOAT, 30.0, _positive),
         "retries": Key((int,), 2, _non_negative),
@@ -128,6 +204,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timestamp_tolerance_seconds": Key(FLOAT, 300.0, _positive),
         "jwks_cache_seconds": Key(FLOAT, 86400.0, _positive),
         "rejected_kept": Key((int,), 1000, _non_negative),
+        "allowed_user_ids": Key((list,), [], _strings),
     },
     "metrics": {"listen": Key((str,), "127.0.0.1:9700", _listen)},
     "log": {"level": Key((str,), "info", _level)},
@@ -177,18 +254,22 @@ DEFAULT_TRAINING_TYPES = {
         "result_field": "diffusers_lora_file",
         "images_field": "images_data_url",
         "trigger_field": "trigger_phrase",
+        "required": ["images_data_url"],
     },
     "fast": {
         "endpoint": "fal-ai/flux-lora-fast-training",
         "result_field": "diffusers_lora_file",
         "images_field": "images_data_url",
         "trigger_field": "trigger_word",
+        "required": ["images_data_url"],
     },
     "style": {
         "endpoint": "fal-ai/flux-pro-trainer",
         "result_field": "finetune_id",
         "images_field": "data_url",
         "trigger_field": "trigger_word",
+        "arguments": {"finetune_comment": "{name}"},
+        "required": ["data_url", "finetune_comment"],
     },
 }
 TRAINING_TYPE_SCHEMA = {
@@ -196,6 +277,8 @@ TRAINING_TYPE_SCHEMA = {
     "result_field": Key((str,), None, _non_empty),
     "images_field": Key((str,), "images_data_url", _non_empty),
     "trigger_field": Key((str,), "trigger_phrase", _non_empty),
+    "arguments": Key((dict,), {}, _arguments),
+    "required": Key((list,), [], _strings),
 }
 
 
@@ -206,6 +289,16 @@ class TrainingType:
     result_field: str
     images_field: str = "images_data_url"
     trigger_field: str = "trigger_phrase"
+    arguments: Mapping[str, Any] = field(default_factory=dict)
+    """Default model input fields, merged under the caller's; a string may use ``{name}``
+    (the training's name) and ``{training_type}``."""
+    required: tuple[str, ...] = ()
+    """Input fields that must be present (not null, not empty) before a submit is sent."""
+
+    def default_arguments(self, name: str) -> dict[str, Any]:
+        """``arguments`` with the placeholders filled in for the training ``name``."""
+        fields = {"name": name, "training_type": self.name}
+        return {key: _fill(value, fields) for key, value in self.arguments.items()}
 
 
 @dataclass(frozen=True)
@@ -272,6 +365,10 @@ def _default_template(layer: str) -> str:
 def _type_name(types: tuple[type, ...]) -> str:
     if types == FLOAT:
         return "a number"
+    if types == (list,):
+        return "a list of strings"
+    if list in types:
+        return "a string or a list of strings"
     return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
 
 
@@ -333,6 +430,9 @@ def parse(
             templates = raw.pop("url_templates", {})
         sections[section] = _validate_table(raw, schema, section)
     url_templates = _validate_templates(templates)
+    jwks_urls = sections["fal"]["jwks_url"]  # one URL stays valid: a list of one
+    sections["fal"]["jwks_url"] = [jwks_urls] if isinstance(jwks_urls, str) else list(jwks_urls)
+    sections["webhook"]["allowed_user_ids"] = list(sections["webhook"]["allowed_user_ids"])
     if sections["database"]["url"] is None:
         sections["database"]["url"] = default_database_url()
     if not sections["artifacts"]["dir"]:
@@ -349,6 +449,8 @@ def parse(
         for key, value in values.items():
             if value is None:
                 raise ConfigError(f"training_types.{name}.{key}: missing")
+        values["arguments"] = dict(values["arguments"])
+        values["required"] = tuple(values["required"])
         training_types[name] = TrainingType(name, **values)
 
     layers_raw = data.get("layers", {})

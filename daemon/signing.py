@@ -33,7 +33,8 @@ DEFAULT_TOLERANCE_SECONDS = 300.0
 
 
 class WebhookRejected(Exception):
-    """A webhook failed verification; ``code`` is missing_header, stale or bad_signature."""
+    """A webhook failed verification; ``code`` is missing_header, stale, bad_signature or
+    foreign_user."""
 
     def __init__(self, reason: str, code: str) -> None:
         super().__init__(f"{code}: {reason}")
@@ -146,6 +147,18 @@ def check_envelope(
             "stale",
         )
     return values
+
+
+def check_user(headers: Mapping[str, str], allowed: Sequence[str]) -> None:
+    """Raise WebhookRejected (foreign_user) when ``allowed`` is not empty and the
+    ``X-Fal-Webhook-User-Id`` is not in it. fal signs every customer's webhooks with the same
+    keys, so only this header says whose they are: call it only once the signature
+    verified, so that an unsigned request learns nothing of the list."""
+    if not allowed:
+        return
+    lowered = {name.lower(): value for name, value in headers.items()}
+    if lowered.get(HEADER_USER_ID.lower()) not in allowed:
+        raise WebhookRejected("the fal user id is not an allowed one", "foreign_user")
 
 
 def verify_webhook(

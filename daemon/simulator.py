@@ -27,9 +27,14 @@ is silent the simulator picks one plausible behaviour and says so here:
   result fetch still answers 200 with the real output.
 - Once a result expires (``result_expiry_seconds``), status, result, cancel and files all
   answer 404, as for an unknown id.
-- Inputs missing the trainer's required field (``images_data_url``, or ``data_url`` for the
-  pro trainer) fail like fal's runner does (422 ``field required``) unless ``sim_outcome``
-  says otherwise. Unknown apps are treated as generic LoRA trainers.
+- Inputs missing the trainer's required field (``images_data_url``) fail like fal's runner
+  does (422 ``field required``) unless ``sim_outcome`` says otherwise. The pro trainer
+  (``fal-ai/flux-pro-trainer``) refuses the submit itself without ``data_url`` or
+  ``finetune_comment``: 422 ``{"detail": [...]}``, one FastAPI-style entry per missing field,
+  nothing queued. Unknown apps are treated as generic LoRA trainers.
+- Submit answers carry ``x-fal-request-id``. ``GET .../requests/{id}/status/stream`` sends
+  server-sent events (``data: <status JSON>``, the status route's object, honouring
+  ``?logs=1``) each time the status changes, until COMPLETED.
 - Transient faults (``api_error_rate``, ``api_down``, ``result_gateway_error``) are what
   fal-api.md calls transient: 429 with ``Retry-After`` (carrying ``error_type:
   "rate_limited"``, fal documents none for it) and untyped gateway pages (HTML 502/504,
@@ -103,6 +108,8 @@ _FAILED_STATUS = {
 NOT_READY_ANSWERS = ("in_progress", "not_completed", "not_found", "bare_422")
 CANCEL_BEHAVIOURS = ("honour", "ignore")
 LOG_CHECKPOINTS = 10
+STREAM_INTERVAL_SECONDS = 0.05
+"""How often a status stream looks for a change to send."""
 
 _HTML_502 = b"<html><head><title>502 Bad Gateway</title></head><body><center><h1>502 Bad Gateway</h1></center><hr><center>nginx</center></body></html>"
 _HTML_504 = b"<html><head><title>504 Gateway Time-out</title></head><body><center><h1>504 Gateway Time-out</h1></center><hr><center>nginx</center></body></html>"
@@ -152,6 +159,10 @@ class Faults:
     """The webhook carries ``payload: null`` and ``payload_error``."""
     never_finish: float = 0.0
     """The training stays IN_PROGRESS forever."""
+    gateway_id_header: float = 0.0
+    """The training was retried inside fal: its ``gateway_request_id`` differs from its
+    ``request_id``, and its webhooks carry the gateway id in ``X-Fal-Webhook-Request-Id``,
+    signed over it (which id fal sends then is unsourced; both are genuine)."""
     result_expiry_seconds: float | None = None
     """Result and files answer 404 this long after completion; None keeps them."""
     jwks_down: bool = False
@@ -204,6 +215,7 @@ _PROBABILITY_FAULTS = frozenset(
         "never_finish",
         "result_gateway_error",
         "ignore_cancel",
+        "gateway_id_header",
     }
 )
 
@@ -323,6 +335,8 @@ class _Trainer:
     steps_field: str
     default_steps: int
     debug_output: bool = False
+    submit_required: tuple[str, ...] = ()
+    """Fields without which the submit itself is refused (422, FastAPI's shape)."""
 
 
 _TRAINERS = {
@@ -330,7 +344,13 @@ _TRAINERS = {
     "fal-ai/flux-lora-fast-training": _Trainer(
         "lora", "images_data_url", "steps", 1000, debug_output=True
     ),
-    "fal-ai/flux-pro-trainer": _Trainer("finetune", "data_url", "iterations", 300),
+    "fal-ai/flux-pro-trainer": _Trainer(
+        "finetune",
+        "data_url",
+        "iterations",
+        300,
+        submit_required=("data_url", "finetune_comment"),
+    ),
 }
 _GENERIC_TRAINER = _Trainer("lora", None, "steps", 1000)
 
@@ -348,6 +368,8 @@ class _Training:
     rng: random.Random
     files: dict[str, tuple[str, int]]
     config_bytes: bytes
+    gateway_request_id: str
+    """The body's ``gateway_request_id``; also the header's id when it differs."""
     ignores_cancel: bool = False
     removed: bool = False
     """A queued request removed by a cancel: fal no longer knows it."""
@@ -364,6 +386,8 @@ class _Reply:
     body: bytes = b""
     content_type: str = "application/json"
     headers: list[tuple[bytes, bytes]] = field(default_factory=list)
+    stream: Callable[[Callable[[bytes], Awaitable[None]]], Awaitable[None]] | None = None
+    """Server-sent events: called with a function that sends one chunk; ``body`` unused."""
 
 
 def _json_reply(status: int, payload: Any, headers: dict[str, str] | None = None) -> _Reply:
@@ -393,14 +417,18 @@ class Simulator:
         self.config = config or SimConfig()
         self.truth: dict[str, Truth] = {}
         self.stats: Counter[tuple[str, int]] = Counter()
-        """Answers by (route, status code); routes: submit, status, result, cancel, files,
-        jwks, unknown."""
+        """Answers by (route, status code); routes: submit, status, status_stream, result,
+        cancel, files, jwks, unknown."""
         self.hangs: Counter[str] = Counter()
         """Queue calls held ``api_timeout_seconds`` before answering (the timeout fault), by
         route."""
         self.deliveries: list[Delivery] = []
+        self.open_streams = 0
+        """Status streams being sent now (one ends at COMPLETED or when its client leaves)."""
         """Every webhook delivery attempt that ended, in the order they ended."""
         self.private_key, jwk = signing.generate_keypair()
+        self.user_id = WEBHOOK_USER_ID
+        """The ``X-Fal-Webhook-User-Id`` its webhooks are signed for (the fal account)."""
         self.jwks: list[dict[str, str]] = [jwk]
         self._trainings: dict[str, _Training] = {}
         self._submit_times: list[float] = []
@@ -471,6 +499,9 @@ class Simulator:
                 break
         route, reply = await self._dispatch(scope, body)
         self.stats[(route, reply.status)] += 1
+        if reply.stream is not None:
+            await _send_stream(reply, receive, send)
+            return
         headers = [
             (b"content-type", reply.content_type.encode()),
             (b"content-length", str(len(reply.body)).encode()),
@@ -506,6 +537,8 @@ class Simulator:
             route = "status"
         elif queue_route and len(parts) == 5 and parts[4] == "cancel" and method == "PUT":
             route = "cancel"
+        elif queue_route and parts[4:] == ["status", "stream"] and method == "GET":
+            route = "status_stream"
         else:
             return "unknown", _json_reply(404, {"detail": "Not Found"})
 
@@ -531,6 +564,8 @@ class Simulator:
             training = None
         if route == "status":
             return route, self._status(training, now, query, base)
+        if route == "status_stream":
+            return route, self._status_stream(training, query, base)
         if route == "result":
             return route, self._result(training, now)
         return route, self._cancel(training, now)
@@ -607,6 +642,21 @@ class Simulator:
             raise RuntimeError("webhooks need the simulator running under serve()")
         app_id = f"{parts[0]}/{parts[1]}"
         trainer = _TRAINERS.get(app_id, _GENERIC_TRAINER)
+        absent = [name for name in trainer.submit_required if name not in payload]
+        if absent:  # refused before anything is queued, as FastAPI validates a body
+            return _json_reply(
+                422,
+                {
+                    "detail": [
+                        {
+                            "loc": ["body", name],
+                            "msg": "field required",
+                            "type": "value_error.missing",
+                        }
+                        for name in absent
+                    ]
+                },
+            )
         request_id = str(uuid.uuid4())
         index = len(self._submit_times)
         rng = random.Random(f"{self.config.seed}:training:{index}")
@@ -627,6 +677,9 @@ class Simulator:
                 trainer, f"{base}/files/{request_id}", config_bytes, lora=outcome != "no_lora"
             )
         completed_at = None if outcome == "never" else now + self._duration
+        # Its own generator, so that the knob leaves every other draw as it was.
+        retried = random.Random(f"{self.config.seed}:gateway:{index}").random()
+        gateway_id = str(uuid.uuid4()) if retried < self.faults.gateway_id_header else request_id
         truth = Truth(
             request_id=request_id,
             endpoint="/".join(parts),
@@ -655,6 +708,7 @@ class Simulator:
             rng=rng,
             files=files,
             config_bytes=config_bytes,
+            gateway_request_id=gateway_id,
         )
         self.truth[request_id] = truth
         self._trainings[request_id] = training
@@ -673,9 +727,10 @@ class Simulator:
                 "status": "IN_QUEUE",
                 "request_id": request_id,
                 **urls,
-                "gateway_request_id": request_id,
+                "gateway_request_id": gateway_id,
                 "queue_position": self._queue_position(training, now),
             },
+            {"x-fal-request-id": request_id},
         )
 
     def _draw_outcome(
@@ -769,6 +824,32 @@ class Simulator:
             if outcome == "typed_error":
                 body["error_type"] = TYPED_ERROR[1]
         return _json_reply(200, body)
+
+    def _status_stream(
+        self, training: _Training | None, query: dict[str, list[str]], base: str
+    ) -> _Reply:
+        """Server-sent events: the status object (as the status route answers it) whenever
+        it changes, checked every ``STREAM_INTERVAL_SECONDS``, until COMPLETED."""
+        if training is None:
+            return _json_reply(404, {"detail": "Request not found"})
+
+        async def events(emit: Callable[[bytes], Awaitable[None]]) -> None:
+            last = None
+            self.open_streams += 1
+            try:
+                while True:
+                    now = trio.current_time()
+                    status = json.loads(self._status(training, now, query, base).body)
+                    if status != last:
+                        await emit(b"data: " + json.dumps(status).encode() + b"\n\n")
+                        last = status
+                    if status["status"] == "COMPLETED":
+                        return
+                    await trio.sleep(STREAM_INTERVAL_SECONDS)
+            finally:
+                self.open_streams -= 1
+
+        return _Reply(200, content_type="text/event-stream", stream=events)
 
     def _end(self, training: _Training) -> float:
         done = training.truth.completed_at
@@ -904,7 +985,7 @@ class Simulator:
         truth = training.truth
         body: dict[str, Any] = {
             "request_id": truth.request_id,
-            "gateway_request_id": truth.request_id,
+            "gateway_request_id": training.gateway_request_id,
         }
         if truth.outcome == "fail":
             body.update(
@@ -943,7 +1024,7 @@ class Simulator:
         bad = training.rng.random() < self.faults.bad_signature
         signed = body + b" " if bad else body
         headers = signing.sign_webhook(
-            self.private_key, truth.request_id, WEBHOOK_USER_ID, int(time.time()), signed
+            self.private_key, training.gateway_request_id, self.user_id, int(time.time()), signed
         )
         headers["Content-Type"] = "application/json"
         truth.webhook_attempts += 1
@@ -967,6 +1048,28 @@ class Simulator:
             return False
         truth.webhook_acks += 1
         return True
+
+
+async def _send_stream(reply: _Reply, receive: Receive, send: Send) -> None:
+    """Send ``reply``'s events as they come, until they end or the client goes away."""
+    assert reply.stream is not None
+    headers = [(b"content-type", reply.content_type.encode()), (b"cache-control", b"no-cache")]
+    await send({"type": "http.response.start", "status": reply.status, "headers": headers})
+
+    async def emit(chunk: bytes) -> None:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+
+    async with trio.open_nursery() as nursery:
+
+        async def watch() -> None:
+            while (await receive())["type"] != "http.disconnect":
+                pass
+            nursery.cancel_scope.cancel()
+
+        nursery.start_soon(watch)
+        await reply.stream(emit)
+        await send({"type": "http.response.body", "body": b""})
+        nursery.cancel_scope.cancel()
 
 
 def _urls(base: str, app_id: str, request_id: str) -> dict[str, str]:

@@ -512,6 +512,25 @@ class Store:
         return True
 
 
+def fal_user_ids(request_id: str | None = None) -> dict[str, str]:
+    """Per request id (all, or only ``request_id``), the ``X-Fal-Webhook-User-Id`` (the fal
+    account) of its latest verified webhook receipt. Run it on the database thread."""
+    latest = WebhookReceipt.select(peewee.fn.MAX(WebhookReceipt.id)).where(
+        WebhookReceipt.verification == "verified", WebhookReceipt.request_id.is_null(False)
+    )
+    if request_id is not None:
+        latest = latest.where(WebhookReceipt.request_id == request_id)
+    rows = WebhookReceipt.select(WebhookReceipt.request_id, WebhookReceipt.headers_json).where(
+        WebhookReceipt.id.in_(latest.group_by(WebhookReceipt.request_id))
+    )
+    found: dict[str, str] = {}
+    for row in rows:
+        user = json.loads(row.headers_json).get("x-fal-webhook-user-id")
+        if isinstance(user, str):
+            found[row.request_id] = user
+    return found
+
+
 @asynccontextmanager
 async def open_store(url: str, **kwargs: Any) -> AsyncIterator[Store]:
     """Open, migrate and run a Store's writer for the duration of the block."""

@@ -2,12 +2,12 @@
 
 In order: POST only -> body size limit, and the whole body within ``BODY_TIMEOUT_SECONDS``
 -> the four ``X-Fal-Webhook-*`` headers (each once, of a sane length) -> timestamp within
-the tolerance -> ED25519 signature against FAL's JWKS (cached at most
-``jwks_cache_seconds``, refetched when no cached key verifies, fetched with a total time
-limit) -> the raw receipt stored durably (group commit, synchronous=FULL) -> 200. Then
-reconcile applies it.
+the tolerance -> ED25519 signature against FAL's JWKS (the keys of every ``[fal] jwks_url``
+host that answers, each cached at most ``jwks_cache_seconds``, refetched when no cached key
+verifies, fetched with a total time limit) -> the raw receipt stored durably (group commit,
+synchronous=FULL) -> 200. Then reconcile applies it.
 
-If the JWKS cannot be fetched, the receipt is still stored, marked unverified, answered 202,
+If no key host answers, the receipt is still stored, marked unverified, answered 202,
 and verified and applied once the keys come back: an outage of FAL's key server loses no
 webhook. While the keys are unreachable a fetch is tried at most every
 ``FETCH_RETRY_SECONDS``, and a webhook verified by the cached keys never waits for a fetch,
@@ -23,7 +23,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -43,6 +43,8 @@ REFETCH_MIN_SECONDS = 30.0
 #: While no fresh key set is at hand, a failed fetch is retried at most this often; in
 #: between, webhooks are stored unverified at once instead of waiting for the key server.
 FETCH_RETRY_SECONDS = 5.0
+#: Once one key host has answered, the others get this much longer before they are given up.
+OTHER_HOSTS_GRACE_SECONDS = 2.0
 #: How often stored receipts that are unverified or not yet applied are looked at again.
 RETRY_SECONDS = 5.0
 #: The whole request body must arrive within this time (hypercorn only limits each read).
@@ -50,6 +52,8 @@ BODY_TIMEOUT_SECONDS = 10.0
 #: FAL's header values are short (ids, a timestamp, a 128-character hex signature).
 MAX_HEADER_CHARS = 256
 _HEADER_PREFIX = "x-fal-webhook-"
+#: The answer to a refused verification by its code; the others get 400.
+_REFUSED_STATUS = {"bad_signature": 401, "foreign_user": 403}
 
 Scope = Mapping[str, Any]
 
@@ -69,19 +73,33 @@ class Refusal(Exception):
 
 
 class JwksCache:
-    """FAL's webhook verification keys, cached at most ``ttl`` seconds."""
+    """FAL's webhook verification keys from one or more hosts, each cached at most ``ttl``.
 
-    def __init__(self, url: str, *, ttl: float, timeout: float) -> None:
-        self.url = url
+    Which of fal's hosts serves the keys is unsourced, so every URL is asked (at once, each
+    within ``timeout``) and a webhook verifies against the keys of every host that answered.
+    A host that fails or hangs blocks no other: once one has answered, the rest get
+    ``OTHER_HOSTS_GRACE_SECONDS`` more. KeyServerDown only when no host's keys are fresh.
+    """
+
+    def __init__(self, urls: Sequence[str], *, ttl: float, timeout: float) -> None:
+        self.urls = tuple(urls)
         self.ttl = ttl
         self.timeout = timeout
-        self._keys: list[Ed25519PublicKey] = []
-        self._fetched_at = -float("inf")  # when the last successful fetch ended
+        self._errors: dict[str, str] = {}  # per URL, why its last fetch failed
+        self._keys: dict[str, list[Ed25519PublicKey]] = {}
+        self._fetched_at: dict[str, float] = {}  # per URL, when its last success ended
         self._tried_at = -float("inf")  # when the last fetch ended, successful or not
         self._lock = trio.Lock()
 
-    def _fresh(self) -> bool:
-        return bool(self._keys) and trio.current_time() - self._fetched_at < self.ttl
+    def _fresh(self) -> list[Ed25519PublicKey]:
+        """The keys of every host fetched within ``ttl``."""
+        now = trio.current_time()
+        return [
+            key
+            for url in self.urls
+            if now - self._fetched_at.get(url, -float("inf")) < self.ttl
+            for key in self._keys.get(url, ())
+        ]
 
     async def keys(self, *, refresh: bool = False) -> list[Ed25519PublicKey]:
         """The cached keys; fetched first when none is fresh (tried at most every
@@ -89,33 +107,47 @@ class JwksCache:
 
         Raises KeyServerDown when no fresh key set can be had now.
         """
-        if not refresh and self._fresh():
-            return list(self._keys)
+        fresh = self._fresh()
+        if fresh and not refresh:
+            return fresh
         async with self._lock:
             since = trio.current_time() - self._tried_at
             due = since >= (REFETCH_MIN_SECONDS if self._fresh() else FETCH_RETRY_SECONDS)
-            error = "the last fetch failed; not retried yet"
             if due:
                 try:
-                    await self._fetch()
-                except Exception as exc:
-                    error = f"{type(exc).__name__}: {exc}"
+                    await self._fetch_all()
                 finally:  # counted from its end: callers queued behind it do not retry
                     self._tried_at = trio.current_time()
-            if not self._fresh():
-                raise KeyServerDown(f"cannot fetch FAL's JWKS: {error}")
-            return list(self._keys)
+            fresh = self._fresh()
+            if not fresh:
+                why = "; ".join(f"{url}: {error}" for url, error in self._errors.items())
+                if not due:
+                    why = f"the last fetch failed ({why}); not retried yet"
+                raise KeyServerDown(f"cannot fetch FAL's JWKS from any host: {why}")
+            return fresh
 
-    async def _fetch(self) -> None:
-        with trio.fail_after(self.timeout):  # httpx's timeout is per read, not in total
-            async with httpx.AsyncClient(timeout=self.timeout) as client:
-                reply = await client.get(self.url)
-        reply.raise_for_status()
-        keys = signing.parse_jwks(reply.json())
-        if not keys:
-            raise ValueError("the JWKS holds no Ed25519 key")
-        self._keys = keys
-        self._fetched_at = trio.current_time()
+    async def _fetch_all(self) -> None:
+        async with (
+            httpx.AsyncClient(timeout=self.timeout) as client,
+            trio.open_nursery() as nursery,
+        ):
+            for url in self.urls:
+                nursery.start_soon(self._fetch, client, url, nursery.cancel_scope)
+
+    async def _fetch(self, client: httpx.AsyncClient, url: str, others: trio.CancelScope) -> None:
+        self._errors[url] = "no answer in time"  # kept if cut off by its time limit
+        try:
+            with trio.fail_after(self.timeout):  # httpx's timeout is per read, not in total
+                reply = await client.get(url)
+            reply.raise_for_status()
+            keys = signing.parse_jwks(reply.json())
+        except Exception as exc:
+            self._errors[url] = f"{type(exc).__name__}: {exc}"
+            return
+        self._keys[url] = keys
+        self._fetched_at[url] = trio.current_time()
+        del self._errors[url]
+        others.deadline = min(others.deadline, trio.current_time() + OTHER_HOSTS_GRACE_SECONDS)
 
 
 class WebhookLayer:
@@ -138,6 +170,11 @@ class WebhookLayer:
             self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
             nursery.start_soon(handler.retry_stored)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)
+            if settings["verify_signatures"] and not settings["allowed_user_ids"]:
+                ctx.log.warning(
+                    f"{TAG} {logs.WARN} [webhook] allowed_user_ids is empty: signed webhooks"
+                    " of ANY fal account are accepted; set your fal user id(s)"
+                )
             task_status.started()
 
 
@@ -248,12 +285,18 @@ class _Handler:
                             raise rejected from None
                         signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
                     verification = "verified"
-            request_id = _body_request_id(body)
-            if header_id is not None and request_id != header_id:
-                raise MalformedWebhook("request_id in the body does not match the header")
+                    signing.check_user(headers, self.settings["allowed_user_ids"])
+            request_id, gateway_id = _body_ids(body)
+            # Which id FAL puts in the header after it retried a request is unsourced; the
+            # signature covers the header, so either of the body's two ids is genuine.
+            if header_id is not None and header_id not in (request_id, gateway_id):
+                raise MalformedWebhook(
+                    "the request id header matches neither request_id nor gateway_request_id"
+                    " of the body"
+                )
         except signing.WebhookRejected as exc:
             await self._keep_rejected(body, headers, exc.code, exc.reason)
-            return (401 if exc.code == "bad_signature" else 400), exc.code, exc.reason
+            return _REFUSED_STATUS.get(exc.code, 400), exc.code, exc.reason
         except MalformedWebhook as exc:
             await self._keep_rejected(body, headers, "malformed", str(exc))
             return 400, "malformed", str(exc)
@@ -308,6 +351,7 @@ class _Handler:
                     tolerance = float(self.settings["timestamp_tolerance_seconds"])
                     try:  # judged as of its arrival, when its timestamp was checked
                         signing.verify_webhook(headers, body, keys, received_at, tolerance)
+                        signing.check_user(headers, self.settings["allowed_user_ids"])
                         verification = "verified"
                     except signing.WebhookRejected as exc:
                         verification = "rejected"
@@ -361,7 +405,8 @@ def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str]
     return found, problem
 
 
-def _body_request_id(body: bytes) -> str:
+def _body_ids(body: bytes) -> tuple[str, str | None]:
+    """The body's ``request_id`` and its ``gateway_request_id`` (None unless a string)."""
     try:
         data = json.loads(body)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
@@ -369,7 +414,8 @@ def _body_request_id(body: bytes) -> str:
     if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
         raise MalformedWebhook("body has no request_id")
     parse_webhook(body)  # the whole shape must be FAL's, or it is refused now
-    return data["request_id"]
+    gateway = data.get("gateway_request_id")
+    return data["request_id"], gateway if isinstance(gateway, str) else None
 
 
 @hookimpl

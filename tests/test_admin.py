@@ -13,8 +13,8 @@ import httpx
 import pytest
 import trio
 
-from daemon.config import ConfigError
-from daemon.simulator import SimConfig, Simulator
+from daemon.config import DEFAULT_TRAINING_TYPES, ConfigError
+from daemon.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 from daemon.supervisor import Daemon
 from plugins.manager import build_manager
 from tests.conftest import daemon_settings
@@ -110,6 +110,7 @@ async def test_submit_list_get_filter_and_page(
         ).json()
         assert one["status"] == "COMPLETED" and one["result_layer"] == "webhook"
         assert [e["kind"] for e in one["events"]] == ["registered", "result"]
+        assert one["fal_user_id"] == WEBHOOK_USER_ID  # the account its verified webhook named
         for bad in ("status=DONE", "limit=0", "limit=x", "nope=1"):
             assert (await client.get(f"{base}/v1/trainings?{bad}", headers=AUTH)).status_code == 400
         assert (await client.get(f"{base}/v1/trainings/unknown", headers=AUTH)).status_code == 404
@@ -120,6 +121,46 @@ async def test_submit_list_get_filter_and_page(
         ):
             reply = await client.post(f"{base}/v1/trainings", headers=AUTH, content=body)
             assert reply.status_code == 400, body
+
+
+async def test_submit_merges_type_arguments_and_refuses_a_missing_required_field(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    masked = {
+        "endpoint": "fal-ai/flux-lora-fast-training",
+        "result_field": "diffusers_lora_file",
+        "arguments": {"steps": 300, "note": "for {name}"},
+        "required": ["images_data_url", "mask_url"],
+    }
+    types = {"masked": masked, "style": DEFAULT_TRAINING_TYPES["style"]}
+    _, base = await start(
+        nursery, tmp_path, sim, only=("webhook",), extra={"training_types": types}
+    )
+    async with httpx.AsyncClient() as client:
+
+        async def post(body: dict[str, Any]) -> httpx.Response:
+            return await client.post(f"{base}/v1/trainings", headers=AUTH, json=body)
+
+        first = {"type": "masked", "name": "dee", "images_url": "https://x.invalid/d.zip"}
+        refused = await post(first)
+        assert refused.status_code == 422
+        assert refused.json()["error"] == "missing_input"
+        assert (
+            "input field 'mask_url' is required by training type 'masked'"
+            in (refused.json()["detail"])
+        )
+        assert sim.truth == {}  # nothing was sent
+        made = await post({**first, "arguments": {"mask_url": "https://x.invalid/m", "steps": 9}})
+        assert made.status_code == 201, made.text
+        assert sim.truth[made.json()["request_id"]].input == {
+            "images_data_url": "https://x.invalid/d.zip",
+            "mask_url": "https://x.invalid/m",
+            "steps": 9,  # the caller's wins
+            "note": "for dee",
+        }
+        style = await post({"type": "style", "name": "eve", "images_url": "https://x.invalid/e"})
+        assert style.status_code == 201, style.text
+        assert sim.truth[style.json()["request_id"]].input["finetune_comment"] == "eve"
 
 
 async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> None:
@@ -261,6 +302,5 @@ async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
     )
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output[-4000:]
-    assert "6 passed" in output or "6 operations" in output, output[
-        -2000:
-    ]  # every route was tested
+    # every route was tested
+    assert "6 passed" in output or "6 operations" in output, output[-2000:]

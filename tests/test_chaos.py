@@ -214,6 +214,7 @@ async def test_500_trainings_under_faults_and_sigkills(
             api_timeout_rate=0.02,
             api_timeout_seconds=API_TIMEOUT_SECONDS,
             not_ready_answer="mixed",  # fal documents no wording for "not ready yet"
+            gateway_id_header=0.2,
         ),
         webhook_retry_delays=WEBHOOK_RETRIES,
     )

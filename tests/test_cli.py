@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import __version__, actions, config
+from daemon import __version__, actions, config, signing
 from daemon.config import BUILTIN_LAYERS
 from daemon.demo import free_port
 from daemon.reconcile import Kind, Observation, Reconciler
@@ -220,6 +220,81 @@ async def test_submit_records_the_training(tmp_path: Path, sim: Simulator) -> No
     assert row["trigger_phrase"] == "alice person"
 
 
+async def test_submit_args_are_json_when_they_parse_and_win_over_the_types(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    write_config(tmp_path, queue_url=sim.base_url)
+    style = (
+        "submit",
+        "--type",
+        "style",
+        "--name",
+        "bea",
+        "--images-url",
+        "https://x.invalid/b.zip",
+    )
+    done = await acli(tmp_path, *style, env=cli_env(FAL_KEY=FAL_KEY))
+    assert done.returncode == 0, done.stderr
+    # The shipped style type fills finetune_comment (fal-ai/flux-pro-trainer requires it).
+    assert sim.truth[done.stdout.strip()].input == {
+        "data_url": "https://x.invalid/b.zip",
+        "finetune_comment": "bea",
+    }
+    args = (
+        *("--arg", "iterations=200", "--arg", "lora_rank=null", "--arg", "note=hello world"),
+        *("--arg", 'opts={"tags": ["a", 1], "on": true}', "--arg", "finetune_comment=mine"),
+        *("--arg", "ratio=0.5", "--arg", 'quoted="200"', "--arg", "eq=a=b"),
+    )
+    done = await acli(tmp_path, *style, *args, env=cli_env(FAL_KEY=FAL_KEY))
+    assert done.returncode == 0, done.stderr
+    assert sim.truth[done.stdout.strip()].input == {
+        "data_url": "https://x.invalid/b.zip",
+        "finetune_comment": "mine",
+        "iterations": 200,
+        "lora_rank": None,
+        "note": "hello world",
+        "opts": {"tags": ["a", 1], "on": True},
+        "ratio": 0.5,
+        "quoted": "200",
+        "eq": "a=b",
+    }
+    for bad in ("novalue", "=x"):
+        refused = await acli(tmp_path, *style, "--arg", bad, env=cli_env(FAL_KEY=FAL_KEY))
+        assert refused.returncode == 2
+        assert "expected KEY=VALUE" in one_clear_line(refused)
+    assert len(sim.truth) == 2
+
+
+async def test_a_missing_required_input_is_exit_2_naming_it_and_sends_nothing(
+    tmp_path: Path, sim: Simulator
+) -> None:
+    masked = (
+        "[training_types.masked]\nendpoint = 'fal-ai/flux-lora-fast-training'\n"
+        "result_field = 'diffusers_lora_file'\nrequired = ['images_data_url', 'mask_url']\n"
+    )
+    write_config(tmp_path, queue_url=sim.base_url, extra=masked)
+    submit = ("submit", "--type", "masked", "--name", "cy", "--images-url", "https://x.invalid/c")
+    done = await acli(tmp_path, *submit, env=cli_env(FAL_KEY=FAL_KEY))
+    assert done.returncode == 2
+    line = one_clear_line(done)
+    assert "input field 'mask_url' is required by training type 'masked'" in line
+    assert line.endswith("(--arg KEY=VALUE)")
+    empty = await acli(tmp_path, *submit, "--arg", 'mask_url=""', env=cli_env(FAL_KEY=FAL_KEY))
+    assert empty.returncode == 2 and "'mask_url'" in one_clear_line(empty)
+    assert sim.truth == {}  # nothing was sent
+    assert rows_of(await acli(tmp_path, "check", "--json")) == []
+    given = await acli(
+        tmp_path,
+        *submit,
+        *("--arg", "mask_url=https://x.invalid/m", "--json"),
+        env=cli_env(FAL_KEY=FAL_KEY),
+    )
+    assert given.returncode == 0, given.stderr
+    assert (
+        sim.truth[json.loads(given.stdout)["request_id"]].input["mask_url"] == "https://x.invalid/m"
+    )
+
+
 @pytest.mark.parametrize("refusal", ["api_down", "no_key"])
 async def test_submit_refused_by_fal_records_nothing(
     tmp_path: Path, sim: Simulator, refusal: str
@@ -404,6 +479,38 @@ def test_check_json_keeps_the_operator_contract(tmp_path: Path) -> None:
     assert "FALLBACK" in lines["NAME"] and "BY" in lines["NAME"]
     assert "yes (emergency)" in lines["dave"]
     assert " no " in lines["carol"] and "poller" in lines["carol"]
+
+
+def test_check_json_shows_the_fal_user_id_of_the_latest_verified_webhook(tmp_path: Path) -> None:
+    path = write_config(tmp_path)
+    ids = record(path, incomplete=False)
+    settings = config.load(str(path), env={})
+
+    async def receipts() -> None:
+        async with open_store(settings.database["url"]) as store:
+            reconciler = Reconciler(store, settings)
+            kept = [
+                (ids["carol"], "verified", "acct-old"),
+                (ids["carol"], "verified", "acct-1"),
+                (ids["carol"], "rejected", "acct-forger"),  # refused: not a user id seen
+                (ids["dave"], "unverified", "acct-2"),  # not verified (yet): not shown
+            ]
+            for n, (rid, verification, user) in enumerate(kept):
+                await reconciler.record_receipt(
+                    body=b"{}",
+                    headers={signing.HEADER_USER_ID.lower(): user},
+                    verification=verification,
+                    request_id=rid,
+                    dedupe_key=f"k{n}",
+                )
+
+    trio.run(receipts)
+    rows = {r["name"]: r for r in rows_of(cli(tmp_path, "check", "--json"))}
+    assert {name: row["fal_user_id"] for name, row in rows.items()} == {
+        "carol": "acct-1",
+        "dave": None,
+        "erin": None,
+    }
 
 
 def test_check_exits_1_when_a_finished_training_lacks_a_field(tmp_path: Path) -> None:

@@ -102,11 +102,75 @@ def test_secret_comes_from_environment_only() -> None:
         ("layers = 3", r"layers: must be a table"),
         ("[log]\nlevel = 'loud'", r"log\.level: must be one of"),
         ("x = ", r"not valid TOML"),
+        ("[fal]\njwks_url = []", r"fal\.jwks_url: must name at least one URL"),
+        ("[fal]\njwks_url = ['https://a/k', 3]", r"fal\.jwks_url: entry #2 must be a string"),
+        ("[fal]\njwks_url = ['ftp://a/k']", r"fal\.jwks_url: entry #1 must be an http"),
+        ("[fal]\njwks_url = 3", r"fal\.jwks_url: must be a string or a list of strings"),
+        ("[webhook]\nallowed_user_ids = 'u'", r"webhook\.allowed_user_ids: must be a list"),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\narguments = 3",
+            r"training_types\.x\.arguments: must be a table",
+        ),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\n"
+            "arguments = { note = 'for {user}' }",
+            r"training_types\.x\.arguments: field 'note' may only use \{name\} and "
+            r"\{training_type\}, not \{user\}",
+        ),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\n"
+            "arguments = { opts = { tags = ['{name:d}'] } }",
+            r"training_types\.x\.arguments: field 'opts'\.tags\[0\] is not a valid template",
+        ),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\n"
+            "arguments = { when = 2026-12-01 }",
+            r"training_types\.x\.arguments: field 'when' must be a JSON value",
+        ),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\narguments = { lr = nan }",
+            r"training_types\.x\.arguments: field 'lr' must be a finite number",
+        ),
+        (
+            "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\nrequired = [1]",
+            r"training_types\.x\.required: entry #1 must be a non-empty string",
+        ),
+        ("[webhook]\nallowed_user_ids = ['u', '']", r"allowed_user_ids: entry #2 must be a non"),
     ],
 )
 def test_bad_config_names_the_key(text: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         config.loads(text, env={})
+
+
+def test_training_type_arguments_and_required() -> None:
+    style = config.parse({}, env={}).training_type("style")
+    assert style.required == ("data_url", "finetune_comment")
+    assert style.default_arguments("ann") == {"finetune_comment": "ann"}
+    assert config.parse({}, env={}).training_type("portrait").default_arguments("ann") == {}
+    custom = config.loads(
+        "[training_types.x]\nendpoint = 'a/b'\nresult_field = 'r'\nrequired = ['mask_url']\n"
+        "arguments = { steps = 200, note = '{{{name}}} via {training_type}',"
+        " opts = { tags = ['{name}', 1.5, true] } }\n",
+        env={},
+    ).training_type("x")
+    assert custom.required == ("mask_url",)
+    assert custom.default_arguments("bo") == {
+        "steps": 200,
+        "note": "{bo} via x",
+        "opts": {"tags": ["bo", 1.5, True]},
+    }
+
+
+def test_jwks_url_takes_a_list_and_one_string_stays_valid() -> None:
+    assert config.parse({}, env={}).fal["jwks_url"] == [
+        "https://rest.alpha.fal.ai/.well-known/jwks.json",
+        "https://rest.fal.ai/.well-known/jwks.json",
+    ]
+    one = config.loads("[fal]\njwks_url = 'https://keys.example/jwks.json'", env={})
+    assert one.fal["jwks_url"] == ["https://keys.example/jwks.json"]
+    two = config.loads("[fal]\njwks_url = ['https://a/k.json', 'http://b/k.json']", env={})
+    assert two.fal["jwks_url"] == ["https://a/k.json", "http://b/k.json"]
 
 
 def test_fractional_timings_and_plugin_layer_tables() -> None:

@@ -21,14 +21,17 @@ from daemon.simulator import LORA_FILE_SIZE, SimConfig, Simulator
 
 FAST = "fal-ai/flux-lora-fast-training"
 PORTRAIT = "fal-ai/flux-lora-portrait-trainer"
+PRO = "fal-ai/flux-pro-trainer"
 
 CLIENT_SCRIPT = r"""
 import json
+import os
 import sys
 import time
 
 import fal_client
 import httpx
+from httpx_sse import connect_sse
 
 IMAGES = {"images_data_url": "https://example.invalid/images.zip"}
 report = {}
@@ -59,6 +62,33 @@ while type(stuck.status()).__name__ != "InProgress":
 stuck.cancel()
 cancelled = fal_client.status(sys.argv[2], stuck.request_id)
 report["cancel"] = [stuck.request_id, type(cancelled).__name__, cancelled.error_type]
+
+# Another, cancelled through the module-level call (it builds the URL itself).
+queued = fal_client.submit(sys.argv[2], {**IMAGES, "sim_outcome": "never"})
+fal_client.cancel(sys.argv[2], queued.request_id)
+report["cancel_again"] = [queued.request_id, fal_client.status(sys.argv[2], queued.request_id).error_type]
+
+# 1.0.x follows a request by polling (iter_events); each status parsed by the client.
+polled = fal_client.submit(sys.argv[2], IMAGES)
+events = list(polled.iter_events(with_logs=True, interval=0.05))
+report["polled"] = [type(status).__name__ for status in events]
+report["polled_logs"] = [log["message"] for log in events[-1].logs]
+
+# The status stream (fal-js's option), read with httpx_sse (fal_client's own SSE reader,
+# which checks the content type) and each event parsed by fal_client's status parser.
+streamed = fal_client.submit(sys.argv[2], IMAGES)
+auth = {"Authorization": "Key " + os.environ["FAL_KEY"]}
+with httpx.Client(headers=auth) as http, connect_sse(
+    http, "GET", streamed.status_url + "/stream", params={"logs": 1}
+) as source:
+    report["streamed"] = [type(streamed._parse_status(e.json())).__name__ for e in source.iter_sse()]
+report["streamed_result"] = [streamed.request_id, streamed.get(interval=0.05)]
+
+# The pro trainer refuses a submit without finetune_comment, as FastAPI does.
+try:
+    fal_client.submit(sys.argv[3], {"data_url": "https://example.invalid/d.zip"})
+except fal_client.FalClientHTTPError as exc:
+    report["pro_refused"] = [exc.status_code, exc.response.json()]
 
 print(json.dumps(report))
 """
@@ -106,7 +136,7 @@ async def test_official_client_against_simulator(tmp_path: Path) -> None:
         host = base_url.removeprefix("https://")
         with trio.fail_after(30):
             done = await trio.run_process(
-                [sys.executable, "-c", CLIENT_SCRIPT, FAST, PORTRAIT],
+                [sys.executable, "-c", CLIENT_SCRIPT, FAST, PORTRAIT, PRO],
                 env=_client_env(host, ca_file),
                 capture_stdout=True,
                 capture_stderr=True,
@@ -136,6 +166,24 @@ async def test_official_client_against_simulator(tmp_path: Path) -> None:
     cancel_id, kind, error_type = report["cancel"]
     assert sim.truth[cancel_id].outcome == "cancelled"
     assert (kind, error_type) == ("Completed", "client_cancelled")
+    queued_id, error_type = report["cancel_again"]
+    assert sim.truth[queued_id].outcome == "cancelled" and error_type == "client_cancelled"
+
+    def steps(kinds: list[str]) -> list[str]:  # consecutive repeats folded
+        return [k for i, k in enumerate(kinds) if i == 0 or kinds[i - 1] != k]
+
+    assert steps(report["polled"]) == ["Queued", "InProgress", "Completed"]
+    assert report["polled_logs"][-1] == "Training completed"
+    assert steps(report["streamed"]) == ["Queued", "InProgress", "Completed"]
+    assert report["streamed"].count("Completed") == 1  # the stream ends at COMPLETED
+    streamed_id, output = report["streamed_result"]
+    assert output == sim.truth[streamed_id].output
+    assert sim.stats[("status_stream", 200)] == 1
+
+    code, body = report["pro_refused"]
+    assert code == 422
+    assert [entry["loc"] for entry in body["detail"]] == [["body", "finetune_comment"]]
+    assert not any(t.endpoint == PRO for t in sim.truth.values())
 
     # The client authenticated with the key from its environment on every call.
     assert not any(status == 401 for (_, status) in sim.stats)

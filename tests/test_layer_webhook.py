@@ -25,8 +25,10 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import HealthCheck, given
 from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from structlog.testing import capture_logs
 
 from daemon import actions, http, signing
+from daemon.logs import WARN
 from daemon.metrics import WEBHOOK_OUTCOMES
 from daemon.simulator import Simulator
 from daemon.store import Store, TrainingView, WebhookReceipt
@@ -494,6 +496,67 @@ async def test_a_refetch_never_holds_up_webhooks_the_cache_verifies(
     assert await h.untouched(forged)
 
 
+async def _key_servers(
+    nursery: trio.Nursery, *keysets: list[dict[str, str]], status: int = 200
+) -> tuple[list[JwksServer], list[str]]:
+    servers = [JwksServer(keys, status=status) for keys in keysets]
+    return servers, [await server.start(nursery) for server in servers]
+
+
+async def test_every_key_host_that_answers_counts_and_a_hanging_one_blocks_none(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "OTHER_HOSTS_GRACE_SECONDS", 0.2)
+    other_key, other_jwk = signing.generate_keypair()
+    (alpha, rest, hanging), urls = await _key_servers(nursery, sim.jwks, [other_jwk], sim.jwks)
+    alpha.gate.set()
+    rest.gate.set()  # `hanging` never answers (within the 10 s limit of a fetch)
+    h = await launch(fal={"jwks_url": urls, "timeout_seconds": 10.0})
+    by_sim, by_other, forged = await h.track(), await h.track(), await h.track()
+    started = trio.current_time()
+    assert (await h.deliver(ok_body(by_sim), by_sim)).status_code == 200
+    assert trio.current_time() - started < 10.0  # not held for the hanging host's limit
+    body = ok_body(by_other)
+    assert (await h.post(body, signed(other_key, body, by_other))).status_code == 200
+    assert [(await h.training(r)).status for r in (by_sim, by_other)] == ["COMPLETED"] * 2
+    assert (alpha.hits, rest.hits, hanging.hits) == (1, 1, 1)  # asked once, all at once
+    body = ok_body(forged)
+    assert (await h.post(body, _other_key(h, body, forged))).status_code == 401
+    assert await h.untouched(forged)
+
+
+async def test_a_failing_key_host_leaves_the_keys_of_the_other(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    other_key, other_jwk = signing.generate_keypair()
+    (down, up), urls = await _key_servers(nursery, sim.jwks, [other_jwk])
+    down.status = 503
+    down.gate.set()
+    up.gate.set()
+    h = await launch(fal={"jwks_url": urls})
+    by_other, by_sim = await h.track(), await h.track()
+    body = ok_body(by_other)
+    assert (await h.post(body, signed(other_key, body, by_other))).status_code == 200
+    # Only the keys of hosts that answered verify: the down host's key is not known now,
+    # and a host answering is not an outage (no 202 "unverified").
+    assert (await h.deliver(ok_body(by_sim), by_sim)).status_code == 401
+    assert h.counted("unverified") == 0
+    assert await h.untouched(by_sim)
+
+
+async def test_the_unverified_path_only_when_no_key_host_answers(
+    launch: Launch, nursery: trio.Nursery, sim: Simulator
+) -> None:
+    (down, hanging), urls = await _key_servers(nursery, sim.jwks, sim.jwks)
+    down.status = 503
+    down.gate.set()
+    h = await launch(fal={"jwks_url": urls, "timeout_seconds": FETCH_TIMEOUT})
+    rid = await h.track()
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 202
+    assert [r["verification"] for r in await h.receipts(rid)] == ["unverified"]
+    assert (down.hits, hanging.hits) == (1, 1)
+
+
 async def test_a_rotated_key_is_fetched_once_and_accepted(
     launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -535,6 +598,117 @@ async def test_error_and_payload_error_webhooks_end_in_marked_fallbacks(launch: 
         assert view.result_layer is None
         assert await h.kinds(rid) == ["registered", "fallback"]
     assert "Invalid status code: 422" in ((await h.training(failed)).failure_detail or "")
+
+
+async def test_the_gateway_id_in_the_header_is_genuine_and_applies_to_request_id(
+    launch: Launch,
+) -> None:
+    """fal may put the body's gateway_request_id in X-Fal-Webhook-Request-Id (signed over
+    it): accepted, applied to the body's request_id. Any other id stays refused."""
+    h = await launch()
+    rid, gateway = await h.track(), str(uuid.uuid4())
+    body = json.dumps(
+        {
+            "request_id": rid,
+            "gateway_request_id": gateway,
+            "status": "OK",
+            "payload": json.loads(ok_body(rid))["payload"],
+        }
+    ).encode()
+    reply = await h.post(body, h.sign(body, gateway))
+    assert (reply.status_code, reply.json()) == (200, {"detail": "ok"})
+    view = await h.training(rid)
+    assert (view.status, view.lora_url) == ("COMPLETED", lora_url(rid))
+    (receipt,) = await h.receipts(rid)
+    assert (receipt["verification"], receipt["outcome"]) == ("verified", "result")
+    # The body's request_id in the header works as before (a later delivery: no change).
+    assert (await h.post(body, h.sign(body, rid))).status_code == 200
+    assert (await h.kinds(rid)).count("result") == 1
+    # Signed over a third id: neither of the body's, refused with 400.
+    other = str(uuid.uuid4())
+    refused = await h.post(body, h.sign(body, other))
+    assert refused.status_code == 400 and "gateway_request_id" in refused.json()["detail"]
+    assert h.counted("malformed") == 1
+    # The gateway id header, but the signature made over the request id: not genuine.
+    forged = {**h.sign(body, rid), signing.HEADER_REQUEST_ID: gateway}
+    assert (await h.post(body, forged)).status_code == 401
+    assert h.counted("accepted") == 2 and h.counted("bad_signature") == 1
+
+
+def _user(user_id: str) -> Signer:
+    def sign(h: Harness, body: bytes, rid: str) -> dict[str, str]:
+        return signing.sign_webhook(h.sim.private_key, rid, user_id, int(time.time()), body)
+
+    return sign
+
+
+async def test_another_fal_accounts_signed_webhook_gets_403_and_changes_nothing(
+    launch: Launch,
+) -> None:
+    """fal signs every customer's webhooks with the same keys: only the user id header,
+    checked once the signature verified, says they are ours."""
+    with capture_logs() as logs:
+        h = await launch(webhook={"allowed_user_ids": ["someone", USER_ID]})
+    assert not [e for e in logs if "allowed_user_ids" in e["event"]]  # no warning then
+    assert h.counted("foreign_user") == 0
+    assert (
+        h.daemon.metrics.registry.get_sample_value(
+            "trainguard_webhooks_received_total", {"outcome": "foreign_user"}
+        )
+        == 0.0
+    )  # exported from the start
+    rid = await h.track()
+    body = ok_body(rid)
+    reply = await h.post(body, _user("user-9999")(h, body, rid))
+    assert (reply.status_code, reply.json()) == (
+        403,
+        {"detail": "the fal user id is not an allowed one"},
+    )
+    assert h.counted("foreign_user") == 1
+    assert await h.untouched(rid)
+    (kept,) = await h.receipts(rid)
+    assert kept["verification"] == "rejected" and kept["reject_reason"].startswith("foreign_user")
+    # An unsigned (badly signed) request does not learn whether its user id is allowed.
+    assert (await h.post(body, {**_other_key(h, body, rid)})).status_code == 401
+    forged = {**h.sign(body, rid), signing.HEADER_USER_ID: "user-9999"}
+    assert (await h.post(body, forged)).status_code == 401
+    # Ours: accepted.
+    assert (await h.deliver(body, rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+
+async def test_a_foreign_webhook_stored_while_the_keys_were_away_is_refused_later(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(layer, "FETCH_RETRY_SECONDS", 0.2)
+    sim.faults.jwks_down = True
+    h = await launch(webhook={"allowed_user_ids": [USER_ID]})
+    ours, theirs = await h.track(), await h.track()
+    assert (await h.deliver(ok_body(ours), ours)).status_code == 202
+    body = ok_body(theirs)
+    assert (await h.post(body, _user("user-9999")(h, body, theirs))).status_code == 202
+    sim.faults.jwks_down = False
+
+    async def settled() -> bool:
+        return all(r["processed"] for r in await h.receipts())
+
+    await wait_for(settled)
+    assert (await h.training(ours)).status == "COMPLETED"
+    assert await h.untouched(theirs)
+    (refused,) = await h.receipts(theirs)
+    assert refused["verification"] == "rejected"
+    assert refused["reject_reason"].startswith("foreign_user")
+
+
+async def test_an_empty_allow_list_accepts_any_account_with_a_warning(launch: Launch) -> None:
+    with capture_logs() as logs:
+        h = await launch()
+    warned = [e for e in logs if "allowed_user_ids is empty" in e["event"]]
+    assert len(warned) == 1 and warned[0]["event"].startswith(f"{layer.TAG} {WARN}")
+    rid = await h.track()
+    body = ok_body(rid)
+    assert (await h.post(body, _user("any-account")(h, body, rid))).status_code == 200
 
 
 async def test_a_webhook_for_an_unknown_training_is_kept_and_applied_on_adoption(

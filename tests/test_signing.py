@@ -199,3 +199,27 @@ def test_any_body_change_breaks_verification(body: bytes, data: st.DataObject) -
         with pytest.raises(WebhookRejected) as caught:
             signing.verify_webhook(headers, changed, _KEYS, now=NOW)
         assert caught.value.code == "bad_signature"
+
+
+def test_a_signature_over_the_gateway_id_binds_the_gateway_id(
+    keypair: tuple[Ed25519PrivateKey, dict],
+) -> None:
+    """After fal retried a request its header may carry the gateway id: the signature is
+    then over that id, and verifies with it and with nothing else."""
+    private_key, jwk = keypair
+    headers = signing.sign_webhook(private_key, "gw-7", "u-9", NOW, BODY)
+    signing.verify_webhook(headers, BODY, _keys(jwk), now=NOW)  # as sent: genuine
+    swapped = {**headers, signing.HEADER_REQUEST_ID: "r-1"}  # the body's request_id instead
+    assert _reject_code(swapped, BODY, _keys(jwk)) == "bad_signature"
+
+
+def test_check_user_refuses_only_ids_outside_a_non_empty_list() -> None:
+    headers = {"x-fal-webhook-user-id": "acct-1"}
+    signing.check_user(headers, [])  # empty: any account
+    signing.check_user(headers, ["acct-0", "acct-1"])
+    signing.check_user({signing.HEADER_USER_ID: "acct-1"}, ["acct-1"])  # any casing
+    for seen in ({"x-fal-webhook-user-id": "acct-2"}, {}):
+        with pytest.raises(WebhookRejected) as caught:
+            signing.check_user(seen, ["acct-1"])
+        assert caught.value.code == "foreign_user"
+        assert "acct-1" not in str(caught.value)  # the refusal does not name the allowed ids

@@ -33,6 +33,7 @@ PORTRAIT = "fal-ai/flux-lora-portrait-trainer"
 PRO = "fal-ai/flux-pro-trainer"
 AUTH = {"Authorization": "Key test-key"}
 IMAGES = {"images_data_url": "https://example.invalid/images.zip"}
+PRO_INPUT = {"data_url": "https://example.invalid/d.zip", "finetune_comment": "ann"}
 RETRIES = (0.05, 0.05, 0.05)
 
 
@@ -189,6 +190,99 @@ async def test_submit_answer_and_subpath_rule(sim: Simulator, client: httpx.Asyn
     assert (await _submit(client, sim))["queue_position"] == 1
 
 
+async def test_submit_answers_carry_the_request_id_header(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    answer = await client.post(f"{sim.base_url}/{FAST}", json=IMAGES)
+    assert answer.status_code == 200
+    assert answer.headers["x-fal-request-id"] == answer.json()["request_id"]
+
+
+async def test_the_pro_trainer_refuses_a_submit_without_its_required_fields(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    for payload, absent in (
+        ({"data_url": "https://example.invalid/d.zip"}, ["finetune_comment"]),
+        ({"finetune_comment": "ann"}, ["data_url"]),
+        ({}, ["data_url", "finetune_comment"]),
+    ):
+        answer = await client.post(f"{sim.base_url}/{PRO}", json=payload)
+        assert answer.status_code == 422
+        assert answer.json() == {
+            "detail": [
+                {"loc": ["body", name], "msg": "field required", "type": "value_error.missing"}
+                for name in absent
+            ]
+        }
+    assert sim.truth == {}  # nothing queued
+    assert sim.stats[("submit", 422)] == 3
+    accepted = await _submit(client, sim, PRO, PRO_INPUT)
+    assert sim.truth[accepted["request_id"]].input == PRO_INPUT
+
+
+async def _events(client: httpx.AsyncClient, url: str, **params: Any) -> list[dict[str, Any]]:
+    """The ``data:`` objects of a server-sent event stream, read to its end."""
+    events = []
+    with trio.fail_after(5):
+        async with client.stream("GET", url, params=params) as answer:
+            assert answer.status_code == 200
+            assert answer.headers["content-type"] == "text/event-stream"
+            async for line in answer.aiter_lines():
+                if line.startswith("data: "):
+                    events.append(json.loads(line.removeprefix("data: ")))
+                else:
+                    assert line == ""  # events are separated by a blank line
+    return events
+
+
+async def test_status_stream_sends_each_change_until_completed(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    first = await _submit(client, sim)
+    second = await _submit(client, sim)  # queued behind the first
+    stream_url = f"{second['status_url']}/stream"
+    events = await _events(client, stream_url)
+    statuses = [e["status"] for e in events]
+    assert statuses[0] == "IN_QUEUE" and statuses[-1] == "COMPLETED"
+    assert statuses.count("COMPLETED") == 1 and "IN_PROGRESS" in statuses
+    positions = [e["queue_position"] for e in events if e["status"] == "IN_QUEUE"]
+    assert positions[0] == 1 and positions == sorted(positions, reverse=True)
+    assert len(events) == len({json.dumps(e, sort_keys=True) for e in events})  # only changes
+    assert all(e["request_id"] == second["request_id"] for e in events)
+    assert events[-1] == (await client.get(second["status_url"])).json()  # the same object
+    # With logs: the log lines grow from event to event, ending as the status route's.
+    with_logs = await _events(client, f"{first['status_url']}/stream", logs=1)
+    assert [e["status"] for e in with_logs] == ["COMPLETED"]  # already done: one event
+    completed = (await client.get(first["status_url"], params={"logs": 1})).json()
+    assert with_logs[-1]["logs"] == completed["logs"]
+    unknown = f"{sim.base_url}/{FAST}/requests/{uuid.uuid4()}/status/stream"
+    assert (await client.get(unknown)).status_code == 404
+    async with httpx.AsyncClient(timeout=5) as bare:
+        assert (await bare.get(stream_url)).status_code == 401
+
+
+async def test_status_stream_of_a_never_ending_training_stops_when_the_client_leaves(
+    sim: Simulator, client: httpx.AsyncClient
+) -> None:
+    stuck = await _submit(client, sim, payload={**IMAGES, "sim_outcome": "never"})
+    url = httpx.URL(f"{stuck['status_url']}/stream")
+    received = b""
+    with trio.fail_after(5):  # a bare socket: read two events, then hang up mid-stream
+        async with await trio.open_tcp_stream(url.host, url.port or 80) as conn:
+            await conn.send_all(
+                f"GET {url.raw_path.decode()} HTTP/1.1\r\nHost: {url.netloc.decode()}\r\n"
+                f"Authorization: {AUTH['Authorization']}\r\n\r\n".encode()
+            )
+            while received.count(b"}\n\n") < 2:  # two whole events (in HTTP chunks)
+                received += await conn.receive_some(65536)
+            assert sim.open_streams == 1
+    seen = [
+        json.loads(line[6:])["status"] for line in received.split(b"\n") if line[:6] == b"data: "
+    ]
+    assert seen == ["IN_QUEUE", "IN_PROGRESS"]
+    await _eventually(lambda: sim.open_streams == 0)  # the simulator stopped sending
+
+
 async def test_auth_required_and_unknown_routes(sim: Simulator) -> None:
     async with httpx.AsyncClient(timeout=5) as bare:
         for headers in ({}, {"Authorization": "Bearer x"}, {"Authorization": "Key"}):
@@ -244,7 +338,7 @@ async def test_status_flow_logs_and_result(sim: Simulator, client: httpx.AsyncCl
 async def test_outputs_per_trainer_and_files(sim: Simulator, client: httpx.AsyncClient) -> None:
     fast = await _submit(client, sim, FAST)
     portrait = await _submit(client, sim, PORTRAIT)
-    pro = await _submit(client, sim, PRO, {"data_url": "https://example.invalid/d.zip"})
+    pro = await _submit(client, sim, PRO, {**PRO_INPUT, "data_url": "https://example.invalid/d"})
     for submitted in (fast, portrait, pro):
         await _wait_completed(client, submitted["status_url"])
 
@@ -320,6 +414,21 @@ async def test_webhook_verifies_with_published_keys(
     await _submit(client, sim, payload={**IMAGES, "webhook_url": receiver.url})
     await trio.sleep(0.5)
     assert len(receiver.deliveries) == 1
+
+
+async def test_gateway_id_header_knob(nursery: trio.Nursery, receiver: Receiver) -> None:
+    sim = Simulator(_config(faults=Faults(gateway_id_header=1.0)))
+    await nursery.start(sim.serve)
+    async with httpx.AsyncClient(headers=AUTH, timeout=5) as client:
+        submitted = await _submit(client, sim, PORTRAIT, webhook=receiver.url)
+        keys = await _jwks_keys(client, sim)
+    request_id, gateway_id = submitted["request_id"], submitted["gateway_request_id"]
+    assert gateway_id != request_id and uuid.UUID(gateway_id).version == 4
+    delivery = await receiver.next()
+    assert delivery.json()["request_id"] == request_id
+    assert delivery.json()["gateway_request_id"] == gateway_id
+    assert delivery.headers["x-fal-webhook-request-id"] == gateway_id
+    signing.verify_webhook(delivery.headers, delivery.body, keys, now=time.time())
 
 
 async def test_failed_training(
@@ -466,7 +575,7 @@ async def test_delayed_webhooks_arrive_out_of_order(
 async def test_missing_lora(sim: Simulator, client: httpx.AsyncClient, receiver: Receiver) -> None:
     sim.faults.missing_lora = 1.0
     fast = await _submit(client, sim, FAST, webhook=receiver.url)
-    pro = await _submit(client, sim, PRO, {"data_url": "x", "sim_outcome": "no_lora"})
+    pro = await _submit(client, sim, PRO, {**PRO_INPUT, "sim_outcome": "no_lora"})
     await _wait_completed(client, fast["status_url"])
     await _wait_completed(client, pro["status_url"])
 
