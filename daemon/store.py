@@ -41,6 +41,22 @@ class StoreClosed(RuntimeError):
     """The store's writer stopped before this write could be committed."""
 
 
+class TransactionRolledBack(RuntimeError):
+    """The database rolled a write batch back by itself (a full disk): nothing of it is stored."""
+
+
+def _transaction_lost(connection: Any) -> bool:
+    """Whether the transaction of a batch is gone: rolled back by SQLite (sqlite3 reports no
+    open transaction any more) or aborted in PostgreSQL (psycopg 3: IDLE or INERROR), where a
+    COMMIT would silently roll back."""
+    open_now = getattr(connection, "in_transaction", None)  # sqlite3.Connection
+    if isinstance(open_now, bool):
+        return not open_now
+    info = getattr(connection, "info", None)  # psycopg.Connection
+    status = getattr(getattr(info, "transaction_status", None), "name", None)
+    return status in ("IDLE", "INERROR")
+
+
 class BaseModel(peewee.Model):
     class Meta:
         database = database
@@ -373,17 +389,40 @@ class Store:
                 item.done.set()
 
     def _commit(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        """Run a batch in one transaction; each writer's (ok, value or error).
+
+        ``ok`` is True only if the COMMIT happened with that write in it. A database may roll
+        the WHOLE transaction back on an error (SQLite on a full disk, SQLITE_FULL): then no
+        savepoint of it is left, a later write would run outside any transaction and commit
+        alone, and the final COMMIT silently does nothing. So after every write the
+        transaction is checked, and once it is lost the whole batch is answered as failed.
+        """
         results: list[tuple[bool, Any]] = []
+        lost: TransactionRolledBack | None = None
         try:
-            with self.db.atomic():
+            with self.db.atomic():  # its ROLLBACK fails when there is nothing left to roll back
                 for item in batch:
+                    error: Exception | None = None
                     try:
                         with self.db.atomic():  # a savepoint: one failure spoils only itself
-                            results.append((True, item.fn(*item.args)))
+                            try:
+                                value = item.fn(*item.args)
+                            except Exception as exc:
+                                error = exc
+                                raise
+                        results.append((True, value))
                     except Exception as exc:
-                        results.append((False, exc))
+                        results.append((False, error or exc))
+                    if _transaction_lost(self.db.connection()):
+                        lost = TransactionRolledBack(
+                            "the database rolled the write batch back: nothing of it is stored"
+                            + (f" ({error!r})" if error else "")
+                        )
+                        raise lost
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
-            return [(False, exc)] * len(batch)
+            failure = lost or exc
+            own = [value if not ok else failure for ok, value in results]
+            return [(False, own[i] if i < len(own) else failure) for i in range(len(batch))]
         return results
 
     # -- the two doors ---------------------------------------------------------------------

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import peewee
@@ -112,3 +114,81 @@ async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
         assert await s.training("kept") is not None
     assert {"outbox", "artifacts"} <= set(tables)
     assert version == str(store_mod.SCHEMA_VERSION) == "2"
+
+
+def _full_disk_rollback() -> None:
+    """What SQLITE_FULL may do mid-transaction: SQLite rolls the WHOLE transaction back
+    (savepoints and all), then the statement's error reaches the caller."""
+    database = store_mod.database.obj
+    database.execute_sql("ROLLBACK")
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def _insert_then_fail(request_id: str) -> None:
+    _insert(request_id)
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("third", [_insert, _insert_then_fail])
+async def test_a_batch_rolled_back_midway_tells_every_writer_the_truth(
+    tmp_path: Path, third: Callable[[str], object]
+) -> None:
+    """Regression (issue 9, item 2): after SQLite rolled a batch back mid-way, a write before
+    the rollback was told "committed" when a later write raised, and a write after it ran
+    outside any transaction, committed on its own and was told it failed."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        batch = [
+            store_mod._Write(_insert, ("before",), trio.Event()),
+            store_mod._Write(_full_disk_rollback, (), trio.Event()),
+            store_mod._Write(third, ("after",), trio.Event()),
+        ]
+        results = await s._call(s._commit, batch)
+        stored = {rid: await s.training(rid) is not None for rid in ("before", "after")}
+        for (ok, value), rid in zip((results[0], results[2]), ("before", "after"), strict=True):
+            assert ok == stored[rid], f"{rid}: told ok={ok}, stored={stored[rid]} ({value!r})"
+        assert results[1][0] is False
+        assert not stored["before"]  # the rollback took it
+        # The store still works afterwards, in a transaction of its own.
+        assert isinstance(await s.write(_insert, "later"), int)
+        assert await s.training("later") is not None
+
+
+async def test_a_rolled_back_batch_fails_its_writers_through_write(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        outcomes: dict[str, object] = {}
+
+        async def attempt(name: str, fn: Callable[..., object], *args: object) -> None:
+            try:
+                outcomes[name] = await s.write(fn, *args)
+            except Exception as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:  # queued before the writer wakes: one batch
+            nursery.start_soon(attempt, "before", _insert, "before")
+            nursery.start_soon(attempt, "full", _full_disk_rollback)
+            nursery.start_soon(attempt, "after", _insert, "after")
+        for rid in ("before", "after"):
+            stored = await s.training(rid) is not None
+            assert stored == (not isinstance(outcomes[rid], Exception)), (rid, outcomes[rid])
+        assert isinstance(outcomes["full"], sqlite3.OperationalError)
+
+
+def test_transaction_lost_reads_sqlite_and_psycopg_connections() -> None:
+    from types import SimpleNamespace
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    assert store_mod._transaction_lost(conn)
+    conn.execute("BEGIN")
+    assert not store_mod._transaction_lost(conn)
+    conn.close()
+
+    def psycopg(status: str) -> object:
+        return SimpleNamespace(
+            info=SimpleNamespace(transaction_status=SimpleNamespace(name=status))
+        )
+
+    assert not store_mod._transaction_lost(psycopg("INTRANS"))
+    assert store_mod._transaction_lost(psycopg("INERROR"))
+    assert store_mod._transaction_lost(psycopg("IDLE"))
