@@ -196,20 +196,40 @@ def parse_webhook(body: bytes) -> Observation:
 def extract_result(output: Mapping[str, Any], result_field: str) -> dict[str, Any] | None:
     """The stored fields of a real result, or None when the proof field is missing.
 
-    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id.
+    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id. Each is
+    taken only when it can be stored as it is (see ``_storable``): an unstorable value is no
+    proof, never a crash of the writer.
     """
     proof = output.get(result_field)
     fields: dict[str, Any] = {"lora_url": None, "finetune_id": None, "config_url": None}
-    if isinstance(proof, dict) and isinstance(proof.get("url"), str) and proof["url"]:
+    if isinstance(proof, dict) and _storable(proof.get("url"), MAX_URL_CHARS):
         fields["lora_url"] = proof["url"]
-    elif isinstance(proof, str) and proof:
+    elif _storable(proof, MAX_ID_CHARS):
         fields["finetune_id"] = proof
     else:
         return None
     config = output.get("config_file")
-    if isinstance(config, dict) and isinstance(config.get("url"), str) and config["url"]:
+    if isinstance(config, dict) and _storable(config.get("url"), MAX_URL_CHARS):
         fields["config_url"] = config["url"]
     return fields
+
+
+#: The longest URL and finetune id taken from FAL's output (theirs are ~100 and 36 chars).
+MAX_URL_CHARS = 4096
+MAX_ID_CHARS = 256
+
+
+def _storable(value: Any, limit: int) -> bool:
+    """A non-empty string of at most ``limit`` characters that the database can hold and a
+    reader can show: valid UTF-8 (no lone surrogate from a JSON escape), no control
+    character."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
 
 
 def missing_fields(view: TrainingView) -> list[str]:
