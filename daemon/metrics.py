@@ -41,6 +41,7 @@ WEBHOOK_OUTCOMES = (
     "too_large",
     "timeout",
     "wrong_method",
+    "unavailable",
 )
 FAL_OPERATIONS = ("submit", "status", "result", "cancel", "probe")
 FAL_OUTCOMES = ("pending", "completed", "succeeded", "failed", "transient", "not_found")

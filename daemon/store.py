@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -35,6 +36,11 @@ TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
 
 database = peewee.DatabaseProxy()
+
+#: How long a statement waits for another process's write lock before "database is locked".
+BUSY_TIMEOUT_MS = 10_000
+#: A commit running longer than this means the writer is stuck (a lock held elsewhere).
+STALL_SECONDS = 1.0
 
 
 class StoreClosed(RuntimeError):
@@ -291,7 +297,7 @@ def open_database(url: str) -> peewee.Database:
             pragmas={
                 "journal_mode": "wal",
                 "synchronous": 2,  # FULL: a commit that answers a webhook is on disk
-                "busy_timeout": 10_000,
+                "busy_timeout": BUSY_TIMEOUT_MS,
                 "foreign_keys": 1,
             },
         )
@@ -338,6 +344,8 @@ class Store:
         self._limiter = trio.CapacityLimiter(1)
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer_running = False
+        self._committing_since: float | None = None
+        self._last_batch_failed = False
         self.db = open_database(url)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -397,6 +405,13 @@ class Store:
         alone, and the final COMMIT silently does nothing. So after every write the
         transaction is checked, and once it is lost the whole batch is answered as failed.
         """
+        self._committing_since = time.monotonic()
+        try:
+            return self._commit_batch(batch)
+        finally:
+            self._committing_since = None
+
+    def _commit_batch(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
         results: list[tuple[bool, Any]] = []
         lost: TransactionRolledBack | None = None
         try:
@@ -420,10 +435,21 @@ class Store:
                         )
                         raise lost
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
+            self._last_batch_failed = True
             failure = lost or exc
             own = [value if not ok else failure for ok, value in results]
             return [(False, own[i] if i < len(own) else failure) for i in range(len(batch))]
+        self._last_batch_failed = False
         return results
+
+    def stalled(self) -> bool:
+        """Whether durable writes are not going through right now: the last batch failed
+        whole (a locked or full database) or a commit has run longer than ``STALL_SECONDS``.
+        Cheap and immediate, for ``/readyz``."""
+        since = self._committing_since
+        return self._last_batch_failed or (
+            since is not None and time.monotonic() - since > STALL_SECONDS
+        )
 
     # -- the two doors ---------------------------------------------------------------------
     async def write(self, fn: Callable[..., T], *args: Any) -> T:

@@ -45,6 +45,9 @@ REFETCH_MIN_SECONDS = 30.0
 FETCH_RETRY_SECONDS = 5.0
 #: How often stored receipts that are unverified or not yet applied are looked at again.
 RETRY_SECONDS = 5.0
+#: The longest a request waits for its durable write before it is answered 503: a locked
+#: database must not hold FAL's sender (10 s) nor the listener.
+WRITE_WAIT_SECONDS = 5.0
 #: The whole request body must arrive within this time (hypercorn only limits each read).
 BODY_TIMEOUT_SECONDS = 10.0
 #: FAL's header values are short (ids, a timestamp, a 128-character hex signature).
@@ -136,7 +139,7 @@ class WebhookLayer:
         handler = _Handler(ctx, path, jwks)
         async with trio.open_nursery() as nursery:
             self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
-            nursery.start_soon(handler.retry_stored)
+            nursery.start_soon(handler.keep_retrying)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)
             task_status.started()
 
@@ -204,17 +207,21 @@ class _Handler:
     ) -> None:
         """Keep a refused request for forensics (bounded by ``rejected_kept``)."""
         request_id = headers.get(signing.HEADER_REQUEST_ID.lower())
-        await self.ctx.reconciler.record_receipt(
-            body=body,
-            headers=headers,
-            verification="rejected",
-            request_id=request_id,
-            dedupe_key=None,
-            reject_reason=f"{code}: {reason}",
-        )
         self.ctx.log.warning(
             f"{TAG} webhook refused", outcome=code, reason=reason, request_id=request_id
         )
+        try:  # best effort: a refusal stands even when the database cannot keep its copy
+            with trio.fail_after(WRITE_WAIT_SECONDS):
+                await self.ctx.reconciler.record_receipt(
+                    body=body,
+                    headers=headers,
+                    verification="rejected",
+                    request_id=request_id,
+                    dedupe_key=None,
+                    reject_reason=f"{code}: {reason}",
+                )
+        except Exception as exc:
+            self.ctx.log.warning(f"{TAG} refused webhook not kept", error=_storage_error(exc))
 
     async def _accept(
         self, headers: dict[str, str], problem: str | None, body: bytes
@@ -260,13 +267,24 @@ class _Handler:
 
         signature = headers.get(signing.HEADER_SIGNATURE.lower(), "")
         dedupe = hashlib.sha256(signature.encode() + b"\n" + body).hexdigest()
-        _, duplicate, change = await ctx.reconciler.receive_webhook(
-            body=body,
-            headers=headers,
-            verification=verification,
-            request_id=request_id,
-            dedupe_key=dedupe,
-        )
+        try:
+            # Not answered before it is durable; a write that outlasts the wait may still
+            # commit, and FAL's retry of it is then a duplicate (200).
+            with trio.fail_after(WRITE_WAIT_SECONDS):
+                _, duplicate, change = await ctx.reconciler.receive_webhook(
+                    body=body,
+                    headers=headers,
+                    verification=verification,
+                    request_id=request_id,
+                    dedupe_key=dedupe,
+                )
+        except Exception as exc:  # a locked or full database: transient, FAL retries a 503
+            ctx.log.warning(
+                f"{TAG} {logs.WARN} webhook not stored; answered 503",
+                request_id=request_id,
+                error=_storage_error(exc),
+            )
+            return 503, "unavailable", "storage unavailable; retry later"
         ctx.heartbeat()
         if duplicate:
             ctx.log.info(f"{TAG} duplicate webhook", request_id=request_id)
@@ -283,6 +301,18 @@ class _Handler:
         ctx.log.info(f"{TAG} webhook applied", request_id=request_id, change=change.kind)
         ctx.passed()
         return 200, "accepted", "ok"
+
+    async def keep_retrying(self) -> None:
+        """``retry_stored``, started again after a database error (a locked or full
+        database is transient: it must not take the listener down)."""
+        while True:
+            try:
+                await self.retry_stored()
+            except Exception as exc:
+                self.ctx.log.warning(
+                    f"{TAG} stored webhooks not retried now", error=_storage_error(exc)
+                )
+                await trio.sleep(RETRY_SECONDS)
 
     async def retry_stored(self) -> None:
         """Verify receipts stored while the keys were unreachable, and apply any verified
@@ -340,6 +370,12 @@ def _stored_pending(cutoff: float) -> list[tuple[int, str, dict[str, str], bytes
         (r.id, r.verification, json.loads(r.headers_json), bytes(r.body), r.received_at)
         for r in query
     ]
+
+
+def _storage_error(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"not stored within {WRITE_WAIT_SECONDS:g} s"
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:

@@ -785,3 +785,55 @@ async def test_a_delivery_cut_off_mid_body_leaves_nothing_behind(launch: Launch)
     await trio.sleep(0.2)  # time for a wrongly kept half body to be written
     assert [r["request_id"] for r in await h.receipts()] == [other]
     assert await h.untouched(cut)
+
+
+# -- a locked database ----------------------------------------------------------------------
+async def test_a_locked_database_gets_503_keeps_the_listener_and_shows_on_readyz(
+    launch: Launch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 10): with another process holding SQLite's write lock, the
+    webhook layer crashed on "database is locked" (its port refused while it restarted) and
+    ``/readyz`` stayed 200. Now a webhook gets 503 (FAL retries), the listener stays, and
+    ``/readyz`` answers 503 while the writer is stuck."""
+    import sqlite3
+
+    from daemon import store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
+    h = await launch()
+    assert h.daemon.ops_address is not None
+    ready_url = "http://{}:{}/readyz".format(*h.daemon.ops_address)
+    rid = await h.track()
+    unknown = str(uuid.uuid4())
+    assert (await h.client.get(ready_url)).status_code == 200
+
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        for _ in range(3):
+            reply = await h.deliver(ok_body(rid), rid)
+            assert reply.status_code == 503, reply.text
+            assert (await h.deliver(ok_body(unknown), unknown)).status_code == 503
+            # a refused request is still refused (its forensics copy is best effort)
+            assert (await h.post(ok_body(rid), {})).status_code == 400
+            assert (await h.client.get(ready_url)).status_code == 503
+            await trio.sleep(0.3)  # the retry pass runs against the locked database too
+        assert h.counted("unavailable") == 6
+        running = h.daemon.layers["webhook"]
+        assert running.running
+        restarts = h.daemon.metrics.registry.get_sample_value(
+            "trainguard_layer_restarts_total", {"layer": "webhook"}
+        )
+        assert restarts == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+    async def ready() -> bool:
+        return (await h.client.get(ready_url)).status_code == 200
+
+    await wait_for(ready, timeout=10.0)

@@ -192,3 +192,25 @@ def test_transaction_lost_reads_sqlite_and_psycopg_connections() -> None:
     assert not store_mod._transaction_lost(psycopg("INTRANS"))
     assert store_mod._transaction_lost(psycopg("INERROR"))
     assert store_mod._transaction_lost(psycopg("IDLE"))
+
+
+async def test_stalled_shows_a_writer_stuck_on_a_lock_before_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/readyz`` reads ``stalled()``: it must turn at once, not after the busy timeout."""
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 3_000)
+    monkeypatch.setattr(store_mod, "STALL_SECONDS", 0.2)
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        assert not s.stalled()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.write, _insert, "waiting")
+            with trio.fail_after(2.5):  # well before the 3 s busy timeout
+                while not s.stalled():
+                    await trio.sleep(0.05)
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert not s.stalled()
+        assert await s.training("waiting") is not None
