@@ -837,3 +837,23 @@ async def test_a_locked_database_gets_503_keeps_the_listener_and_shows_on_readyz
         return (await h.client.get(ready_url)).status_code == 200
 
     await wait_for(ready, timeout=10.0)
+
+
+async def test_a_corrected_clock_accepts_genuine_webhooks_at_once(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 3): a daemon whose clock was 10 minutes behind, then
+    corrected, refused every genuine webhook as stale until it restarted."""
+    from types import SimpleNamespace
+
+    from daemon import clock as clock_mod
+
+    step = {"by": -600.0}
+    monkeypatch.setattr(clock_mod, "time", SimpleNamespace(time=lambda: time.time() + step["by"]))
+    h = await launch()
+    rid = await h.track()
+    reply = await h.deliver(ok_body(rid), rid)
+    assert (reply.status_code, h.counted("stale")) == (400, 1)  # our clock is behind
+    step["by"] = 0.0  # NTP steps it right
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
