@@ -16,14 +16,17 @@ counts, logs and calls the plugin hooks. The rules make overlapping layers safe:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+import peewee
 import structlog
 import trio
 
@@ -43,6 +46,10 @@ from daemon.store import (
 log = structlog.get_logger("trainguard.reconcile")
 
 HOOK_TIMEOUT_SECONDS = 10.0
+#: Of a refused request only this much body is kept (with the whole body's size and sha256).
+REFUSED_BODY_KEPT = 4096
+#: A request id longer than this is cut when a receipt is kept (FAL's are UUIDs).
+MAX_KEPT_ID_CHARS = 256
 
 
 class Kind(StrEnum):
@@ -700,30 +707,81 @@ class Reconciler:
             existing = WebhookReceipt.get_or_none(WebhookReceipt.dedupe_key == dedupe_key)
             if existing is not None:
                 return existing.id, True
+        refused = verification == "rejected"
         receipt = WebhookReceipt.create(
-            request_id=request_id,
+            request_id=request_id[:MAX_KEPT_ID_CHARS] if request_id else request_id,
             dedupe_key=dedupe_key,
-            body=body,
+            body=body[:REFUSED_BODY_KEPT] if refused else body,  # forensics need no more
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
             headers_json=json.dumps(headers, ensure_ascii=False),
             verification=verification,
             reject_reason=reject_reason,
             received_at=now,
-            processed_at=now if verification == "rejected" else None,
-            outcome="rejected" if verification == "rejected" else None,
+            processed_at=now if refused else None,
+            outcome="rejected" if refused else None,
         )
-        if verification == "rejected":
+        if refused:
             self._prune_rejected(keep_rejected)
         return receipt.id, False
 
-    def _prune_rejected(self, keep: int) -> None:
-        """Refused webhooks are kept for forensics, the newest ``keep`` of them."""
+    def _prune_rejected(self, keep: int) -> int:
+        """Refused webhooks are kept for forensics: the newest ``keep`` of them, and of those
+        only as many as fit in ``rejected_kept_bytes`` (each is at most REFUSED_BODY_KEPT
+        bytes of body). Both walk the ``verification`` index. Returns how many were dropped."""
+        rejected = WebhookReceipt.verification == "rejected"
         stale = (
             WebhookReceipt.select(WebhookReceipt.id)
-            .where(WebhookReceipt.verification == "rejected")
+            .where(rejected)
             .order_by(WebhookReceipt.id.desc())
             .offset(keep)
         )
-        WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        dropped = WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        cap = int(self.settings.webhook["rejected_kept_bytes"])
+        size = peewee.fn.COALESCE(WebhookReceipt.body_size, 0)
+        kept = peewee.Case(None, [(size > REFUSED_BODY_KEPT, REFUSED_BODY_KEPT)], size)
+        total = peewee.fn.SUM(kept).over(order_by=[WebhookReceipt.id.desc()])
+        ranked = WebhookReceipt.select(WebhookReceipt.id, total.alias("total")).where(rejected)
+        ranked = ranked.alias("r")
+        over = peewee.Select([ranked], [peewee.SQL("r.id")]).where(peewee.SQL("r.total") > cap)
+        return dropped + WebhookReceipt.delete().where(WebhookReceipt.id.in_(over)).execute()
+
+    def _evict_unknown(self, cutoff: float, keep: int) -> int:
+        """Receipts for a training nobody registered: dropped once older than ``cutoff`` (the
+        time a webhook can beat its submit's commit) and beyond the newest ``keep``. Walks the
+        ``outcome`` index. Returns how many were dropped."""
+        unknown = (WebhookReceipt.outcome == "unknown_training") & (
+            WebhookReceipt.processed_at.is_null()
+        )
+        beyond = (
+            WebhookReceipt.select(WebhookReceipt.id)
+            .where(unknown)
+            .order_by(WebhookReceipt.id.desc())
+            .offset(keep)
+        )
+        expired = WebhookReceipt.delete().where(unknown, WebhookReceipt.received_at < cutoff)
+        return expired.execute() + (
+            WebhookReceipt.delete().where(WebhookReceipt.id.in_(beyond)).execute()
+        )
+
+    async def prune_receipts(self) -> dict[str, int]:
+        """Drop unknown-training receipts past ``[webhook] unknown_receipt_seconds`` or
+        beyond ``unknown_receipts_kept``, and refused ones beyond their bounds; then give the
+        space back (SQLite). Returns what was dropped, by kind."""
+        webhook = self.settings.webhook
+        cutoff = self.clock.now() - float(webhook["unknown_receipt_seconds"])
+
+        def prune() -> dict[str, int]:
+            return {
+                "unknown_training": self._evict_unknown(
+                    cutoff, int(webhook["unknown_receipts_kept"])
+                ),
+                "rejected": self._prune_rejected(int(webhook["rejected_kept"])),
+            }
+
+        dropped = await self.store.write(prune)
+        await self.store.reclaim_space()
+        return dropped
 
     def _apply_receipt(
         self,
@@ -758,9 +816,12 @@ class Reconciler:
         change = self._apply(obs, now)
         if change.kind == "unknown":
             receipt.outcome = "unknown_training"  # stays unprocessed until the training appears
-        else:
-            receipt.processed_at = now
-            receipt.outcome = change.kind
+            receipt.save()
+            keep = int(self.settings.webhook["unknown_receipts_kept"])
+            evicted = self._evict_unknown(-math.inf, keep)  # the count bound, at once
+            return replace(change, detail={**change.detail, "evicted": evicted})
+        receipt.processed_at = now
+        receipt.outcome = change.kind
         receipt.save()
         return change
 

@@ -26,11 +26,14 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 import peewee
+import structlog
 import trio
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 2
+log = structlog.get_logger("trainguard.store")
+
+SCHEMA_VERSION = 3
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
@@ -126,13 +129,15 @@ class WebhookReceipt(BaseModel):
 
     request_id = peewee.CharField(null=True, index=True)
     dedupe_key = peewee.CharField(null=True, unique=True)
-    body = peewee.BlobField()
+    body = peewee.BlobField()  # a refused request: only its first REFUSED_BODY_KEPT bytes
     headers_json = peewee.TextField()
-    verification = peewee.CharField()  # verified | unverified | skipped | rejected
+    verification = peewee.CharField(index=True)  # verified | unverified | skipped | rejected
     reject_reason = peewee.TextField(null=True)
     received_at = peewee.FloatField()
     processed_at = peewee.FloatField(null=True, index=True)
-    outcome = peewee.CharField(null=True)
+    outcome = peewee.CharField(null=True, index=True)
+    body_size = peewee.IntegerField(null=True)  # the whole body's length (schema 3 on)
+    body_sha256 = peewee.CharField(null=True)  # the whole body's digest (schema 3 on)
 
     class Meta:
         table_name = "webhook_receipts"
@@ -214,10 +219,39 @@ def _migrate_2(db: peewee.Database) -> None:
     db.create_tables([Outbox, Artifact])
 
 
+def _migrate_3(db: peewee.Database) -> None:
+    """Bounded receipts (issue 9): the size and digest of a body whose prefix alone is kept,
+    and indexes for the prunes (refused by ``verification``, unknown by ``outcome``)."""
+    from playhouse.migrate import SchemaMigrator, migrate
+
+    migrator = SchemaMigrator.from_database(db)
+    columns = {c.name for c in db.get_columns("webhook_receipts")}
+    steps = [
+        migrator.add_column("webhook_receipts", name, field)
+        for name, field in (
+            ("body_size", WebhookReceipt.body_size),
+            ("body_sha256", WebhookReceipt.body_sha256),
+        )
+        if name not in columns
+    ]
+    migrate(*steps)
+    # Refused requests kept before: only their first 4096 bytes, as from now on (the space is
+    # given back by the VACUUM that switches on incremental auto_vacuum, see _open).
+    db.execute_sql(
+        "UPDATE webhook_receipts SET body_size = length(body), body = substr(body, 1, 4096)"
+        " WHERE verification = 'rejected' AND body_size IS NULL"
+    )
+    indexed = {tuple(i.columns) for i in db.get_indexes("webhook_receipts")}
+    for column in ("verification", "outcome"):
+        if (column,) not in indexed:
+            migrate(migrator.add_index("webhook_receipts", (column,), False))
+
+
 #: Forward migrations, applied in order at open; never edit a released one, append.
 MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
     (1, _migrate_1),
     (2, _migrate_2),
+    (3, _migrate_3),
 )
 
 
@@ -295,6 +329,7 @@ def open_database(url: str) -> peewee.Database:
             check_same_thread=False,
             lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
             pragmas={
+                "auto_vacuum": 2,  # INCREMENTAL; takes effect only before the first table
                 "journal_mode": "wal",
                 "synchronous": 2,  # FULL: a commit that answers a webhook is on disk
                 "busy_timeout": BUSY_TIMEOUT_MS,
@@ -304,6 +339,31 @@ def open_database(url: str) -> peewee.Database:
     from playhouse.db_url import connect
 
     return connect(url, thread_safe=False)
+
+
+def _incremental_vacuum_on(db: peewee.Database) -> None:
+    """SQLite gives freed pages back to the file system only with auto_vacuum, which a new
+    database gets before its first table (see ``open_database``); an older one needs one
+    VACUUM to switch (once; it rewrites the file). Then ``Store.reclaim_space`` gives pages back."""
+    if not isinstance(db, peewee.SqliteDatabase) or db.database == ":memory:":
+        return
+    if db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    log.warning("switching the SQLite database to incremental auto_vacuum (one VACUUM)")
+    db.execute_sql("PRAGMA auto_vacuum = INCREMENTAL")
+    db.execute_sql("VACUUM")
+
+
+def _reclaim_space(db: peewee.Database, pages: int) -> int:
+    """Between batches (no transaction open): give up to ``pages`` free pages of a SQLite file
+    back to the file system. ``executescript`` steps the pragma to its end (one ``execute``
+    frees a single page)."""
+    if not isinstance(db, peewee.SqliteDatabase):
+        return 0
+    free = int(db.execute_sql("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        db.connection().executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+    return free
 
 
 def migrate(db: peewee.Database) -> int:
@@ -355,6 +415,7 @@ class Store:
         database.initialize(self.db)
         self.db.connect(reuse_if_open=True)
         migrate(self.db)
+        _incremental_vacuum_on(self.db)
 
     def _close(self) -> None:
         if not self.db.is_closed():
@@ -547,6 +608,11 @@ class Store:
 
     async def set_schedule(self, name: str, next_at: float) -> None:
         await self.write(lambda: Schedule.replace(name=name, next_at=next_at).execute())
+
+    async def reclaim_space(self, pages: int = 2000) -> int:
+        """Give free pages back to the file system (SQLite incremental vacuum, up to
+        ``pages`` of them); returns how many pages were free before."""
+        return await self.read(_reclaim_space, self.db, pages)
 
     async def writable(self) -> bool:
         """Whether a durable write goes through right now (for /readyz)."""

@@ -45,6 +45,8 @@ REFETCH_MIN_SECONDS = 30.0
 FETCH_RETRY_SECONDS = 5.0
 #: How often stored receipts that are unverified or not yet applied are looked at again.
 RETRY_SECONDS = 5.0
+#: How often receipts past their bounds are dropped and the space given back.
+PRUNE_SECONDS = 30.0
 #: The longest a request waits for its durable write before it is answered 503: a locked
 #: database must not hold FAL's sender (10 s) nor the listener.
 WRITE_WAIT_SECONDS = 5.0
@@ -140,6 +142,7 @@ class WebhookLayer:
         async with trio.open_nursery() as nursery:
             self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
             nursery.start_soon(handler.keep_retrying)
+            nursery.start_soon(handler.prune_stored)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)
             task_status.started()
 
@@ -296,11 +299,28 @@ class _Handler:
             self.wake.set()
             return 200, "accepted", "stored"
         if change.kind == "unknown":
+            ctx.metrics.receipts_dropped("unknown_training", change.detail.get("evicted", 0))
             ctx.log.info(f"{TAG} webhook for an unknown training kept", request_id=request_id)
             return 200, "unknown_training", "stored; training not known yet"
         ctx.log.info(f"{TAG} webhook applied", request_id=request_id, change=change.kind)
         ctx.passed()
         return 200, "accepted", "ok"
+
+    async def prune_stored(self) -> None:
+        """Every ``PRUNE_SECONDS``: drop receipts past their bounds (unknown trainings past
+        ``unknown_receipt_seconds``, refused ones beyond their caps), counted, and give the
+        space back. A database error is transient: tried again next time."""
+        while True:
+            await trio.sleep(PRUNE_SECONDS)
+            try:
+                dropped = await self.ctx.reconciler.prune_receipts()
+            except Exception as exc:
+                self.ctx.log.warning(f"{TAG} receipts not pruned now", error=_storage_error(exc))
+                continue
+            for kind, count in dropped.items():
+                self.ctx.metrics.receipts_dropped(kind, count)
+            if any(dropped.values()):
+                self.ctx.log.info(f"{TAG} stored receipts pruned", **dropped)
 
     async def keep_retrying(self) -> None:
         """``retry_stored``, started again after a database error (a locked or full

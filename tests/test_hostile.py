@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import pytest
+import trio
 
+from daemon.config import Settings
+from daemon.layer import LayerContext
 from daemon.reconcile import Kind, Observation, Reconciler, extract_result
+from daemon.store import Store, WebhookReceipt
+from layers.startup import StartupLayer
+from tests.test_schedules import LORA, ScriptedFal
 
 
 @pytest.mark.parametrize(
@@ -46,3 +53,64 @@ def test_extract_result_keeps_fals_real_shapes() -> None:
     }
     bad_config = {"diffusers_lora_file": {"url": lora}, "config_file": {"url": "\ud800"}}
     assert extract_result(bad_config, "diffusers_lora_file")["config_url"] is None  # type: ignore[index]
+
+
+async def test_startup_never_replays_receipts_of_unknown_trainings(
+    store: Store, settings: Settings
+) -> None:
+    """Regression (issue 9, item 6): 150,000 signed webhooks for request ids we never
+    submitted were re-applied by the startup sweep before READY (106 s). Now the sweep applies
+    only stored receipts of known trainings."""
+    reconciler = Reconciler(store, settings)
+    await reconciler.register(name="n", training_type="portrait", request_id="known", layer="t")
+
+    def plant() -> None:
+        rows = [
+            {
+                "request_id": f"stranger-{i}",
+                "body": b'{"request_id": "x", "status": "OK", "payload": {}}',
+                "headers_json": "{}",
+                "verification": "verified",
+                "received_at": 1.0,
+                "outcome": "unknown_training",
+            }
+            for i in range(20_000)
+        ]
+        for start in range(0, len(rows), 500):
+            WebhookReceipt.insert_many(rows[start : start + 500]).execute()
+        body = json.dumps({"request_id": "known", "status": "OK", "payload": LORA}).encode()
+        WebhookReceipt.create(  # stored, then a crash before it was applied
+            request_id="known",
+            body=body,
+            headers_json="{}",
+            verification="verified",
+            received_at=2.0,
+        )
+
+    await store.write(plant)
+    applied: list[int] = []
+    original = reconciler.apply_receipt
+
+    async def counting(receipt_id: int, **kw: Any) -> Any:
+        applied.append(receipt_id)
+        return await original(receipt_id, **kw)
+
+    reconciler.apply_receipt = counting  # type: ignore[method-assign]
+    ctx = LayerContext(
+        name="startup",
+        settings=settings,
+        store=store,
+        reconciler=reconciler,
+        fal=ScriptedFal(),  # type: ignore[arg-type]
+        metrics=None,
+        clock=reconciler.clock,
+    )
+    async with trio.open_nursery() as nursery:
+        await nursery.start(StartupLayer().run, ctx)
+    assert len(applied) == 1
+    view = await store.training("known")
+    assert view is not None and view.status == "COMPLETED"
+    left = await store.read(
+        lambda: WebhookReceipt.select().where(WebhookReceipt.outcome == "unknown_training").count()
+    )
+    assert left == 20_000  # untouched: evicted by the webhook layer's prune, not replayed

@@ -857,3 +857,35 @@ async def test_a_corrected_clock_accepts_genuine_webhooks_at_once(
     step["by"] = 0.0  # NTP steps it right
     assert (await h.deliver(ok_body(rid), rid)).status_code == 200
     assert (await h.training(rid)).status == "COMPLETED"
+
+
+# -- unknown trainings ----------------------------------------------------------------------
+async def test_unknown_training_receipts_are_bounded_in_count_and_time(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 6): signed webhooks for request ids we never submitted were
+    kept forever. Now the newest ``unknown_receipts_kept`` are kept, each at most
+    ``unknown_receipt_seconds``; the rest are evicted and counted."""
+    monkeypatch.setattr(layer, "PRUNE_SECONDS", 0.1)
+    h = await launch(webhook={"unknown_receipts_kept": 5, "unknown_receipt_seconds": 1.0})
+    ids = [str(uuid.uuid4()) for _ in range(8)]
+    for rid in ids:
+        assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    kept = [r["request_id"] for r in await h.receipts()]
+    assert kept == ids[-5:]
+
+    def evicted() -> float:
+        value = h.daemon.metrics.registry.get_sample_value(
+            "trainguard_webhook_receipts_evicted_total", {"kind": "unknown_training"}
+        )
+        return value or 0.0
+
+    assert evicted() == 3
+    late = await h.track(ids[-1])  # one that arrives within the window is still applied
+    assert (await h.training(late)).status == "COMPLETED"
+
+    async def all_expired() -> bool:
+        return await h.receipts() == [] or all(r["processed"] for r in await h.receipts())
+
+    await wait_for(all_expired, timeout=10.0)
+    assert evicted() == 7  # 3 over the count, 4 past the window

@@ -113,7 +113,7 @@ async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
         version = await s.read(lambda: Meta.get(Meta.key == "schema_version").value)
         assert await s.training("kept") is not None
     assert {"outbox", "artifacts"} <= set(tables)
-    assert version == str(store_mod.SCHEMA_VERSION) == "2"
+    assert version == str(store_mod.SCHEMA_VERSION) == "3"
 
 
 def _full_disk_rollback() -> None:
@@ -214,3 +214,61 @@ async def test_stalled_shows_a_writer_stuck_on_a_lock_before_the_busy_timeout(
             holder.close()
         assert not s.stalled()
         assert await s.training("waiting") is not None
+
+
+async def test_migration_3_adds_receipt_digests_indexes_and_incremental_vacuum(
+    tmp_path: Path,
+) -> None:
+    """An existing (schema 2) database: columns and indexes added, rows kept, and switched to
+    incremental auto_vacuum (one VACUUM) so that pruned receipts give their space back."""
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        await s.write(_insert, "kept")
+        await s.write(
+            lambda: store_mod.WebhookReceipt.create(
+                body=b"x" * 100_000, headers_json="{}", verification="rejected", received_at=1
+            )
+        )
+    old = sqlite3.connect(path, isolation_level=None)  # make it look like schema 2, no vacuum
+    for statement in (
+        "DROP INDEX webhookreceipt_verification",
+        "DROP INDEX webhookreceipt_outcome",
+        "ALTER TABLE webhook_receipts DROP COLUMN body_size",
+        "ALTER TABLE webhook_receipts DROP COLUMN body_sha256",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+        "PRAGMA auto_vacuum = NONE",
+        "VACUUM",
+    ):
+        old.execute(statement)
+    assert old.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    old.close()
+    async with open_store(f"sqlite:///{path}") as s:
+        assert await s.training("kept") is not None
+        columns = {c.name for c in await s.read(s.db.get_columns, "webhook_receipts")}
+        indexed = {tuple(i.columns) for i in await s.read(s.db.get_indexes, "webhook_receipts")}
+        vacuum = await s.read(lambda: s.db.execute_sql("PRAGMA auto_vacuum").fetchone()[0])
+        refused = await s.read(lambda: store_mod.WebhookReceipt.get())
+    assert (len(refused.body), refused.body_size) == (4096, 100_000)
+    assert {"body_size", "body_sha256"} <= columns
+    assert {("verification",), ("outcome",)} <= indexed
+    assert vacuum == 2  # INCREMENTAL
+
+
+async def test_reclaim_space_shrinks_the_file_after_a_prune(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+
+        def fill() -> None:
+            for i in range(200):
+                store_mod.WebhookReceipt.create(
+                    body=b"x" * 50_000, headers_json="{}", verification="rejected", received_at=i
+                )
+
+        await s.write(fill)
+        await s.read(lambda: s.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        full = path.stat().st_size
+        await s.write(lambda: store_mod.WebhookReceipt.delete().execute())
+        freed = await s.reclaim_space(100_000)
+        await s.read(lambda: s.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        assert freed > 0
+        assert path.stat().st_size < full / 4, (full, path.stat().st_size)
