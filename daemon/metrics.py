@@ -43,6 +43,7 @@ WEBHOOK_OUTCOMES = (
     "timeout",
     "wrong_method",
     "unavailable",
+    "unverified_full",
 )
 #: Why webhook receipts were dropped: a training nobody registered in time (or too many of
 #: them), a refused request beyond the forensics bounds, or one not kept at all (a flood).

@@ -103,6 +103,10 @@ class MalformedWebhook(ValueError):
     """A webhook body that is not FAL's shape; the reason is safe to answer with."""
 
 
+class UnverifiedFull(RuntimeError):
+    """The bound on webhooks kept unverified (while FAL's keys are away) is reached."""
+
+
 class AlreadyTracked(ValueError):
     """A training with this request_id is already in the store."""
 
@@ -394,6 +398,8 @@ class Reconciler:
         now: float,
         keep: int,
     ) -> tuple[int, bool, Change | None]:
+        if verification == "unverified":
+            self._check_unverified_room(dedupe_key, len(body))
         receipt_id, duplicate = self._record_receipt(
             body, headers, verification, request_id, dedupe_key, None, now, keep
         )
@@ -724,6 +730,24 @@ class Reconciler:
         if refused:
             self._prune_rejected(keep_rejected)
         return receipt.id, False
+
+    def _check_unverified_room(self, dedupe_key: str, size: int) -> None:
+        """Raise UnverifiedFull when keeping one more unverified body of ``size`` bytes would
+        pass ``[webhook] unverified_kept`` or ``unverified_kept_bytes``: what came first is
+        kept, what comes beyond is refused for now (503, FAL retries), so a forged flood while
+        the key server is down cannot fill the disk. A copy already kept is a duplicate."""
+        if WebhookReceipt.select().where(WebhookReceipt.dedupe_key == dedupe_key).exists():
+            return
+        webhook = self.settings.webhook
+        waiting = WebhookReceipt.select(
+            peewee.fn.COUNT(WebhookReceipt.id),
+            peewee.fn.COALESCE(peewee.fn.SUM(WebhookReceipt.body_size), 0),
+        ).where(WebhookReceipt.verification == "unverified")
+        count, total = waiting.tuples().get()
+        if count + 1 > int(webhook["unverified_kept"]):
+            raise UnverifiedFull(f"{count} webhooks wait for FAL's keys already")
+        if total + size > int(webhook["unverified_kept_bytes"]):
+            raise UnverifiedFull(f"{total} bytes of webhooks wait for FAL's keys already")
 
     def _prune_rejected(self, keep: int) -> int:
         """Refused webhooks are kept for forensics: the newest ``keep`` of them, and of those

@@ -9,12 +9,16 @@ reconcile applies it.
 
 If the JWKS cannot be fetched, the receipt is still stored, marked unverified, answered 202,
 and verified and applied once the keys come back: an outage of FAL's key server loses no
-webhook. While the keys are unreachable a fetch is tried at most every
+webhook. What is kept unverified is bounded (``unverified_kept``, ``unverified_kept_bytes``:
+the first ones are kept); beyond, a webhook gets 503 and FAL delivers it again later. While the keys are unreachable a fetch is tried at most every
 ``FETCH_RETRY_SECONDS``, and a webhook verified by the cached keys never waits for a fetch,
 so neither a hanging key server nor a flood of forged webhooks slows the listener down.
 A webhook for an unknown request_id is kept and applied when the training appears.
 Anything malformed, unsigned, stale, badly signed, too large or too slow gets a 4xx with a
-short reason, is counted, kept (bounded) for forensics, and changes nothing. A duplicate
+short reason, is counted, kept for forensics (its first 4 KiB and the whole body's sha256,
+bounded in count and bytes, at most ``REFUSED_KEPT_IN_FLIGHT`` being written at a time so a
+flood never crowds out genuine webhooks), and changes nothing. A locked or full database
+gets 503 (FAL retries) within ``WRITE_WAIT_SECONDS``; the listener keeps listening. A duplicate
 gets 200 and no second transition.
 """
 
@@ -33,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from daemon import http, logs, signing
 from daemon.layer import LayerContext
-from daemon.reconcile import MalformedWebhook, parse_webhook
+from daemon.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
 from daemon.store import WebhookReceipt
 from plugins.hookspecs import hookimpl
 
@@ -47,6 +51,9 @@ FETCH_RETRY_SECONDS = 5.0
 RETRY_SECONDS = 5.0
 #: How often receipts past their bounds are dropped and the space given back.
 PRUNE_SECONDS = 30.0
+#: At most this many refused requests are being kept at a time; beyond, a refused request
+#: is answered without a copy (counted): a flood of garbage never crowds out the writer.
+REFUSED_KEPT_IN_FLIGHT = 8
 #: The longest a request waits for its durable write before it is answered 503: a locked
 #: database must not hold FAL's sender (10 s) nor the listener.
 WRITE_WAIT_SECONDS = 5.0
@@ -155,6 +162,7 @@ class _Handler:
         self.path = path
         self.jwks = jwks
         self.wake = trio.Event()
+        self._keeping = 0  # refused requests being written now
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -213,6 +221,10 @@ class _Handler:
         self.ctx.log.warning(
             f"{TAG} webhook refused", outcome=code, reason=reason, request_id=request_id
         )
+        if self._keeping >= REFUSED_KEPT_IN_FLIGHT:  # a flood: the genuine path comes first
+            self.ctx.metrics.receipts_dropped("rejected_not_kept")
+            return
+        self._keeping += 1
         try:  # best effort: a refusal stands even when the database cannot keep its copy
             with trio.fail_after(WRITE_WAIT_SECONDS):
                 await self.ctx.reconciler.record_receipt(
@@ -225,6 +237,8 @@ class _Handler:
                 )
         except Exception as exc:
             self.ctx.log.warning(f"{TAG} refused webhook not kept", error=_storage_error(exc))
+        finally:
+            self._keeping -= 1
 
     async def _accept(
         self, headers: dict[str, str], problem: str | None, body: bytes
@@ -281,6 +295,9 @@ class _Handler:
                     request_id=request_id,
                     dedupe_key=dedupe,
                 )
+        except UnverifiedFull as exc:  # FAL's retries come back once the keys do
+            ctx.log.warning(f"{TAG} {logs.WARN} unverified webhook not kept", error=str(exc))
+            return 503, "unverified_full", "FAL's keys unreachable; retry later"
         except Exception as exc:  # a locked or full database: transient, FAL retries a 503
             ctx.log.warning(
                 f"{TAG} {logs.WARN} webhook not stored; answered 503",

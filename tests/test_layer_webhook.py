@@ -889,3 +889,86 @@ async def test_unknown_training_receipts_are_bounded_in_count_and_time(
 
     await wait_for(all_expired, timeout=10.0)
     assert evicted() == 7  # 3 over the count, 4 past the window
+
+
+@pytest.mark.parametrize(
+    "bounds", [{"unverified_kept": 3}, {"unverified_kept_bytes": 3 * 1200 + 100}]
+)
+async def test_what_is_kept_unverified_is_bounded_and_the_rest_gets_503(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch, bounds: dict[str, int]
+) -> None:
+    """Regression (issue 9, item 8): while the key server was down, 1,000 forged 100 kB
+    webhooks got 202 and were stored. Now the first ones are kept (count and bytes bounded),
+    the rest get 503 — forged or genuine alike, so the status tells a forger nothing — and
+    FAL's retry of a genuine one succeeds once the keys are back."""
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(layer, "FETCH_RETRY_SECONDS", 0.2)
+    sim.faults.jwks_down = True
+    h = await launch(webhook=bounds)
+    padding = {"padding": "p" * 1000}  # each body about 1.2 kB
+    forged_rid = await h.track()
+    statuses = []
+    for n in range(6):
+        body = _body(forged_rid, status="OK", payload={"n": n, **padding})
+        statuses.append((await h.post(body, _other_key(h, body, forged_rid))).status_code)
+    real = await h.track()
+    genuine = _body(real, status="OK", payload={**json.loads(ok_body(real))["payload"], **padding})
+    statuses.append((await h.deliver(genuine, real)).status_code)
+    assert statuses == [202, 202, 202, 503, 503, 503, 503]
+    assert (h.counted("unverified"), h.counted("unverified_full")) == (3, 4)
+    assert len(await h.receipts()) == 3
+    assert await h.untouched(real)
+
+    sim.faults.jwks_down = False
+
+    async def settled() -> bool:
+        return all(r["processed"] for r in await h.receipts())
+
+    await wait_for(settled)
+    assert (await h.deliver(genuine, real)).status_code == 200  # FAL's retry
+    assert (await h.training(real)).status == "COMPLETED"
+    assert await h.untouched(forged_rid)
+
+
+# -- refused requests -----------------------------------------------------------------------
+async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
+    launch: Launch,
+) -> None:
+    """Regression (issue 9, item 7): each refused request kept its whole body (up to 1 MiB),
+    so garbage grew the database without bound. Now only the first 4 KiB and the digest of
+    the whole body are kept, and the kept bytes are capped too."""
+    import hashlib
+
+    from daemon.reconcile import REFUSED_BODY_KEPT
+
+    h = await launch(webhook={"rejected_kept_bytes": 2 * REFUSED_BODY_KEPT + 100})
+    rid = await h.track()
+    bodies = [_body(rid, status="OK", payload={"n": n, "junk": "j" * 900_000}) for n in range(4)]
+    for body in bodies:
+        assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
+
+    def kept() -> list[tuple[int, int | None, str | None]]:
+        query = WebhookReceipt.select().order_by(WebhookReceipt.id)
+        return [(len(bytes(r.body)), r.body_size, r.body_sha256) for r in query]
+
+    rows = await h.store.read(kept)
+    assert rows == [
+        (REFUSED_BODY_KEPT, len(body), hashlib.sha256(body).hexdigest()) for body in bodies[-2:]
+    ]
+    assert h.counted("bad_signature") == 4
+    assert await h.untouched(rid)
+
+
+async def test_refused_requests_beyond_the_writes_in_flight_are_answered_not_kept(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "REFUSED_KEPT_IN_FLIGHT", 0)
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
+    assert await h.receipts() == []
+    dropped = h.daemon.metrics.registry.get_sample_value(
+        "trainguard_webhook_receipts_evicted_total", {"kind": "rejected_not_kept"}
+    )
+    assert dropped == 1
