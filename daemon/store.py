@@ -353,7 +353,10 @@ def _incremental_vacuum_on(db: peewee.Database) -> None:
         return
     log.warning("switching the SQLite database to incremental auto_vacuum (one VACUUM)")
     db.execute_sql("PRAGMA auto_vacuum = INCREMENTAL")
-    db.execute_sql("VACUUM")
+    try:
+        db.execute_sql("VACUUM")
+    except peewee.OperationalError as exc:  # a full disk, a lock: run as is, try next start
+        log.warning("VACUUM failed; freed space is kept in the file for now", error=str(exc))
 
 
 def _reclaim_space(db: peewee.Database, pages: int) -> int:

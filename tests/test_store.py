@@ -272,3 +272,28 @@ async def test_reclaim_space_shrinks_the_file_after_a_prune(tmp_path: Path) -> N
         await s.read(lambda: s.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
         assert freed > 0
         assert path.stat().st_size < full / 4, (full, path.stat().st_size)
+
+
+async def test_a_failing_vacuum_at_open_never_stops_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one VACUUM that switches an old database to incremental auto_vacuum needs free
+    disk space; a full disk must not keep the daemon from starting."""
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        await s.write(_insert, "kept")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA auto_vacuum = NONE")
+    old.execute("VACUUM")
+    old.close()
+    real = peewee.SqliteDatabase.execute_sql
+
+    def full_disk(self: peewee.SqliteDatabase, sql: str, *args: object) -> object:
+        if sql == "VACUUM":
+            raise peewee.OperationalError("database or disk is full")
+        return real(self, sql, *args)
+
+    monkeypatch.setattr(peewee.SqliteDatabase, "execute_sql", full_disk)
+    async with open_store(f"sqlite:///{path}") as s:
+        assert await s.training("kept") is not None
+        assert await s.reclaim_space() == 0
