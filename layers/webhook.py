@@ -382,9 +382,20 @@ class _Handler:
                         ctx.log.warning(
                             f"{TAG} stored webhook failed verification", reason=exc.reason
                         )
-                change = await ctx.reconciler.apply_receipt(
-                    receipt_id, verification=verification, reject_reason=reason
-                )
+                try:  # one receipt that cannot be applied must not hold back the rest
+                    change = await ctx.reconciler.apply_receipt(
+                        receipt_id, verification=verification, reject_reason=reason
+                    )
+                except Exception as exc:
+                    ctx.log.error(
+                        f"{TAG} {logs.WARN} stored webhook not applied; will retry",
+                        receipt_id=receipt_id,
+                        error=_storage_error(exc),
+                    )
+                    ctx.heartbeat()
+                    if ctx.store.stalled():  # the database itself: try the rest next pass
+                        break
+                    continue
                 ctx.log.info(
                     f"{TAG} stored webhook applied", verification=verification, change=change.kind
                 )

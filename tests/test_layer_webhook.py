@@ -972,3 +972,35 @@ async def test_refused_requests_beyond_the_writes_in_flight_are_answered_not_kep
         "trainguard_webhook_receipts_evicted_total", {"kind": "rejected_not_kept"}
     )
     assert dropped == 1
+
+
+async def test_one_stored_receipt_that_cannot_be_applied_never_holds_back_the_others(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored webhook whose apply keeps failing (say FAL's output holds text the database
+    cannot take) must not stop the retry of the ones stored after it, nor the layer."""
+    from daemon.reconcile import Reconciler
+
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
+    failing: set[str] = set()
+    real_apply = Reconciler._apply
+
+    def apply(self: Reconciler, obs: Any, now: float) -> Any:
+        if obs.request_id in failing:
+            raise ValueError("cannot store this output")
+        return real_apply(self, obs, now)
+
+    monkeypatch.setattr(Reconciler, "_apply", apply)
+    h = await launch()
+    poison, good = await h.track(), await h.track()
+    failing |= {poison, good}
+    for rid in (poison, good):
+        assert (await h.deliver(ok_body(rid), rid)).status_code == 200  # stored, not applied
+    failing.discard(good)
+
+    async def applied() -> bool:
+        return (await h.training(good)).status == "COMPLETED"
+
+    await wait_for(applied)
+    assert await h.untouched(poison)
+    assert h.daemon.layers["webhook"].running
