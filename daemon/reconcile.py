@@ -344,20 +344,22 @@ class Reconciler:
         dedupe_key: str | None,
         reject_reason: str | None = None,
     ) -> tuple[int, bool]:
-        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate)."""
+        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate).
+        Refused requests pushed out of their bounds by this one are counted."""
         now = self.clock.now()
         keep = int(self.settings.webhook["rejected_kept"])
-        return await self.store.write(
-            self._record_receipt,
-            body,
-            dict(headers),
-            verification,
-            request_id,
-            dedupe_key,
-            reject_reason,
-            now,
-            keep,
-        )
+
+        def record() -> tuple[int, bool, int]:
+            receipt_id, duplicate = self._record_receipt(
+                body, dict(headers), verification, request_id, dedupe_key, reject_reason, now
+            )
+            refused = verification == "rejected" and not duplicate
+            return receipt_id, duplicate, self._prune_rejected(keep) if refused else 0
+
+        receipt_id, duplicate, dropped = await self.store.write(record)
+        if self.metrics is not None:
+            self.metrics.receipts_dropped("rejected", dropped)
+        return receipt_id, duplicate
 
     async def receive_webhook(
         self,
@@ -373,7 +375,6 @@ class Reconciler:
         (receipt id, was a duplicate, the change; None when nothing was applied now). If
         applying fails, the stored receipt stays and is applied later."""
         now = self.clock.now()
-        keep = int(self.settings.webhook["rejected_kept"])
         receipt_id, duplicate, change = await self.store.write(
             self._receive_webhook,
             body,
@@ -382,7 +383,6 @@ class Reconciler:
             request_id,
             dedupe_key,
             now,
-            keep,
         )
         if change is not None:
             await self._after([change])
@@ -396,12 +396,11 @@ class Reconciler:
         request_id: str | None,
         dedupe_key: str,
         now: float,
-        keep: int,
     ) -> tuple[int, bool, Change | None]:
         if verification == "unverified":
             self._check_unverified_room(dedupe_key, len(body))
         receipt_id, duplicate = self._record_receipt(
-            body, headers, verification, request_id, dedupe_key, None, now, keep
+            body, headers, verification, request_id, dedupe_key, None, now
         )
         if duplicate or verification not in ("verified", "skipped"):
             return receipt_id, duplicate, None
@@ -707,7 +706,6 @@ class Reconciler:
         dedupe_key: str | None,
         reject_reason: str | None,
         now: float,
-        keep_rejected: int,
     ) -> tuple[int, bool]:
         if dedupe_key is not None:
             existing = WebhookReceipt.get_or_none(WebhookReceipt.dedupe_key == dedupe_key)
@@ -727,8 +725,6 @@ class Reconciler:
             processed_at=now if refused else None,
             outcome="rejected" if refused else None,
         )
-        if refused:
-            self._prune_rejected(keep_rejected)
         return receipt.id, False
 
     def _check_unverified_room(self, dedupe_key: str, size: int) -> None:

@@ -368,6 +368,10 @@ async def test_rejected_receipts_are_bounded(launch: Launch) -> None:
     kept = await h.receipts()
     assert [r["body"] for r in kept] == bodies[-3:]  # the newest ones
     assert h.counted("bad_signature") == 7
+    evicted = h.daemon.metrics.registry.get_sample_value(
+        "trainguard_webhook_receipts_evicted_total", {"kind": "rejected"}
+    )
+    assert evicted == 4
     assert await h.untouched(rid)
 
 
