@@ -224,7 +224,8 @@ def _migrate_2(db: peewee.Database) -> None:
 def _migrate_3(db: peewee.Database) -> None:
     """Bounded receipts (issue 9): the size and digest of a body whose prefix alone is kept,
     and indexes for the prunes and bounds (by ``verification`` and size, by ``outcome``)."""
-    from playhouse.migrate import SchemaMigrator, migrate
+    from playhouse.migrate import SchemaMigrator
+    from playhouse.migrate import migrate as run
 
     migrator = SchemaMigrator.from_database(db)
     columns = {c.name for c in db.get_columns("webhook_receipts")}
@@ -236,7 +237,7 @@ def _migrate_3(db: peewee.Database) -> None:
         )
         if name not in columns
     ]
-    migrate(*steps)
+    run(*steps)
     # Refused requests kept before: only their first 4096 bytes, as from now on (the space is
     # given back by the VACUUM that switches on incremental auto_vacuum, see _open).
     db.execute_sql(
@@ -244,9 +245,9 @@ def _migrate_3(db: peewee.Database) -> None:
         " WHERE verification = 'rejected' AND body_size IS NULL"
     )
     indexed = {tuple(i.columns) for i in db.get_indexes("webhook_receipts")}
-    for columns in (("verification", "body_size"), ("outcome",)):
-        if columns not in indexed:
-            migrate(migrator.add_index("webhook_receipts", columns, False))
+    for wanted in (("verification", "body_size"), ("outcome",)):
+        if wanted not in indexed:
+            run(migrator.add_index("webhook_receipts", wanted, False))
 
 
 #: Forward migrations, applied in order at open; never edit a released one, append.
