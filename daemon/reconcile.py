@@ -30,7 +30,7 @@ import peewee
 import structlog
 import trio
 
-from daemon import fal, logs
+from daemon import fal, logs, signing
 from daemon.clock import Clock
 from daemon.config import Settings
 from daemon.store import (
@@ -50,6 +50,15 @@ HOOK_TIMEOUT_SECONDS = 10.0
 REFUSED_BODY_KEPT = 4096
 #: A request id longer than this is cut when a receipt is kept (FAL's are UUIDs).
 MAX_KEPT_ID_CHARS = 256
+_FAL_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        signing.HEADER_REQUEST_ID,
+        signing.HEADER_USER_ID,
+        signing.HEADER_TIMESTAMP,
+        signing.HEADER_SIGNATURE,
+    )
+)
 
 
 class Kind(StrEnum):
@@ -712,6 +721,8 @@ class Reconciler:
             if existing is not None:
                 return existing.id, True
         refused = verification == "rejected"
+        if refused:  # FAL's four headers only: any number of made-up others is no evidence
+            headers = {k: v for k, v in headers.items() if k in _FAL_HEADERS}
         receipt = WebhookReceipt.create(
             request_id=request_id[:MAX_KEPT_ID_CHARS] if request_id else request_id,
             dedupe_key=dedupe_key,

@@ -1008,3 +1008,27 @@ async def test_one_stored_receipt_that_cannot_be_applied_never_holds_back_the_ot
     await wait_for(applied)
     assert await h.untouched(poison)
     assert h.daemon.layers["webhook"].running
+
+
+async def test_a_refused_request_keeps_only_fals_four_headers(launch: Launch) -> None:
+    """Made-up ``X-Fal-Webhook-*`` headers (up to the server's header limit) would bypass the
+    4 KiB body prefix; a refused request keeps only FAL's four."""
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    junk = {f"X-Fal-Webhook-Junk-{i}": "j" * 200 for i in range(40)}
+    assert (await h.post(body, {**_other_key(h, body, rid), **junk})).status_code == 401
+
+    def kept_headers() -> list[dict[str, str]]:
+        return [json.loads(r.headers_json) for r in WebhookReceipt.select()]
+
+    (headers,) = await h.store.read(kept_headers)
+    assert set(headers) == {
+        n.lower()
+        for n in (
+            signing.HEADER_REQUEST_ID,
+            signing.HEADER_USER_ID,
+            signing.HEADER_TIMESTAMP,
+            signing.HEADER_SIGNATURE,
+        )
+    }
