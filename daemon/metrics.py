@@ -23,6 +23,7 @@ __all__ = [
     "BUILTIN_LAYERS",
     "FAL_OPERATIONS",
     "FAL_OUTCOMES",
+    "RECEIPT_EVICTIONS",
     "STATUSES",
     "WEBHOOK_OUTCOMES",
     "Metrics",
@@ -42,7 +43,12 @@ WEBHOOK_OUTCOMES = (
     "timeout",
     "wrong_method",
     "foreign_user",
+    "unavailable",
+    "unverified_full",
 )
+#: Why webhook receipts were dropped: a training nobody registered in time (or too many of
+#: them), a refused request beyond the forensics bounds, or one not kept at all (a flood).
+RECEIPT_EVICTIONS = ("unknown_training", "rejected", "rejected_not_kept")
 FAL_OPERATIONS = ("submit", "status", "result", "cancel", "probe")
 FAL_OUTCOMES = ("pending", "completed", "succeeded", "failed", "transient", "not_found")
 STATUSES = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED")
@@ -113,6 +119,11 @@ class Metrics:
             "Webhook requests received, by outcome.",
             ("outcome",),
         )
+        self.receipts_evicted = counter(
+            "trainguard_webhook_receipts_evicted_total",
+            "Webhook receipts dropped to keep the database bounded, by kind.",
+            ("kind",),
+        )
         self.fal_requests = counter(
             "trainguard_fal_requests_total",
             "Requests made to the FAL queue API, by operation and classified outcome.",
@@ -174,6 +185,8 @@ class Metrics:
             self.add_layer(layer)
         for outcome in WEBHOOK_OUTCOMES:
             self.webhooks_received.labels(outcome=outcome)
+        for kind in RECEIPT_EVICTIONS:
+            self.receipts_evicted.labels(kind=kind)
         for operation in FAL_OPERATIONS:
             self.fal_request_duration.labels(operation=operation)
             for outcome in FAL_OUTCOMES:
@@ -228,6 +241,11 @@ class Metrics:
     def webhook(self, outcome: str) -> None:
         """Count one webhook request by outcome (one of ``WEBHOOK_OUTCOMES``)."""
         self.webhooks_received.labels(outcome=outcome).inc()
+
+    def receipts_dropped(self, kind: str, count: int = 1) -> None:
+        """Count ``count`` webhook receipts dropped (``kind``: one of ``RECEIPT_EVICTIONS``)."""
+        if count:
+            self.receipts_evicted.labels(kind=kind).inc(count)
 
     def fal_request(self, operation: str, outcome: str, seconds: float) -> None:
         """Count one FAL request and its duration (fits the FAL client's callback)."""

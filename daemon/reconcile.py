@@ -16,18 +16,21 @@ counts, logs and calls the plugin hooks. The rules make overlapping layers safe:
 
 from __future__ import annotations
 
+import hashlib
 import json
+import math
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Any
 
+import peewee
 import structlog
 import trio
 
-from daemon import fal, logs
+from daemon import fal, logs, signing
 from daemon.clock import Clock
 from daemon.config import Settings
 from daemon.store import (
@@ -43,6 +46,19 @@ from daemon.store import (
 log = structlog.get_logger("trainguard.reconcile")
 
 HOOK_TIMEOUT_SECONDS = 10.0
+#: Of a refused request only this much body is kept (with the whole body's size and sha256).
+REFUSED_BODY_KEPT = 4096
+#: A request id longer than this is cut when a receipt is kept (FAL's are UUIDs).
+MAX_KEPT_ID_CHARS = 256
+_FAL_HEADERS = frozenset(
+    h.lower()
+    for h in (
+        signing.HEADER_REQUEST_ID,
+        signing.HEADER_USER_ID,
+        signing.HEADER_TIMESTAMP,
+        signing.HEADER_SIGNATURE,
+    )
+)
 
 
 class Kind(StrEnum):
@@ -98,6 +114,10 @@ class Change:
 
 class MalformedWebhook(ValueError):
     """A webhook body that is not FAL's shape; the reason is safe to answer with."""
+
+
+class UnverifiedFull(RuntimeError):
+    """The bound on webhooks kept unverified (while FAL's keys are away) is reached."""
 
 
 class AlreadyTracked(ValueError):
@@ -217,20 +237,40 @@ def parse_webhook(body: bytes) -> Observation:
 def extract_result(output: Mapping[str, Any], result_field: str) -> dict[str, Any] | None:
     """The stored fields of a real result, or None when the proof field is missing.
 
-    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id.
+    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id. Each is
+    taken only when it can be stored as it is (see ``_storable``): an unstorable value is no
+    proof, never a crash of the writer.
     """
     proof = output.get(result_field)
     fields: dict[str, Any] = {"lora_url": None, "finetune_id": None, "config_url": None}
-    if isinstance(proof, dict) and isinstance(proof.get("url"), str) and proof["url"]:
+    if isinstance(proof, dict) and _storable(proof.get("url"), MAX_URL_CHARS):
         fields["lora_url"] = proof["url"]
-    elif isinstance(proof, str) and proof:
+    elif _storable(proof, MAX_ID_CHARS):
         fields["finetune_id"] = proof
     else:
         return None
     config = output.get("config_file")
-    if isinstance(config, dict) and isinstance(config.get("url"), str) and config["url"]:
+    if isinstance(config, dict) and _storable(config.get("url"), MAX_URL_CHARS):
         fields["config_url"] = config["url"]
     return fields
+
+
+#: The longest URL and finetune id taken from FAL's output (theirs are ~100 and 36 chars).
+MAX_URL_CHARS = 4096
+MAX_ID_CHARS = 256
+
+
+def _storable(value: Any, limit: int) -> bool:
+    """A non-empty string of at most ``limit`` characters that the database can hold and a
+    reader can show: valid UTF-8 (no lone surrogate from a JSON escape), no control
+    character."""
+    if not isinstance(value, str) or not 0 < len(value) <= limit:
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return value.isprintable()
 
 
 def missing_fields(view: TrainingView) -> list[str]:
@@ -334,20 +374,22 @@ class Reconciler:
         dedupe_key: str | None,
         reject_reason: str | None = None,
     ) -> tuple[int, bool]:
-        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate)."""
+        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate).
+        Refused requests pushed out of their bounds by this one are counted."""
         now = self.clock.now()
         keep = int(self.settings.webhook["rejected_kept"])
-        return await self.store.write(
-            self._record_receipt,
-            body,
-            dict(headers),
-            verification,
-            request_id,
-            dedupe_key,
-            reject_reason,
-            now,
-            keep,
-        )
+
+        def record() -> tuple[int, bool, int]:
+            receipt_id, duplicate = self._record_receipt(
+                body, dict(headers), verification, request_id, dedupe_key, reject_reason, now
+            )
+            refused = verification == "rejected" and not duplicate
+            return receipt_id, duplicate, self._prune_rejected(keep) if refused else 0
+
+        receipt_id, duplicate, dropped = await self.store.write(record)
+        if self.metrics is not None:
+            self.metrics.receipts_dropped("rejected", dropped)
+        return receipt_id, duplicate
 
     async def receive_webhook(
         self,
@@ -363,7 +405,6 @@ class Reconciler:
         (receipt id, was a duplicate, the change; None when nothing was applied now). If
         applying fails, the stored receipt stays and is applied later."""
         now = self.clock.now()
-        keep = int(self.settings.webhook["rejected_kept"])
         receipt_id, duplicate, change = await self.store.write(
             self._receive_webhook,
             body,
@@ -372,7 +413,6 @@ class Reconciler:
             request_id,
             dedupe_key,
             now,
-            keep,
         )
         if change is not None:
             await self._after([change])
@@ -386,10 +426,11 @@ class Reconciler:
         request_id: str | None,
         dedupe_key: str,
         now: float,
-        keep: int,
     ) -> tuple[int, bool, Change | None]:
+        if verification == "unverified":
+            self._check_unverified_room(dedupe_key, len(body))
         receipt_id, duplicate = self._record_receipt(
-            body, headers, verification, request_id, dedupe_key, None, now, keep
+            body, headers, verification, request_id, dedupe_key, None, now
         )
         if duplicate or verification not in ("verified", "skipped"):
             return receipt_id, duplicate, None
@@ -733,36 +774,104 @@ class Reconciler:
         dedupe_key: str | None,
         reject_reason: str | None,
         now: float,
-        keep_rejected: int,
     ) -> tuple[int, bool]:
         if dedupe_key is not None:
             existing = WebhookReceipt.get_or_none(WebhookReceipt.dedupe_key == dedupe_key)
             if existing is not None:
                 return existing.id, True
+        refused = verification == "rejected"
+        if refused:  # FAL's four headers only: any number of made-up others is no evidence
+            headers = {k: v for k, v in headers.items() if k in _FAL_HEADERS}
         receipt = WebhookReceipt.create(
-            request_id=request_id,
+            request_id=request_id[:MAX_KEPT_ID_CHARS] if request_id else request_id,
             dedupe_key=dedupe_key,
-            body=body,
+            body=body[:REFUSED_BODY_KEPT] if refused else body,  # forensics need no more
+            body_size=len(body),
+            body_sha256=hashlib.sha256(body).hexdigest(),
             headers_json=json.dumps(headers, ensure_ascii=False),
             verification=verification,
             reject_reason=reject_reason,
             received_at=now,
-            processed_at=now if verification == "rejected" else None,
-            outcome="rejected" if verification == "rejected" else None,
+            processed_at=now if refused else None,
+            outcome="rejected" if refused else None,
         )
-        if verification == "rejected":
-            self._prune_rejected(keep_rejected)
         return receipt.id, False
 
-    def _prune_rejected(self, keep: int) -> None:
-        """Refused webhooks are kept for forensics, the newest ``keep`` of them."""
+    def _check_unverified_room(self, dedupe_key: str, size: int) -> None:
+        """Raise UnverifiedFull when keeping one more unverified body of ``size`` bytes would
+        pass ``[webhook] unverified_kept`` or ``unverified_kept_bytes``: what came first is
+        kept, what comes beyond is refused for now (503, FAL retries), so a forged flood while
+        the key server is down cannot fill the disk. A copy already kept is a duplicate."""
+        if WebhookReceipt.select().where(WebhookReceipt.dedupe_key == dedupe_key).exists():
+            return
+        webhook = self.settings.webhook
+        waiting = WebhookReceipt.select(
+            peewee.fn.COUNT(WebhookReceipt.id),
+            peewee.fn.COALESCE(peewee.fn.SUM(WebhookReceipt.body_size), 0),
+        ).where(WebhookReceipt.verification == "unverified")
+        count, total = waiting.tuples().get()
+        if count + 1 > int(webhook["unverified_kept"]):
+            raise UnverifiedFull(f"{count} webhooks wait for FAL's keys already")
+        if total + size > int(webhook["unverified_kept_bytes"]):
+            raise UnverifiedFull(f"{total} bytes of webhooks wait for FAL's keys already")
+
+    def _prune_rejected(self, keep: int) -> int:
+        """Refused webhooks are kept for forensics: the newest ``keep`` of them, and of those
+        only as many as fit in ``rejected_kept_bytes`` (each is at most REFUSED_BODY_KEPT
+        bytes of body). Both walk the ``verification`` index. Returns how many were dropped."""
+        rejected = WebhookReceipt.verification == "rejected"
         stale = (
             WebhookReceipt.select(WebhookReceipt.id)
-            .where(WebhookReceipt.verification == "rejected")
+            .where(rejected)
             .order_by(WebhookReceipt.id.desc())
             .offset(keep)
         )
-        WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        dropped = WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
+        cap = int(self.settings.webhook["rejected_kept_bytes"])
+        size = peewee.fn.COALESCE(WebhookReceipt.body_size, 0)
+        kept = peewee.Case(None, [(size > REFUSED_BODY_KEPT, REFUSED_BODY_KEPT)], size)
+        total = peewee.fn.SUM(kept).over(order_by=[WebhookReceipt.id.desc()])
+        ranked = WebhookReceipt.select(WebhookReceipt.id, total.alias("total")).where(rejected)
+        ranked = ranked.alias("r")
+        over = peewee.Select([ranked], [peewee.SQL("r.id")]).where(peewee.SQL("r.total") > cap)
+        return dropped + WebhookReceipt.delete().where(WebhookReceipt.id.in_(over)).execute()
+
+    def _evict_unknown(self, cutoff: float, keep: int) -> int:
+        """Receipts for a training nobody registered: dropped once older than ``cutoff`` (the
+        time a webhook can beat its submit's commit) and beyond the newest ``keep``. Walks the
+        ``outcome`` index. Returns how many were dropped."""
+        unknown = (WebhookReceipt.outcome == "unknown_training") & (
+            WebhookReceipt.processed_at.is_null()
+        )
+        beyond = (
+            WebhookReceipt.select(WebhookReceipt.id)
+            .where(unknown)
+            .order_by(WebhookReceipt.id.desc())
+            .offset(keep)
+        )
+        expired = WebhookReceipt.delete().where(unknown, WebhookReceipt.received_at < cutoff)
+        return expired.execute() + (
+            WebhookReceipt.delete().where(WebhookReceipt.id.in_(beyond)).execute()
+        )
+
+    async def prune_receipts(self) -> dict[str, int]:
+        """Drop unknown-training receipts past ``[webhook] unknown_receipt_seconds`` or
+        beyond ``unknown_receipts_kept``, and refused ones beyond their bounds; then give the
+        space back (SQLite). Returns what was dropped, by kind."""
+        webhook = self.settings.webhook
+        cutoff = self.clock.now() - float(webhook["unknown_receipt_seconds"])
+
+        def prune() -> dict[str, int]:
+            return {
+                "unknown_training": self._evict_unknown(
+                    cutoff, int(webhook["unknown_receipts_kept"])
+                ),
+                "rejected": self._prune_rejected(int(webhook["rejected_kept"])),
+            }
+
+        dropped = await self.store.write(prune)
+        await self.store.reclaim_space()
+        return dropped
 
     def _apply_receipt(
         self,
@@ -797,9 +906,12 @@ class Reconciler:
         change = self._apply(obs, now)
         if change.kind == "unknown":
             receipt.outcome = "unknown_training"  # stays unprocessed until the training appears
-        else:
-            receipt.processed_at = now
-            receipt.outcome = change.kind
+            receipt.save()
+            keep = int(self.settings.webhook["unknown_receipts_kept"])
+            evicted = self._evict_unknown(-math.inf, keep)  # the count bound, at once
+            return replace(change, detail={**change.detail, "evicted": evicted})
+        receipt.processed_at = now
+        receipt.outcome = change.kind
         receipt.save()
         return change
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, fields
@@ -26,20 +27,44 @@ from typing import Any, TypeVar
 
 import peewee
 import playhouse.migrate
+import structlog
 import trio
 
 T = TypeVar("T")
 
-SCHEMA_VERSION = 3
+log = structlog.get_logger("trainguard.store")
+
+SCHEMA_VERSION = 4
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
 
 database = peewee.DatabaseProxy()
 
+#: How long a statement waits for another process's write lock before "database is locked".
+BUSY_TIMEOUT_MS = 10_000
+#: A commit running longer than this means the writer is stuck (a lock held elsewhere).
+STALL_SECONDS = 1.0
+
 
 class StoreClosed(RuntimeError):
     """The store's writer stopped before this write could be committed."""
+
+
+class TransactionRolledBack(RuntimeError):
+    """The database rolled a write batch back by itself (a full disk): nothing of it is stored."""
+
+
+def _transaction_lost(connection: Any) -> bool:
+    """Whether the transaction of a batch is gone: rolled back by SQLite (sqlite3 reports no
+    open transaction any more) or aborted in PostgreSQL (psycopg 3: IDLE or INERROR), where a
+    COMMIT would silently roll back."""
+    open_now = getattr(connection, "in_transaction", None)  # sqlite3.Connection
+    if isinstance(open_now, bool):
+        return not open_now
+    info = getattr(connection, "info", None)  # psycopg.Connection
+    status = getattr(getattr(info, "transaction_status", None), "name", None)
+    return status in ("IDLE", "INERROR")
 
 
 class BaseModel(peewee.Model):
@@ -107,16 +132,20 @@ class WebhookReceipt(BaseModel):
 
     request_id = peewee.CharField(null=True, index=True)
     dedupe_key = peewee.CharField(null=True, unique=True)
-    body = peewee.BlobField()
+    body = peewee.BlobField()  # a refused request: only its first REFUSED_BODY_KEPT bytes
     headers_json = peewee.TextField()
     verification = peewee.CharField()  # verified | unverified | skipped | rejected
     reject_reason = peewee.TextField(null=True)
     received_at = peewee.FloatField()
     processed_at = peewee.FloatField(null=True, index=True)
-    outcome = peewee.CharField(null=True)
+    outcome = peewee.CharField(null=True, index=True)
+    body_size = peewee.IntegerField(null=True)  # the whole body's length (schema 4 on)
+    body_sha256 = peewee.CharField(null=True)  # the whole body's digest (schema 4 on)
 
     class Meta:
         table_name = "webhook_receipts"
+        # The prunes and the bounds walk it (schema 4): count and bytes by verification.
+        indexes = ((("verification", "body_size"), False),)
 
 
 class Event(BaseModel):
@@ -209,11 +238,38 @@ def _migrate_3(db: peewee.Database) -> None:
     )
 
 
+def _migrate_4(db: peewee.Database) -> None:
+    """Bounded receipts (issue 9): the size and digest of a body whose prefix alone is kept,
+    and indexes for the prunes and bounds (by ``verification`` and size, by ``outcome``)."""
+    migrator = playhouse.migrate.SchemaMigrator.from_database(db)
+    columns = {c.name for c in db.get_columns("webhook_receipts")}
+    steps = [
+        migrator.add_column("webhook_receipts", name, field)
+        for name, field in (
+            ("body_size", WebhookReceipt.body_size),
+            ("body_sha256", WebhookReceipt.body_sha256),
+        )
+        if name not in columns
+    ]
+    playhouse.migrate.migrate(*steps)
+    # Refused requests kept before: only their first 4096 bytes, as from now on (the space is
+    # given back by the VACUUM that switches on incremental auto_vacuum, see _open).
+    db.execute_sql(
+        "UPDATE webhook_receipts SET body_size = length(body), body = substr(body, 1, 4096)"
+        " WHERE verification = 'rejected' AND body_size IS NULL"
+    )
+    indexed = {tuple(i.columns) for i in db.get_indexes("webhook_receipts")}
+    for wanted in (("verification", "body_size"), ("outcome",)):
+        if wanted not in indexed:
+            playhouse.migrate.migrate(migrator.add_index("webhook_receipts", wanted, False))
+
+
 #: Forward migrations, applied in order at open; never edit a released one, append.
 MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
     (1, _migrate_1),
     (2, _migrate_2),
     (3, _migrate_3),
+    (4, _migrate_4),
 )
 
 
@@ -293,15 +349,44 @@ def open_database(url: str) -> peewee.Database:
             check_same_thread=False,
             lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
             pragmas={
+                "auto_vacuum": 2,  # INCREMENTAL; takes effect only before the first table
                 "journal_mode": "wal",
                 "synchronous": 2,  # FULL: a commit that answers a webhook is on disk
-                "busy_timeout": 10_000,
+                "busy_timeout": BUSY_TIMEOUT_MS,
                 "foreign_keys": 1,
             },
         )
     from playhouse.db_url import connect
 
     return connect(url, thread_safe=False)
+
+
+def _incremental_vacuum_on(db: peewee.Database) -> None:
+    """SQLite gives freed pages back to the file system only with auto_vacuum, which a new
+    database gets before its first table (see ``open_database``); an older one needs one
+    VACUUM to switch (once; it rewrites the file). Then ``Store.reclaim_space`` gives pages back."""
+    if not isinstance(db, peewee.SqliteDatabase) or db.database == ":memory:":
+        return
+    if db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] == 2:
+        return
+    log.warning("switching the SQLite database to incremental auto_vacuum (one VACUUM)")
+    db.execute_sql("PRAGMA auto_vacuum = INCREMENTAL")
+    try:
+        db.execute_sql("VACUUM")
+    except peewee.OperationalError as exc:  # a full disk, a lock: run as is, try next start
+        log.warning("VACUUM failed; freed space is kept in the file for now", error=str(exc))
+
+
+def _reclaim_space(db: peewee.Database, pages: int) -> int:
+    """Between batches (no transaction open): give up to ``pages`` free pages of a SQLite file
+    back to the file system. ``executescript`` steps the pragma to its end (one ``execute``
+    frees a single page)."""
+    if not isinstance(db, peewee.SqliteDatabase):
+        return 0
+    free = int(db.execute_sql("PRAGMA freelist_count").fetchone()[0])
+    if free:
+        db.connection().executescript(f"PRAGMA incremental_vacuum({int(pages)});")
+    return free
 
 
 def migrate(db: peewee.Database) -> int:
@@ -342,6 +427,8 @@ class Store:
         self._limiter = trio.CapacityLimiter(1)
         self._send, self._receive = trio.open_memory_channel[_Write](math.inf)
         self._writer_running = False
+        self._committing_since: float | None = None
+        self._last_batch_failed = False
         self.db = open_database(url)
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -351,6 +438,7 @@ class Store:
         database.initialize(self.db)
         self.db.connect(reuse_if_open=True)
         migrate(self.db)
+        _incremental_vacuum_on(self.db)
 
     def _close(self) -> None:
         if not self.db.is_closed():
@@ -393,18 +481,59 @@ class Store:
                 item.done.set()
 
     def _commit(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
-        results: list[tuple[bool, Any]] = []
+        """Run a batch in one transaction; each writer's (ok, value or error).
+
+        ``ok`` is True only if the COMMIT happened with that write in it. A database may roll
+        the WHOLE transaction back on an error (SQLite on a full disk, SQLITE_FULL): then no
+        savepoint of it is left, a later write would run outside any transaction and commit
+        alone, and the final COMMIT silently does nothing. So after every write the
+        transaction is checked, and once it is lost the whole batch is answered as failed.
+        """
+        self._committing_since = time.monotonic()
         try:
-            with self.db.atomic():
+            return self._commit_batch(batch)
+        finally:
+            self._committing_since = None
+
+    def _commit_batch(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        results: list[tuple[bool, Any]] = []
+        lost: TransactionRolledBack | None = None
+        try:
+            with self.db.atomic():  # its ROLLBACK fails when there is nothing left to roll back
                 for item in batch:
+                    error: Exception | None = None
                     try:
                         with self.db.atomic():  # a savepoint: one failure spoils only itself
-                            results.append((True, item.fn(*item.args)))
+                            try:
+                                value = item.fn(*item.args)
+                            except Exception as exc:
+                                error = exc
+                                raise
+                        results.append((True, value))
                     except Exception as exc:
-                        results.append((False, exc))
+                        results.append((False, error or exc))
+                    if _transaction_lost(self.db.connection()):
+                        lost = TransactionRolledBack(
+                            "the database rolled the write batch back: nothing of it is stored"
+                            + (f" ({error!r})" if error else "")
+                        )
+                        raise lost
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
-            return [(False, exc)] * len(batch)
+            self._last_batch_failed = True
+            failure = lost or exc
+            own = [value if not ok else failure for ok, value in results]
+            return [(False, own[i] if i < len(own) else failure) for i in range(len(batch))]
+        self._last_batch_failed = False
         return results
+
+    def stalled(self) -> bool:
+        """Whether durable writes are not going through right now: the last batch failed
+        whole (a locked or full database) or a commit has run longer than ``STALL_SECONDS``.
+        Cheap and immediate, for ``/readyz``."""
+        since = self._committing_since
+        return self._last_batch_failed or (
+            since is not None and time.monotonic() - since > STALL_SECONDS
+        )
 
     # -- the two doors ---------------------------------------------------------------------
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -502,6 +631,11 @@ class Store:
 
     async def set_schedule(self, name: str, next_at: float) -> None:
         await self.write(lambda: Schedule.replace(name=name, next_at=next_at).execute())
+
+    async def reclaim_space(self, pages: int = 2000) -> int:
+        """Give free pages back to the file system (SQLite incremental vacuum, up to
+        ``pages`` of them); returns how many pages were free before."""
+        return await self.read(_reclaim_space, self.db, pages)
 
     async def writable(self) -> bool:
         """Whether a durable write goes through right now (for /readyz)."""

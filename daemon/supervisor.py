@@ -195,7 +195,8 @@ class Daemon:
                     task_status.started(self)
 
     def is_ready(self) -> bool:
-        return self.ready and self.db_ok
+        stalled = self.store is not None and self.store.stalled()
+        return self.ready and self.db_ok and not stalled
 
     def is_healthy(self) -> bool:
         return self.db_ok

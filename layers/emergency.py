@@ -1,8 +1,11 @@
 """⚠️ emergency: guards against a provider that never answers.
 
 A training still unfinished at its ``deadline_at`` (submit + ``deadline_seconds``) is asked of
-FAL one last time; if FAL still has no final answer, it is finished by the fallback policy,
-marked as a fallback of this layer.
+FAL one last time: its status (and its result when FAL says COMPLETED), and then, when that
+gave no final answer, its result itself (a status call that failed, or a wall clock that
+jumped past the deadline, must not hide a result FAL holds). Only if FAL still has no final
+answer is it finished by the fallback policy, marked as a fallback of this layer; a real
+result arriving later replaces it.
 """
 
 from __future__ import annotations
@@ -10,9 +13,13 @@ from __future__ import annotations
 import trio
 
 from daemon.layer import LayerContext, check_training, run_due
-from daemon.reconcile import Kind, Observation
+from daemon.reconcile import Change, Kind, Observation
 from daemon.store import Training, TrainingView
 from plugins.hookspecs import hookimpl
+
+
+def _final(change: Change) -> bool:
+    return change.training is not None and change.training.finished
 
 
 class EmergencyLayer:
@@ -22,7 +29,10 @@ class EmergencyLayer:
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         async def last_chance(training: TrainingView) -> None:
             change = await check_training(ctx, training, self.name)
-            if change.training is None or not change.training.finished:
+            if not _final(change):
+                answer = await ctx.fal.result(ctx.urls(training)[1])
+                change = await ctx.reconciler.observe_answer(answer, training.request_id, self.name)
+            if not _final(change):
                 await ctx.reconciler.observe(
                     Observation(training.request_id, self.name, Kind.DEADLINE)
                 )

@@ -1,10 +1,11 @@
 """🔍 startup: guards against work missed while the daemon was down.
 
-Once, when the daemon starts and before READY: every stored webhook receipt not yet applied is
-applied, then every unfinished training, however old, is reconciled with FAL (the original
-skipped trainings older than 24 h): its result is asked for directly (the status too, when
-the result's answer is anything but an output or "in progress"), by a fixed pool of
-``concurrency`` workers fed page by page. One summary log line.
+Once, when the daemon starts and before READY: every stored webhook receipt of a known
+training not yet applied is applied (one for an unknown training is not: it waits for its
+registration or its eviction), then every unfinished training, however old, is reconciled
+with FAL (the original skipped trainings older than 24 h): its result is asked for directly
+(the status too, when the result's answer is anything but an output or "in progress"), by a
+fixed pool of ``concurrency`` workers fed page by page. One summary log line.
 """
 
 from __future__ import annotations
@@ -41,11 +42,16 @@ async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
 
 
 def _pending_receipts() -> list[int]:
+    """Stored webhooks of KNOWN trainings that were never applied (a crash between store and
+    apply). One for a training nobody registered waits for its registration, which applies
+    it, or for its eviction: replaying those here would hold READY for nothing."""
     query = (
         WebhookReceipt.select(WebhookReceipt.id)
         .where(
             WebhookReceipt.processed_at.is_null(),
+            WebhookReceipt.outcome.is_null(),
             WebhookReceipt.verification.in_(("verified", "skipped")),
+            WebhookReceipt.request_id.in_(Training.select(Training.request_id)),
         )
         .order_by(WebhookReceipt.id)
     )

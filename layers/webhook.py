@@ -9,12 +9,16 @@ synchronous=FULL) -> 200. Then reconcile applies it.
 
 If no key host answers, the receipt is still stored, marked unverified, answered 202,
 and verified and applied once the keys come back: an outage of FAL's key server loses no
-webhook. While the keys are unreachable a fetch is tried at most every
+webhook. What is kept unverified is bounded (``unverified_kept``, ``unverified_kept_bytes``:
+the first ones are kept); beyond, a webhook gets 503 and FAL delivers it again later. While the keys are unreachable a fetch is tried at most every
 ``FETCH_RETRY_SECONDS``, and a webhook verified by the cached keys never waits for a fetch,
 so neither a hanging key server nor a flood of forged webhooks slows the listener down.
 A webhook for an unknown request_id is kept and applied when the training appears.
 Anything malformed, unsigned, stale, badly signed, too large or too slow gets a 4xx with a
-short reason, is counted, kept (bounded) for forensics, and changes nothing. A duplicate
+short reason, is counted, kept for forensics (its first 4 KiB and the whole body's sha256,
+bounded in count and bytes, at most ``REFUSED_KEPT_IN_FLIGHT`` being written at a time so a
+flood never crowds out genuine webhooks), and changes nothing. A locked or full database
+gets 503 (FAL retries) within ``WRITE_WAIT_SECONDS``; the listener keeps listening. A duplicate
 gets 200 and no second transition.
 """
 
@@ -33,7 +37,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from daemon import http, logs, signing
 from daemon.layer import LayerContext
-from daemon.reconcile import MalformedWebhook, parse_webhook
+from daemon.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
 from daemon.store import WebhookReceipt
 from plugins.hookspecs import hookimpl
 
@@ -47,6 +51,14 @@ FETCH_RETRY_SECONDS = 5.0
 OTHER_HOSTS_GRACE_SECONDS = 2.0
 #: How often stored receipts that are unverified or not yet applied are looked at again.
 RETRY_SECONDS = 5.0
+#: How often receipts past their bounds are dropped and the space given back.
+PRUNE_SECONDS = 30.0
+#: At most this many refused requests are being kept at a time; beyond, a refused request
+#: is answered without a copy (counted): a flood of garbage never crowds out the writer.
+REFUSED_KEPT_IN_FLIGHT = 8
+#: The longest a request waits for its durable write before it is answered 503: a locked
+#: database must not hold FAL's sender (10 s) nor the listener.
+WRITE_WAIT_SECONDS = 5.0
 #: The whole request body must arrive within this time (hypercorn only limits each read).
 BODY_TIMEOUT_SECONDS = 10.0
 #: FAL's header values are short (ids, a timestamp, a 128-character hex signature).
@@ -168,7 +180,8 @@ class WebhookLayer:
         handler = _Handler(ctx, path, jwks)
         async with trio.open_nursery() as nursery:
             self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
-            nursery.start_soon(handler.retry_stored)
+            nursery.start_soon(handler.keep_retrying)
+            nursery.start_soon(handler.prune_stored)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)
             if settings["verify_signatures"] and not settings["allowed_user_ids"]:
                 ctx.log.warning(
@@ -186,6 +199,7 @@ class _Handler:
         self.path = path
         self.jwks = jwks
         self.wake = trio.Event()
+        self._keeping = 0  # refused requests being written now
 
     @property
     def settings(self) -> Mapping[str, Any]:
@@ -241,17 +255,27 @@ class _Handler:
     ) -> None:
         """Keep a refused request for forensics (bounded by ``rejected_kept``)."""
         request_id = headers.get(signing.HEADER_REQUEST_ID.lower())
-        await self.ctx.reconciler.record_receipt(
-            body=body,
-            headers=headers,
-            verification="rejected",
-            request_id=request_id,
-            dedupe_key=None,
-            reject_reason=f"{code}: {reason}",
-        )
         self.ctx.log.warning(
             f"{TAG} webhook refused", outcome=code, reason=reason, request_id=request_id
         )
+        if self._keeping >= REFUSED_KEPT_IN_FLIGHT:  # a flood: the genuine path comes first
+            self.ctx.metrics.receipts_dropped("rejected_not_kept")
+            return
+        self._keeping += 1
+        try:  # best effort: a refusal stands even when the database cannot keep its copy
+            with trio.fail_after(WRITE_WAIT_SECONDS):
+                await self.ctx.reconciler.record_receipt(
+                    body=body,
+                    headers=headers,
+                    verification="rejected",
+                    request_id=request_id,
+                    dedupe_key=None,
+                    reject_reason=f"{code}: {reason}",
+                )
+        except Exception as exc:
+            self.ctx.log.warning(f"{TAG} refused webhook not kept", error=_storage_error(exc))
+        finally:
+            self._keeping -= 1
 
     async def _accept(
         self, headers: dict[str, str], problem: str | None, body: bytes
@@ -303,13 +327,27 @@ class _Handler:
 
         signature = headers.get(signing.HEADER_SIGNATURE.lower(), "")
         dedupe = hashlib.sha256(signature.encode() + b"\n" + body).hexdigest()
-        _, duplicate, change = await ctx.reconciler.receive_webhook(
-            body=body,
-            headers=headers,
-            verification=verification,
-            request_id=request_id,
-            dedupe_key=dedupe,
-        )
+        try:
+            # Not answered before it is durable; a write that outlasts the wait may still
+            # commit, and FAL's retry of it is then a duplicate (200).
+            with trio.fail_after(WRITE_WAIT_SECONDS):
+                _, duplicate, change = await ctx.reconciler.receive_webhook(
+                    body=body,
+                    headers=headers,
+                    verification=verification,
+                    request_id=request_id,
+                    dedupe_key=dedupe,
+                )
+        except UnverifiedFull as exc:  # FAL's retries come back once the keys do
+            ctx.log.warning(f"{TAG} {logs.WARN} unverified webhook not kept", error=str(exc))
+            return 503, "unverified_full", "FAL's keys unreachable; retry later"
+        except Exception as exc:  # a locked or full database: transient, FAL retries a 503
+            ctx.log.warning(
+                f"{TAG} {logs.WARN} webhook not stored; answered 503",
+                request_id=request_id,
+                error=_storage_error(exc),
+            )
+            return 503, "unavailable", "storage unavailable; retry later"
         ctx.heartbeat()
         if duplicate:
             ctx.log.info(f"{TAG} duplicate webhook", request_id=request_id)
@@ -321,11 +359,40 @@ class _Handler:
             self.wake.set()
             return 200, "accepted", "stored"
         if change.kind == "unknown":
+            ctx.metrics.receipts_dropped("unknown_training", change.detail.get("evicted", 0))
             ctx.log.info(f"{TAG} webhook for an unknown training kept", request_id=request_id)
             return 200, "unknown_training", "stored; training not known yet"
         ctx.log.info(f"{TAG} webhook applied", request_id=request_id, change=change.kind)
         ctx.passed()
         return 200, "accepted", "ok"
+
+    async def prune_stored(self) -> None:
+        """Every ``PRUNE_SECONDS``: drop receipts past their bounds (unknown trainings past
+        ``unknown_receipt_seconds``, refused ones beyond their caps), counted, and give the
+        space back. A database error is transient: tried again next time."""
+        while True:
+            await trio.sleep(PRUNE_SECONDS)
+            try:
+                dropped = await self.ctx.reconciler.prune_receipts()
+            except Exception as exc:
+                self.ctx.log.warning(f"{TAG} receipts not pruned now", error=_storage_error(exc))
+                continue
+            for kind, count in dropped.items():
+                self.ctx.metrics.receipts_dropped(kind, count)
+            if any(dropped.values()):
+                self.ctx.log.info(f"{TAG} stored receipts pruned", **dropped)
+
+    async def keep_retrying(self) -> None:
+        """``retry_stored``, started again after a database error (a locked or full
+        database is transient: it must not take the listener down)."""
+        while True:
+            try:
+                await self.retry_stored()
+            except Exception as exc:
+                self.ctx.log.warning(
+                    f"{TAG} stored webhooks not retried now", error=_storage_error(exc)
+                )
+                await trio.sleep(RETRY_SECONDS)
 
     async def retry_stored(self) -> None:
         """Verify receipts stored while the keys were unreachable, and apply any verified
@@ -359,9 +426,20 @@ class _Handler:
                         ctx.log.warning(
                             f"{TAG} stored webhook failed verification", reason=exc.reason
                         )
-                change = await ctx.reconciler.apply_receipt(
-                    receipt_id, verification=verification, reject_reason=reason
-                )
+                try:  # one receipt that cannot be applied must not hold back the rest
+                    change = await ctx.reconciler.apply_receipt(
+                        receipt_id, verification=verification, reject_reason=reason
+                    )
+                except Exception as exc:
+                    ctx.log.error(
+                        f"{TAG} {logs.WARN} stored webhook not applied; will retry",
+                        receipt_id=receipt_id,
+                        error=_storage_error(exc),
+                    )
+                    ctx.heartbeat()
+                    if ctx.store.stalled():  # the database itself: try the rest next pass
+                        break
+                    continue
                 ctx.log.info(
                     f"{TAG} stored webhook applied", verification=verification, change=change.kind
                 )
@@ -384,6 +462,12 @@ def _stored_pending(cutoff: float) -> list[tuple[int, str, dict[str, str], bytes
         (r.id, r.verification, json.loads(r.headers_json), bytes(r.body), r.received_at)
         for r in query
     ]
+
+
+def _storage_error(exc: BaseException) -> str:
+    if isinstance(exc, trio.TooSlowError):
+        return f"not stored within {WRITE_WAIT_SECONDS:g} s"
+    return f"{type(exc).__name__}: {exc}"[:500]
 
 
 def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str], str | None]:

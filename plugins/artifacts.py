@@ -46,7 +46,7 @@ import trio
 
 from daemon.config import ConfigError
 from daemon.logs import WARN
-from daemon.store import Artifact, Training
+from daemon.store import Artifact, Training, database
 from plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:
@@ -145,8 +145,11 @@ def planned_files(settings: Settings, view: TrainingView, root: Path) -> list[di
     """The artifact rows a real result asks for, one per file (kind ``lora``, ``config``).
 
     The name and expected size come from FAL's ``File`` in the raw result when its ``url`` is
-    the stored one; the name falls back to the URL's last segment.
+    the stored one; the name falls back to the URL's last segment. A ``file_size`` that is not
+    a whole number of bytes is ignored (the download is still held to ``max_bytes``); one over
+    ``[artifacts] max_bytes`` makes the row given up at once, with the reason.
     """
+    max_bytes = int(settings.artifacts["max_bytes"])
     result = view.result or {}
     ttype = settings.training_types.get(view.training_type)
     keys = {"lora": ttype.result_field if ttype else "diffusers_lora_file", "config": "config_file"}
@@ -163,17 +166,22 @@ def planned_files(settings: Settings, view: TrainingView, root: Path) -> list[di
         if name in used:
             name = f"{kind}-{name}"
         used.add(name)
+        row = {
+            "request_id": view.request_id,
+            "kind": kind,
+            "url": url,
+            "path": str(root / request_dir(view.request_id) / name),
+            "expected_size": None,
+        }
         size = meta.get("file_size")
-        valid_size = isinstance(size, int) and not isinstance(size, bool) and size >= 0
-        rows.append(
-            {
-                "request_id": view.request_id,
-                "kind": kind,
-                "url": url,
-                "path": str(root / request_dir(view.request_id) / name),
-                "expected_size": size if valid_size else None,
-            }
-        )
+        if isinstance(size, int) and not isinstance(size, bool) and size >= 0:
+            if size <= max_bytes:
+                row["expected_size"] = size
+            else:  # refused here, for this file alone: never downloaded, never retried
+                shown = str(size) if size < 10**30 else f"{str(size)[:12]}... (a huge number)"
+                row["last_error"] = f"GiveUp: file_size {shown} is over max_bytes ({max_bytes})"
+                row["next_attempt_at"] = math.inf
+        rows.append(row)
     return rows
 
 
@@ -269,9 +277,36 @@ def _missing(kind: str, column: peewee.Field) -> peewee.Expression:
 
 
 # The functions below run on the database thread (``store.read`` / ``store.write``).
-def _create(rows: list[dict[str, Any]], now: float) -> None:
-    query = Artifact.insert_many([{**row, "next_attempt_at": now} for row in rows])
-    query.on_conflict_ignore().execute()
+def _create(rows: list[dict[str, Any]], now: float) -> int:
+    """Insert the planned rows (due ``now`` unless a row says otherwise); returns how many
+    the database refused. One row it refuses spoils only itself: it is stored given up with
+    the reason instead, so the batch goes on and the file is visible as failed."""
+    values = [{"next_attempt_at": now, "last_error": None, **row} for row in rows]
+    try:
+        with database.atomic():  # a savepoint: the fast path, all rows at once
+            Artifact.insert_many(values).on_conflict_ignore().execute()
+    except Exception:
+        return sum(_create_one(row) for row in values)
+    return 0
+
+
+def _create_one(row: dict[str, Any]) -> bool:
+    """Insert one planned row; True when the database refused it (then it is stored given
+    up, with the reason)."""
+    try:
+        with database.atomic():
+            Artifact.insert(row).on_conflict_ignore().execute()
+    except Exception as exc:
+        given_up = {
+            "request_id": row["request_id"],
+            "kind": row["kind"],
+            "url": row["url"],
+            "next_attempt_at": math.inf,
+            "last_error": f"not queued: {type(exc).__name__}: {exc}"[:2000],
+        }
+        Artifact.insert(given_up).on_conflict_ignore().execute()
+        return True
+    return False
 
 
 def _due(now: float, limit: int) -> list[Artifact]:
@@ -361,8 +396,10 @@ class ArtifactsLayer:
         )
         rows = [row for view in found for row in planned_files(ctx.settings, view, root)]
         if rows:
-            await ctx.store.write(_create, rows, ctx.clock.now())
+            refused = await ctx.store.write(_create, rows, ctx.clock.now())
             ctx.log.info("result files queued for download", trainings=len(found))
+            if refused:
+                ctx.log.warning(f"{WARN} result files the database refused", files=refused)
         due = await ctx.store.read(_due, ctx.clock.now(), options.batch)
         limiter = trio.CapacityLimiter(options.concurrency)
         async with trio.open_nursery() as nursery:

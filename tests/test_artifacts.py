@@ -507,3 +507,66 @@ async def test_a_large_file_is_streamed_not_held_in_memory(
     assert row["size"] == 50 * MiB == (await trio.Path(row["path"]).stat()).st_size
     assert row["sha256"] == expected.hexdigest()
     assert peak - before < 25 * MiB, f"RSS grew by {(peak - before) / MiB:.1f} MiB"
+
+
+@pytest.mark.parametrize("bad_size", [2**64, 2**63, 5000])
+async def test_a_file_size_beyond_max_bytes_is_refused_for_that_file_alone(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, bad_size: int
+) -> None:
+    """Regression (issue 9, item 1): a ``file_size`` above 2^63 made every pass's batch insert
+    raise (a crash loop), so no later result got its files. Now the size is judged where it
+    enters: over ``max_bytes`` refuses that file alone, recorded and visible in ``check``."""
+    from daemon.cli import _artifacts_by_request
+
+    server = MediaServer()
+    await server.serve(nursery)
+    daemon = await start(nursery, make_settings(tmp_path, sim, artifacts={"max_bytes": 4096}))
+    bad = hosted(server, "bad", b"L" * 100)
+    bad["diffusers_lora_file"]["file_size"] = bad_size
+    await finish_with(daemon, "bad", bad)
+    await finish_with(daemon, "good", hosted(server, "good", b"G" * 100))
+    await wait_for(stored(daemon, "good"))
+
+    async def config_stored() -> bool:
+        row = (await artifacts(daemon, "bad")).get("config")
+        return row is not None and row["stored_at"] is not None
+
+    await wait_for(config_stored)
+    await passes_after(daemon, 2)
+    lora = (await artifacts(daemon, "bad"))["lora"]
+    assert (lora["stored_at"], lora["expected_size"], lora["attempts"]) == (None, None, 0)
+    assert lora["next_attempt_at"] == math.inf
+    assert "file_size" in lora["last_error"] and "max_bytes" in lora["last_error"]
+    assert daemon.store is not None
+    shown = {f["kind"]: f for f in (await daemon.store.read(_artifacts_by_request))["bad"]}
+    assert shown["lora"]["given_up"] and "max_bytes" in shown["lora"]["last_error"]
+    assert sample(daemon, "trainguard_layer_errors_total", layer="artifacts") == 0
+    assert sample(daemon, "trainguard_layer_up", layer="artifacts") == 1
+    assert not await trio.Path(lora["path"]).exists()
+
+
+async def test_one_row_the_database_refuses_never_stops_the_batch(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Whatever makes one planned row unstorable, the other rows of the batch are queued."""
+    from plugins import artifacts as plugin
+
+    real = plugin.planned_files
+
+    def poisoned(settings: Settings, view: Any, root: Path) -> list[dict[str, Any]]:
+        rows = real(settings, view, root)
+        if view.request_id == "bad":
+            rows[0]["expected_size"] = 2**64  # SQLite cannot hold it: the insert raises
+        return rows
+
+    monkeypatch.setattr(plugin, "planned_files", poisoned)
+    server = MediaServer()
+    await server.serve(nursery)
+    daemon = await start(nursery, make_settings(tmp_path, sim))
+    await finish_with(daemon, "bad", hosted(server, "bad", b"L" * 100))
+    await finish_with(daemon, "good", hosted(server, "good", b"G" * 100))
+    await wait_for(stored(daemon, "good"))
+    rows = await artifacts(daemon, "bad")
+    assert rows["lora"]["next_attempt_at"] == math.inf
+    assert rows["lora"]["last_error"].startswith("not queued: ")
+    assert sample(daemon, "trainguard_layer_errors_total", layer="artifacts") == 0

@@ -370,6 +370,10 @@ async def test_rejected_receipts_are_bounded(launch: Launch) -> None:
     kept = await h.receipts()
     assert [r["body"] for r in kept] == bodies[-3:]  # the newest ones
     assert h.counted("bad_signature") == 7
+    evicted = h.daemon.metrics.registry.get_sample_value(
+        "trainguard_webhook_receipts_evicted_total", {"kind": "rejected"}
+    )
+    assert evicted == 4
     assert await h.untouched(rid)
 
 
@@ -959,3 +963,246 @@ async def test_a_delivery_cut_off_mid_body_leaves_nothing_behind(launch: Launch)
     await trio.sleep(0.2)  # time for a wrongly kept half body to be written
     assert [r["request_id"] for r in await h.receipts()] == [other]
     assert await h.untouched(cut)
+
+
+# -- a locked database ----------------------------------------------------------------------
+async def test_a_locked_database_gets_503_keeps_the_listener_and_shows_on_readyz(
+    launch: Launch, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 10): with another process holding SQLite's write lock, the
+    webhook layer crashed on "database is locked" (its port refused while it restarted) and
+    ``/readyz`` stayed 200. Now a webhook gets 503 (FAL retries), the listener stays, and
+    ``/readyz`` answers 503 while the writer is stuck."""
+    import sqlite3
+
+    from daemon import store as store_mod
+
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
+    h = await launch()
+    assert h.daemon.ops_address is not None
+    ready_url = "http://{}:{}/readyz".format(*h.daemon.ops_address)
+    rid = await h.track()
+    unknown = str(uuid.uuid4())
+    assert (await h.client.get(ready_url)).status_code == 200
+
+    holder = sqlite3.connect(tmp_path / "db.sqlite", isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")  # another process holds the write lock
+    try:
+        for _ in range(3):
+            reply = await h.deliver(ok_body(rid), rid)
+            assert reply.status_code == 503, reply.text
+            assert (await h.deliver(ok_body(unknown), unknown)).status_code == 503
+            # a refused request is still refused (its forensics copy is best effort)
+            assert (await h.post(ok_body(rid), {})).status_code == 400
+            assert (await h.client.get(ready_url)).status_code == 503
+            await trio.sleep(0.3)  # the retry pass runs against the locked database too
+        assert h.counted("unavailable") == 6
+        running = h.daemon.layers["webhook"]
+        assert running.running
+        restarts = h.daemon.metrics.registry.get_sample_value(
+            "trainguard_layer_restarts_total", {"layer": "webhook"}
+        )
+        assert restarts == 0
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+    async def ready() -> bool:
+        return (await h.client.get(ready_url)).status_code == 200
+
+    await wait_for(ready, timeout=10.0)
+
+
+async def test_a_corrected_clock_accepts_genuine_webhooks_at_once(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 3): a daemon whose clock was 10 minutes behind, then
+    corrected, refused every genuine webhook as stale until it restarted."""
+    from types import SimpleNamespace
+
+    from daemon import clock as clock_mod
+
+    step = {"by": -600.0}
+    monkeypatch.setattr(clock_mod, "time", SimpleNamespace(time=lambda: time.time() + step["by"]))
+    h = await launch()
+    rid = await h.track()
+    reply = await h.deliver(ok_body(rid), rid)
+    assert (reply.status_code, h.counted("stale")) == (400, 1)  # our clock is behind
+    step["by"] = 0.0  # NTP steps it right
+    assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+
+# -- unknown trainings ----------------------------------------------------------------------
+async def test_unknown_training_receipts_are_bounded_in_count_and_time(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 9, item 6): signed webhooks for request ids we never submitted were
+    kept forever. Now the newest ``unknown_receipts_kept`` are kept, each at most
+    ``unknown_receipt_seconds``; the rest are evicted and counted."""
+    monkeypatch.setattr(layer, "PRUNE_SECONDS", 0.1)
+    h = await launch(webhook={"unknown_receipts_kept": 5, "unknown_receipt_seconds": 1.0})
+    ids = [str(uuid.uuid4()) for _ in range(8)]
+    for rid in ids:
+        assert (await h.deliver(ok_body(rid), rid)).status_code == 200
+    kept = [r["request_id"] for r in await h.receipts()]
+    assert kept == ids[-5:]
+
+    def evicted() -> float:
+        value = h.daemon.metrics.registry.get_sample_value(
+            "trainguard_webhook_receipts_evicted_total", {"kind": "unknown_training"}
+        )
+        return value or 0.0
+
+    assert evicted() == 3
+    late = await h.track(ids[-1])  # one that arrives within the window is still applied
+    assert (await h.training(late)).status == "COMPLETED"
+
+    async def all_expired() -> bool:
+        return await h.receipts() == [] or all(r["processed"] for r in await h.receipts())
+
+    await wait_for(all_expired, timeout=10.0)
+    assert evicted() == 7  # 3 over the count, 4 past the window
+
+
+@pytest.mark.parametrize(
+    "bounds", [{"unverified_kept": 3}, {"unverified_kept_bytes": 3 * 1200 + 100}]
+)
+async def test_what_is_kept_unverified_is_bounded_and_the_rest_gets_503(
+    launch: Launch, sim: Simulator, monkeypatch: pytest.MonkeyPatch, bounds: dict[str, int]
+) -> None:
+    """Regression (issue 9, item 8): while the key server was down, 1,000 forged 100 kB
+    webhooks got 202 and were stored. Now the first ones are kept (count and bytes bounded),
+    the rest get 503 — forged or genuine alike, so the status tells a forger nothing — and
+    FAL's retry of a genuine one succeeds once the keys are back."""
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.2)
+    monkeypatch.setattr(layer, "FETCH_RETRY_SECONDS", 0.2)
+    sim.faults.jwks_down = True
+    h = await launch(webhook=bounds)
+    padding = {"padding": "p" * 1000}  # each body about 1.2 kB
+    forged_rid = await h.track()
+    statuses = []
+    for n in range(6):
+        body = _body(forged_rid, status="OK", payload={"n": n, **padding})
+        statuses.append((await h.post(body, _other_key(h, body, forged_rid))).status_code)
+    real = await h.track()
+    genuine = _body(real, status="OK", payload={**json.loads(ok_body(real))["payload"], **padding})
+    statuses.append((await h.deliver(genuine, real)).status_code)
+    assert statuses == [202, 202, 202, 503, 503, 503, 503]
+    assert (h.counted("unverified"), h.counted("unverified_full")) == (3, 4)
+    assert len(await h.receipts()) == 3
+    assert await h.untouched(real)
+
+    sim.faults.jwks_down = False
+
+    async def settled() -> bool:
+        return all(r["processed"] for r in await h.receipts())
+
+    await wait_for(settled)
+    assert (await h.deliver(genuine, real)).status_code == 200  # FAL's retry
+    assert (await h.training(real)).status == "COMPLETED"
+    assert await h.untouched(forged_rid)
+
+
+# -- refused requests -----------------------------------------------------------------------
+async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
+    launch: Launch,
+) -> None:
+    """Regression (issue 9, item 7): each refused request kept its whole body (up to 1 MiB),
+    so garbage grew the database without bound. Now only the first 4 KiB and the digest of
+    the whole body are kept, and the kept bytes are capped too."""
+    import hashlib
+
+    from daemon.reconcile import REFUSED_BODY_KEPT
+
+    h = await launch(webhook={"rejected_kept_bytes": 2 * REFUSED_BODY_KEPT + 100})
+    rid = await h.track()
+    bodies = [_body(rid, status="OK", payload={"n": n, "junk": "j" * 900_000}) for n in range(4)]
+    for body in bodies:
+        assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
+
+    def kept() -> list[tuple[int, int | None, str | None]]:
+        query = WebhookReceipt.select().order_by(WebhookReceipt.id)
+        return [(len(bytes(r.body)), r.body_size, r.body_sha256) for r in query]
+
+    rows = await h.store.read(kept)
+    assert rows == [
+        (REFUSED_BODY_KEPT, len(body), hashlib.sha256(body).hexdigest()) for body in bodies[-2:]
+    ]
+    assert h.counted("bad_signature") == 4
+    assert await h.untouched(rid)
+
+
+async def test_refused_requests_beyond_the_writes_in_flight_are_answered_not_kept(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(layer, "REFUSED_KEPT_IN_FLIGHT", 0)
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
+    assert await h.receipts() == []
+    dropped = h.daemon.metrics.registry.get_sample_value(
+        "trainguard_webhook_receipts_evicted_total", {"kind": "rejected_not_kept"}
+    )
+    assert dropped == 1
+
+
+async def test_one_stored_receipt_that_cannot_be_applied_never_holds_back_the_others(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A stored webhook whose apply keeps failing (say FAL's output holds text the database
+    cannot take) must not stop the retry of the ones stored after it, nor the layer."""
+    from daemon.reconcile import Reconciler
+
+    monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
+    failing: set[str] = set()
+    real_apply = Reconciler._apply
+
+    def apply(self: Reconciler, obs: Any, now: float) -> Any:
+        if obs.request_id in failing:
+            raise ValueError("cannot store this output")
+        return real_apply(self, obs, now)
+
+    monkeypatch.setattr(Reconciler, "_apply", apply)
+    h = await launch()
+    poison, good = await h.track(), await h.track()
+    failing |= {poison, good}
+    for rid in (poison, good):
+        assert (await h.deliver(ok_body(rid), rid)).status_code == 200  # stored, not applied
+    failing.discard(good)
+
+    async def applied() -> bool:
+        return (await h.training(good)).status == "COMPLETED"
+
+    await wait_for(applied)
+    assert await h.untouched(poison)
+    assert h.daemon.layers["webhook"].running
+
+
+async def test_a_refused_request_keeps_only_fals_four_headers(launch: Launch) -> None:
+    """Made-up ``X-Fal-Webhook-*`` headers (up to the server's header limit) would bypass the
+    4 KiB body prefix; a refused request keeps only FAL's four."""
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    junk = {f"X-Fal-Webhook-Junk-{i}": "j" * 200 for i in range(40)}
+    assert (await h.post(body, {**_other_key(h, body, rid), **junk})).status_code == 401
+
+    def kept_headers() -> list[dict[str, str]]:
+        return [json.loads(r.headers_json) for r in WebhookReceipt.select()]
+
+    (headers,) = await h.store.read(kept_headers)
+    assert set(headers) == {
+        n.lower()
+        for n in (
+            signing.HEADER_REQUEST_ID,
+            signing.HEADER_USER_ID,
+            signing.HEADER_TIMESTAMP,
+            signing.HEADER_SIGNATURE,
+        )
+    }

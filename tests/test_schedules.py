@@ -236,3 +236,38 @@ async def test_a_long_startup_sweep_asks_systemd_for_more_time(
     assert sent[0]["STATUS"].startswith("startup sweep: ") and sent[-1]["STATUS"].endswith(
         "/20 trainings checked"
     )
+
+
+async def test_now_follows_a_step_of_the_wall_clock(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Regression (issue 9, item 3): wall time was anchored once, so after NTP corrected a
+    clock 10 minutes behind, every genuine webhook looked 10 minutes stale until a restart."""
+    import time as real_time
+    from types import SimpleNamespace
+
+    from daemon import clock as clock_mod
+
+    step = {"by": -600.0}
+    fake = SimpleNamespace(time=lambda: real_time.time() + step["by"])
+    monkeypatch.setattr(clock_mod, "time", fake)
+    clock = Clock()
+    before = clock.now()
+    assert abs(before - (real_time.time() - 600)) < 5
+    step["by"] = 0.0  # the clock is corrected
+    await trio.sleep(0.01)
+    assert abs(clock.now() - real_time.time()) < 5
+
+
+async def test_emergency_asks_the_result_once_more_before_the_deadline_fallback(
+    clock: trio.testing.MockClock, store: Store, settings: Settings
+) -> None:
+    """Regression (issue 9, item 3): the deadline fallback was applied while FAL held the real
+    result (a status call that failed, or a clock that jumped past the deadline); the
+    emergency layer now asks the result itself too, and applies a real answer."""
+    scripted = ScriptedFal(done_at=0.0, transient_until=float("inf"))  # status never answers
+    ctx = context("emergency", store, settings, scripted)
+    await register(ctx)
+    await run_for(7 * 3600, EmergencyLayer(), ctx)
+    assert len(scripted.times("status")) == 1 and len(scripted.times("result")) == 1
+    view = await store.training("r1")
+    assert view is not None and view.status == "COMPLETED" and not view.is_fallback
+    assert view.result_layer == "emergency"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import peewee
@@ -111,7 +113,7 @@ async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
         version = await s.read(lambda: Meta.get(Meta.key == "schema_version").value)
         assert await s.training("kept") is not None
     assert {"outbox", "artifacts"} <= set(tables)
-    assert version == str(store_mod.SCHEMA_VERSION) == "3"
+    assert version == str(store_mod.SCHEMA_VERSION) == "4"
 
 
 async def test_forward_migration_from_version_2_adds_the_cancel_and_result_error_columns(
@@ -134,3 +136,186 @@ async def test_forward_migration_from_version_2_adds_the_cancel_and_result_error
         view = await s.training("kept")
     assert {"cancel_requested_at", "result_errors"} <= columns
     assert view is not None and (view.cancel_requested_at, view.result_errors) == (None, 0)
+
+
+def _full_disk_rollback() -> None:
+    """What SQLITE_FULL may do mid-transaction: SQLite rolls the WHOLE transaction back
+    (savepoints and all), then the statement's error reaches the caller."""
+    database = store_mod.database.obj
+    database.execute_sql("ROLLBACK")
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+def _insert_then_fail(request_id: str) -> None:
+    _insert(request_id)
+    raise sqlite3.OperationalError("database or disk is full")
+
+
+@pytest.mark.parametrize("third", [_insert, _insert_then_fail])
+async def test_a_batch_rolled_back_midway_tells_every_writer_the_truth(
+    tmp_path: Path, third: Callable[[str], object]
+) -> None:
+    """Regression (issue 9, item 2): after SQLite rolled a batch back mid-way, a write before
+    the rollback was told "committed" when a later write raised, and a write after it ran
+    outside any transaction, committed on its own and was told it failed."""
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        batch = [
+            store_mod._Write(_insert, ("before",), trio.Event()),
+            store_mod._Write(_full_disk_rollback, (), trio.Event()),
+            store_mod._Write(third, ("after",), trio.Event()),
+        ]
+        results = await s._call(s._commit, batch)
+        stored = {rid: await s.training(rid) is not None for rid in ("before", "after")}
+        for (ok, value), rid in zip((results[0], results[2]), ("before", "after"), strict=True):
+            assert ok == stored[rid], f"{rid}: told ok={ok}, stored={stored[rid]} ({value!r})"
+        assert results[1][0] is False
+        assert not stored["before"]  # the rollback took it
+        # The store still works afterwards, in a transaction of its own.
+        assert isinstance(await s.write(_insert, "later"), int)
+        assert await s.training("later") is not None
+
+
+async def test_a_rolled_back_batch_fails_its_writers_through_write(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    async with open_store(url) as s:
+        outcomes: dict[str, object] = {}
+
+        async def attempt(name: str, fn: Callable[..., object], *args: object) -> None:
+            try:
+                outcomes[name] = await s.write(fn, *args)
+            except Exception as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:  # queued before the writer wakes: one batch
+            nursery.start_soon(attempt, "before", _insert, "before")
+            nursery.start_soon(attempt, "full", _full_disk_rollback)
+            nursery.start_soon(attempt, "after", _insert, "after")
+        for rid in ("before", "after"):
+            stored = await s.training(rid) is not None
+            assert stored == (not isinstance(outcomes[rid], Exception)), (rid, outcomes[rid])
+        assert isinstance(outcomes["full"], sqlite3.OperationalError)
+
+
+def test_transaction_lost_reads_sqlite_and_psycopg_connections() -> None:
+    from types import SimpleNamespace
+
+    conn = sqlite3.connect(":memory:", isolation_level=None)
+    assert store_mod._transaction_lost(conn)
+    conn.execute("BEGIN")
+    assert not store_mod._transaction_lost(conn)
+    conn.close()
+
+    def psycopg(status: str) -> object:
+        return SimpleNamespace(
+            info=SimpleNamespace(transaction_status=SimpleNamespace(name=status))
+        )
+
+    assert not store_mod._transaction_lost(psycopg("INTRANS"))
+    assert store_mod._transaction_lost(psycopg("INERROR"))
+    assert store_mod._transaction_lost(psycopg("IDLE"))
+
+
+async def test_stalled_shows_a_writer_stuck_on_a_lock_before_the_busy_timeout(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``/readyz`` reads ``stalled()``: it must turn at once, not after the busy timeout."""
+    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 3_000)
+    monkeypatch.setattr(store_mod, "STALL_SECONDS", 0.2)
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        assert not s.stalled()
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(s.write, _insert, "waiting")
+            with trio.fail_after(2.5):  # well before the 3 s busy timeout
+                while not s.stalled():
+                    await trio.sleep(0.05)
+            holder.execute("ROLLBACK")
+            holder.close()
+        assert not s.stalled()
+        assert await s.training("waiting") is not None
+
+
+async def test_migration_3_adds_receipt_digests_indexes_and_incremental_vacuum(
+    tmp_path: Path,
+) -> None:
+    """An existing (schema 2) database: columns and indexes added, rows kept, and switched to
+    incremental auto_vacuum (one VACUUM) so that pruned receipts give their space back."""
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        await s.write(_insert, "kept")
+        await s.write(
+            lambda: store_mod.WebhookReceipt.create(
+                body=b"x" * 100_000, headers_json="{}", verification="rejected", received_at=1
+            )
+        )
+    old = sqlite3.connect(path, isolation_level=None)  # make it look like schema 2, no vacuum
+    for statement in (
+        "DROP INDEX webhookreceipt_verification_body_size",
+        "DROP INDEX webhookreceipt_outcome",
+        "ALTER TABLE webhook_receipts DROP COLUMN body_size",
+        "ALTER TABLE webhook_receipts DROP COLUMN body_sha256",
+        "UPDATE meta SET value = '2' WHERE key = 'schema_version'",
+        "PRAGMA auto_vacuum = NONE",
+        "VACUUM",
+    ):
+        old.execute(statement)
+    assert old.execute("PRAGMA auto_vacuum").fetchone()[0] == 0
+    old.close()
+    async with open_store(f"sqlite:///{path}") as s:
+        assert await s.training("kept") is not None
+        columns = {c.name for c in await s.read(s.db.get_columns, "webhook_receipts")}
+        indexed = {tuple(i.columns) for i in await s.read(s.db.get_indexes, "webhook_receipts")}
+        vacuum = await s.read(lambda: s.db.execute_sql("PRAGMA auto_vacuum").fetchone()[0])
+        refused = await s.read(lambda: store_mod.WebhookReceipt.get())
+    assert (len(refused.body), refused.body_size) == (4096, 100_000)
+    assert {"body_size", "body_sha256"} <= columns
+    assert {("verification", "body_size"), ("outcome",)} <= indexed
+    assert vacuum == 2  # INCREMENTAL
+
+
+async def test_reclaim_space_shrinks_the_file_after_a_prune(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+
+        def fill() -> None:
+            for i in range(200):
+                store_mod.WebhookReceipt.create(
+                    body=b"x" * 50_000, headers_json="{}", verification="rejected", received_at=i
+                )
+
+        await s.write(fill)
+        await s.read(lambda: s.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        full = path.stat().st_size
+        await s.write(lambda: store_mod.WebhookReceipt.delete().execute())
+        freed = await s.reclaim_space(100_000)
+        await s.read(lambda: s.db.execute_sql("PRAGMA wal_checkpoint(TRUNCATE)").fetchall())
+        assert freed > 0
+        assert path.stat().st_size < full / 4, (full, path.stat().st_size)
+
+
+async def test_a_failing_vacuum_at_open_never_stops_the_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The one VACUUM that switches an old database to incremental auto_vacuum needs free
+    disk space; a full disk must not keep the daemon from starting."""
+    path = tmp_path / "db.sqlite"
+    async with open_store(f"sqlite:///{path}") as s:
+        await s.write(_insert, "kept")
+    old = sqlite3.connect(path, isolation_level=None)
+    old.execute("PRAGMA auto_vacuum = NONE")
+    old.execute("VACUUM")
+    old.close()
+    real = peewee.SqliteDatabase.execute_sql
+
+    def full_disk(self: peewee.SqliteDatabase, sql: str, *args: object) -> object:
+        if sql == "VACUUM":
+            raise peewee.OperationalError("database or disk is full")
+        return real(self, sql, *args)
+
+    monkeypatch.setattr(peewee.SqliteDatabase, "execute_sql", full_disk)
+    async with open_store(f"sqlite:///{path}") as s:
+        assert await s.training("kept") is not None
+        assert await s.reclaim_space() == 0
