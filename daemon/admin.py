@@ -2,8 +2,16 @@
 
 A bearer token from ``TRAINGUARD_ADMIN_TOKEN`` guards every route but the OpenAPI document;
 without a token the API is served only on a loopback listener (the daemon refuses to start
-otherwise). Every action goes through ``daemon.actions``, the same code as the CLI, and so
-through reconcile: the API never writes a training itself.
+otherwise) and only reads: any local process, or a browser page on this host, could otherwise
+submit paid trainings or cancel them (the CLI does not need the API: it opens the database).
+Every action goes through ``daemon.actions``, the same code as the CLI, and so through
+reconcile: the API never writes a training itself.
+
+Whatever the token, a request is refused before it is read when its ``Host`` is a name other
+than ``localhost`` or the listener's own (421: DNS rebinding; an IP address cannot be
+rebound), and a state-changing one when its ``Origin`` is not the ``Host`` it was sent to
+(403: another page's request) or its ``Content-Type`` is not ``application/json`` (415: the
+only types a page may send cross-origin without asking are form and text types).
 """
 
 from __future__ import annotations
@@ -13,7 +21,7 @@ import ipaddress
 import json
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
 
 from daemon import actions, http
 from daemon.config import ConfigError, Settings
@@ -24,6 +32,8 @@ from daemon.store import STATUSES, Store, Training
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
 MAX_PAGE = 500
+READ_METHODS = frozenset({"GET", "HEAD"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Services(Protocol):
@@ -132,6 +142,30 @@ class AdminApi:
                     return handler, params, True
         return None, {}, path_known
 
+    def _check_origin(self, scope: Mapping[str, Any]) -> None:
+        """Refuse a request that a page of another site (or a rebound name) may have sent."""
+        headers = _headers(scope)
+        host = headers.get("host")
+        if host is not None and not self._own_host(host):
+            raise ApiError(421, "misdirected", "the Host header does not name this listener")
+        if scope["method"] in READ_METHODS:
+            return
+        origin = headers.get("origin")
+        if origin is not None and (host is None or not _same_origin(origin, host)):
+            raise ApiError(403, "foreign_origin", "a request from another origin is refused")
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+
+    def _own_host(self, host: str) -> bool:
+        name = _host_name(host)
+        if name is None:
+            return False
+        if name == "localhost" or _is_ip(name):
+            return True
+        listen = self.services.settings.metrics["listen"]
+        return name == http.parse_listen(listen)[0].lower().rstrip(".")
+
     def _authorized(self, scope: Mapping[str, Any]) -> bool:
         if not self.token:
             return True
@@ -156,8 +190,16 @@ class AdminApi:
                     "not_found",
                     "no such route" if not known else "method not allowed",
                 )
+            self._check_origin(scope)
             if not self._authorized(scope):
                 raise ApiError(401, "unauthorized", "a valid bearer token is required")
+            if not self.token and method not in READ_METHODS:
+                raise ApiError(
+                    403,
+                    "read_only",
+                    f"without {TOKEN_ENV} the admin API only reads; set it to change "
+                    "trainings here, or use the trainguard CLI",
+                )
             body = await _read_body(receive)
             if self.services.reconciler is None:
                 raise ApiError(503, "not_ready", "the daemon is still starting")
@@ -278,6 +320,48 @@ class AdminApi:
         return name
 
 
+def _headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+
+
+def _host_name(host: str) -> str | None:
+    """The lower-case name or address in a ``Host`` value (``name[:port]``, ``[v6][:port]``)."""
+    if any(c in host for c in "@/?#\\"):
+        return None
+    try:
+        parts = urlsplit(f"//{host.strip()}")
+        valid = parts.port is None or parts.port > 0  # .port raises on a malformed one
+    except ValueError:
+        return None
+    name = (parts.hostname or "").rstrip(".")
+    return name if valid and name else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether ``Origin`` (``scheme://name[:port]``) names the ``Host`` the request went to."""
+    try:
+        o = urlsplit(origin.strip())
+        h = urlsplit(f"//{host.strip()}")
+        o_port = o.port or _DEFAULT_PORTS.get(o.scheme)
+        h_port = h.port or _DEFAULT_PORTS.get(o.scheme)
+    except ValueError:
+        return False
+    return (
+        o.scheme in _DEFAULT_PORTS
+        and o.hostname is not None
+        and o.hostname == h.hostname
+        and o_port == h_port
+    )
+
+
 def _int(raw: str, name: str, low: int, high: int) -> int:
     try:
         value = int(raw)
@@ -392,7 +476,10 @@ def _ok(description: str, ref: str) -> dict[str, Any]:
 _ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _COMMON = {
     "401": _error("missing or wrong bearer token"),
+    "403": _error("a change without a token configured, or from another origin"),
     "413": _error("body too large"),
+    "415": _error("a change whose Content-Type is not application/json"),
+    "421": _error("a Host header that does not name this listener"),
     "503": _error("not ready"),
 }
 

@@ -21,13 +21,15 @@ from tests.conftest import daemon_settings
 
 TOKEN = "admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Content-Type": "application/json"}
+SUBMIT = {"type": "portrait", "name": "eve", "images_url": "https://example.invalid/e.zip"}
 
 
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, **kw: Any
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, token: str | None = TOKEN, **kw: Any
 ) -> tuple[Daemon, str]:
     settings = dataclasses.replace(
-        daemon_settings(tmp_path / "db.sqlite", sim, **kw), admin_token=TOKEN
+        daemon_settings(tmp_path / "db.sqlite", sim, **kw), admin_token=token
     )
     daemon = Daemon(settings, pm=build_manager(entry_points=False))
     await nursery.start(daemon.run)
@@ -75,6 +77,73 @@ async def test_token_is_required_and_openapi_is_public(
         assert (await client.delete(f"{base}/v1/trainings", headers=AUTH)).status_code == 405
 
 
+async def test_without_a_token_a_foreign_page_cannot_submit_or_cancel(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 5: a browser page's text/plain POST from a foreign Origin got 201."""
+    daemon, base = await start(nursery, tmp_path, sim, token=None, only=("webhook",))
+    assert daemon.store is not None and daemon.reconciler is not None
+    await daemon.reconciler.register(
+        name="ann", training_type="portrait", request_id="req-ann", layer="track"
+    )
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    async with httpx.AsyncClient() as client:
+        forged = await client.post(f"{base}/v1/trainings", headers=page, content=json.dumps(SUBMIT))
+        assert forged.status_code == 403, forged.text
+        cancel = await client.post(f"{base}/v1/trainings/req-ann/cancel", headers=page)
+        assert cancel.status_code == 403, cancel.text
+        # even a well-formed same-origin change is refused without a token: reads only
+        plain = await client.post(f"{base}/v1/trainings", json=SUBMIT)
+        assert plain.status_code == 403 and plain.json()["error"] == "read_only"
+        track = await client.post(
+            f"{base}/v1/trainings/track",
+            json={"request_id": "req-x", "type": "portrait", "name": "x"},
+        )
+        assert track.status_code == 403
+        listed = await client.get(f"{base}/v1/trainings")
+        assert listed.status_code == 200 and [t["name"] for t in listed.json()["items"]] == ["ann"]
+        assert (await client.get(f"{base}/v1/trainings/req-ann")).status_code == 200
+    assert sim.truth == {}  # nothing reached FAL
+    view = await daemon.store.training("req-ann")
+    assert view is not None and view.status == "SUBMITTED"
+    assert await daemon.store.training("req-x") is None
+
+
+async def test_changes_need_json_a_same_origin_and_our_host(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """With a token too: the browser's cross-origin simple request and DNS rebinding."""
+    daemon, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    host, port = daemon.ops_address  # type: ignore[misc]
+    url = f"{base}/v1/trainings"
+    async with httpx.AsyncClient() as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {**AUTH, "Content-Type": content_type} if content_type else AUTH
+            reply = await client.post(url, headers=headers, content=json.dumps(SUBMIT))
+            assert reply.status_code == 415, (content_type, reply.text)
+        for origin in ("http://evil.example", "null", f"http://{host}:{port + 1}", "https://x"):
+            reply = await client.post(url, headers={**AUTH, "Origin": origin}, json=SUBMIT)
+            assert reply.status_code == 403 and reply.json()["error"] == "foreign_origin", origin
+        for rebound in (f"evil.example:{port}", "trainguard.attacker.test", "a@127.0.0.1", ":x"):
+            for method in ("GET", "POST"):
+                reply = await client.request(
+                    method, url, headers={**AUTH, "Host": rebound}, json=SUBMIT
+                )
+                assert reply.status_code == 421, (rebound, method, reply.text)
+        assert sim.truth == {}
+        # what the CLI-less operator and a same-origin page legitimately send still works
+        ok = await client.post(
+            url, headers={**AUTH, "Origin": f"http://{host}:{port}"}, json=SUBMIT
+        )
+        assert ok.status_code == 201, ok.text
+        local = await client.get(url, headers={**AUTH, "Host": f"localhost:{port}"})
+        assert local.status_code == 200 and len(local.json()["items"]) == 1
+        charset = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
+        again = await client.post(url, headers=charset, content=json.dumps(SUBMIT))
+        assert again.status_code == 201, again.text
+    assert len(sim.truth) == 2
+
+
 async def test_non_loopback_listener_needs_a_token(tmp_path: Path, sim: Simulator) -> None:
     settings = daemon_settings(
         tmp_path / "db.sqlite", sim, extra={"metrics": {"listen": "0.0.0.0:9700"}}
@@ -118,7 +187,9 @@ async def test_submit_list_get_filter_and_page(
             b"[]",
             json.dumps({"type": "nope", "name": "x", "images_url": "u"}).encode(),
         ):
-            reply = await client.post(f"{base}/v1/trainings", headers=AUTH, content=body)
+            reply = await client.post(
+                f"{base}/v1/trainings", headers={**AUTH, **JSON}, content=body
+            )
             assert reply.status_code == 400, body
 
 
@@ -129,19 +200,19 @@ async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> No
     async with httpx.AsyncClient() as client:
         running = await submit(client, base, "ann")
         rid = running["request_id"]
-        recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+        recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH, json={})
         assert recheck.status_code == 202
-        cancelled = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        cancelled = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH, json={})
         assert cancelled.status_code == 200, cancelled.text
         assert cancelled.json()["status"] == "CANCELLED"
         assert sim.truth[rid].outcome == "cancelled"
-        again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH, json={})
         assert again.status_code == 409
         assert (
-            await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+            await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH, json={})
         ).status_code == 409
         assert (
-            await client.post(f"{base}/v1/trainings/nope/cancel", headers=AUTH)
+            await client.post(f"{base}/v1/trainings/nope/cancel", headers=AUTH, json={})
         ).status_code == 404
 
         # a request submitted elsewhere, adopted through the API
@@ -235,4 +306,6 @@ async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
     )
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output[-4000:]
-    assert "6 passed" in output or "6 operations" in output, output[-2000:]  # every route was tested
+    assert "6 passed" in output or "6 operations" in output, output[
+        -2000:
+    ]  # every route was tested
