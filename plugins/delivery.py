@@ -181,12 +181,16 @@ class DeliveryLayer:
         """Look at the outbox now (a transition was just committed)."""
         self._wake.set()
 
-    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        if ctx.options:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``[layers.delivery]`` takes only ``enabled``: delivery is configured in [delivery]."""
+        if options:
             raise ConfigError(
-                f"layers.delivery.{sorted(ctx.options)[0]}: unknown key "
+                f"layers.delivery.{sorted(options)[0]}: unknown key "
                 "(delivery is configured in [delivery])"
             )
+
+    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
+        self.check_options(ctx.options)
         key = load_secret()
         self._gone = await ctx.store.read(self._stopped_before)
         self._in_flight.clear()
