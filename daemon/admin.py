@@ -19,6 +19,7 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
@@ -26,8 +27,11 @@ from urllib.parse import parse_qs, urlsplit
 from daemon import actions, http
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, FalRequestError
+from daemon.logs import WARN, get_logger
 from daemon.reconcile import AlreadyTracked, Reconciler, view_as_dict
 from daemon.store import STATUSES, Store, Training
+
+log = get_logger(component="admin")
 
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
@@ -83,12 +87,33 @@ class Request:
 
     def json(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.body or b"null")
+            data = json.loads(
+                self.body or b"null", parse_constant=_not_a_number, parse_float=_finite
+            )
+        except _NotANumber as exc:
+            raise ApiError(
+                400, "bad_json", f"{exc}: not a finite number (NaN and Infinity are not JSON)"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "bad_json", "the body is not JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
         return data
+
+
+class _NotANumber(Exception):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and FAL) does not."""
+
+
+def _not_a_number(constant: str) -> Any:
+    raise _NotANumber(constant)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise _NotANumber(text)
+    return value
 
 
 def _string(data: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
@@ -210,6 +235,11 @@ class AdminApi:
                 send, exc.status, {"error": exc.code, "detail": exc.detail}, headers=extra
             )
             return
+        except Exception as exc:  # a bug: logged, and still answered in the documented form
+            log.error(f"{WARN} admin API request failed", method=method, path=path, exc_info=exc)
+            detail = {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+            await _send_json(send, 500, detail)
+            return
         await _send_json(send, status, payload)
 
     # -- routes ------------------------------------------------------------------------
@@ -284,6 +314,8 @@ class AdminApi:
             )
         except AlreadyTracked as exc:
             raise ApiError(409, "already_tracked", str(exc)) from None
+        except actions.BadRequestId as exc:
+            raise ApiError(422, "bad_request_id", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         return 201, view_as_dict(view)
@@ -579,6 +611,7 @@ def openapi() -> dict[str, Any]:
                         "201": _ok("adopted", training),
                         "400": _error("bad request"),
                         "409": _error("already tracked"),
+                        "422": _error("a request id that could never be fetched or cancelled"),
                         **_COMMON,
                     },
                 }

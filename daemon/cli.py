@@ -168,6 +168,8 @@ def cmd_track(args: argparse.Namespace) -> int:
         view = _run(track)
     except ConfigError:  # an unknown --type: a bad argument (exit 2), not a failed track
         raise
+    except actions.BadRequestId as exc:  # a bad argument too
+        raise CliError(str(exc), EXIT_CONFIG) from exc
     except ValueError as exc:  # a malformed endpoint or request id; AlreadyTracked
         raise CliError(str(exc)) from exc
     _print_training(view, args.json)

@@ -144,6 +144,44 @@ async def test_changes_need_json_a_same_origin_and_our_host(
     assert len(sim.truth) == 2
 
 
+async def test_nan_or_infinity_in_submit_arguments_is_a_clear_400(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 12: `NaN` in the arguments gave a 500 with an empty body."""
+    _, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        for value in ("NaN", "Infinity", "-Infinity", "1e999"):
+            body = (
+                '{"type": "portrait", "name": "n", "images_url": "https://x/a.zip", '
+                f'"arguments": {{"steps": {value}}}}}'
+            )
+            reply = await client.post(
+                f"{base}/v1/trainings", headers={**AUTH, **JSON}, content=body
+            )
+            assert reply.status_code == 400, (value, reply.status_code, reply.text)
+            assert reply.json()["error"] == "bad_json" and value in reply.json()["detail"]
+    assert sim.truth == {}
+
+
+async def test_track_refuses_an_id_the_api_could_never_serve(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 12: `a/b` was tracked, and then neither fetched nor cancelled."""
+    daemon, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        for rid in ("a/b", "..", "a%2Fb", "track", "x y", ""):
+            body = {"request_id": rid, "type": "portrait", "name": "x"}
+            reply = await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=body)
+            assert reply.status_code == (400 if rid == "" else 422), (rid, reply.text)
+        ok = {"request_id": "0f1e-Ab_9.~x", "type": "portrait", "name": "x"}
+        assert (
+            await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=ok)
+        ).status_code == 201
+        got = await client.get(f"{base}/v1/trainings/0f1e-Ab_9.~x", headers=AUTH)
+        assert got.status_code == 200, got.text
+    assert [v.request_id for v in await daemon.store.trainings()] == ["0f1e-Ab_9.~x"]  # type: ignore[union-attr]
+
+
 async def test_non_loopback_listener_needs_a_token(tmp_path: Path, sim: Simulator) -> None:
     settings = daemon_settings(
         tmp_path / "db.sqlite", sim, extra={"metrics": {"listen": "0.0.0.0:9700"}}

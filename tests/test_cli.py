@@ -297,6 +297,16 @@ async def test_track_adopts_a_request_once(tmp_path: Path, sim: Simulator) -> No
     assert len(rows_of(await acli(tmp_path, "check", "--json"))) == 1
 
 
+@pytest.mark.parametrize("rid", ["a/b", "../x", "a b", "x%2Fy", "q?x", "track", "é", "x" * 129])
+def test_track_refuses_a_request_id_that_could_never_be_fetched(tmp_path: Path, rid: str) -> None:
+    """issue 9 item 12: a tracked id with `/` could never be fetched or cancelled."""
+    write_config(tmp_path)
+    done = cli(tmp_path, "track", rid, "--type", "fast", "--name", "x")
+    assert done.returncode == 2, done.stderr
+    assert one_clear_line(done).startswith(f"trainguard: request id {rid!r}: use 1-128 letters")
+    assert rows_of(cli(tmp_path, "check", "--json")) == []
+
+
 @pytest.mark.parametrize(
     "args",
     [
