@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "trainguard starting",
         version=__version__,
         config=settings.source,
-        database=settings.database["url"],
+        database=config.redact_url(settings.database["url"]),
         fal_key="set" if settings.fal_key else "missing",
     )
     if not settings.fal_key:
