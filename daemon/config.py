@@ -153,8 +153,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "timestamp_tolerance_seconds": Key(FLOAT, 300.0, _positive),
         "jwks_cache_seconds": Key(FLOAT, 86400.0, _positive),
         "rejected_kept": Key((int,), 1000, _non_negative),
+        "max_connections": Key((int,), 1024, _positive),
     },
-    "metrics": {"listen": Key((str,), "127.0.0.1:9700", _listen)},
+    "metrics": {
+        "listen": Key((str,), "127.0.0.1:9700", _listen),
+        "max_connections": Key((int,), 64, _positive),
+    },
     "log": {"level": Key((str,), "info", _level)},
     "fallback": {
         "mode": Key((str,), "complete", _mode),

@@ -18,6 +18,7 @@ import random
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import httpx
@@ -178,7 +179,12 @@ class Daemon:
                     )
                     try:
                         self.ops_address = await nursery.start(
-                            http.serve_asgi, app, s.metrics["listen"]
+                            partial(
+                                http.serve_asgi,
+                                app,
+                                s.metrics["listen"],
+                                max_connections=s.metrics["max_connections"],
+                            )
                         )
                     except OSError as exc:
                         raise StartError(f"metrics listener failed to start: {exc}") from exc
