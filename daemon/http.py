@@ -180,6 +180,10 @@ async def _accept_loop(
     async def serve_one(stream: trio.SocketStream) -> None:
         try:
             await handler(stream)
+        except Exception as exc:  # one client's broken connection never stops the listener
+            _log.warning(
+                "connection closed on an error", listen=listen, error=f"{type(exc).__name__}: {exc}"
+            )
         finally:  # as trio.serve_listeners does: closed even when cancelled
             try:
                 await trio.aclose_forcefully(stream)

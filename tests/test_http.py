@@ -7,6 +7,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 
+import h11
 import httpx
 import pytest
 import trio
@@ -319,3 +320,39 @@ async def test_accept_out_of_descriptors_is_one_line_and_retried(nursery: trio.N
     failed = [line for line in lines if line["event"].startswith("accept failed")]
     assert len(failed) == 3 and all("EMFILE" in line["error"] for line in failed), lines
     assert not any("exc_info" in line for line in lines)
+
+
+async def test_a_connection_that_fails_is_one_line_and_the_listener_goes_on(
+    nursery: trio.Nursery,
+) -> None:
+    """A protocol error escaping hypercorn's connection handler (h11's LocalProtocolError,
+    a stream closed under it) took the whole listener down, traceback and all."""
+    (real,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = real.socket.getsockname()[1]
+    handled: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        handled.append(len(handled))
+        if len(handled) == 1:
+            raise h11.LocalProtocolError("Can't send data when our state is MUST_CLOSE")
+        await stream.send_all(b"hi")
+
+    async with trio.open_nursery() as connections:
+        with capture_logs() as lines:
+            connections.start_soon(
+                http._accept_loop, _FlakyListener(real, 0), handler, connections, 8, "test"
+            )
+            first = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await first.receive_some(10) == b""  # closed, not left open
+            second = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await second.receive_some(10) == b"hi"
+        await first.aclose()
+        await second.aclose()
+        connections.cancel_scope.cancel()
+    await real.aclose()
+    (failed,) = [line for line in lines if line["event"] == "connection closed on an error"]
+    assert failed["error"].startswith("LocalProtocolError: Can't send data") and (
+        "exc_info" not in failed
+    )
