@@ -8,8 +8,8 @@ Every action goes through ``daemon.actions``, the same code as the CLI, and so t
 reconcile: the API never writes a training itself.
 
 Whatever the token, a request is refused before it is read when its ``Host`` is a name other
-than ``localhost`` or the listener's own (421: DNS rebinding; an IP address cannot be
-rebound), and a state-changing one when its ``Origin`` is not the ``Host`` it was sent to
+than ``localhost``, the listener's own or one of ``[metrics] allowed_hosts`` (421: DNS
+rebinding; an IP address cannot be rebound), and a state-changing one when its ``Origin`` is not the ``Host`` it was sent to
 (403: another page's request) or its ``Content-Type`` is not ``application/json`` (415: the
 only types a page may send cross-origin without asking are form and text types).
 """
@@ -188,8 +188,10 @@ class AdminApi:
             return False
         if name == "localhost" or _is_ip(name):
             return True
-        listen = self.services.settings.metrics["listen"]
-        return name == http.parse_listen(listen)[0].lower().rstrip(".")
+        metrics = self.services.settings.metrics
+        own = {http.parse_listen(metrics["listen"])[0].lower().rstrip(".")}
+        own.update(n.lower() for n in metrics.get("allowed_hosts", ()))
+        return name in own
 
     def _authorized(self, scope: Mapping[str, Any]) -> bool:
         if not self.token:

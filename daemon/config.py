@@ -102,6 +102,15 @@ def _listen(value: str) -> str | None:
     return None
 
 
+def _host_names(value: list[Any]) -> str | None:
+    for name in value:
+        if not isinstance(name, str) or not re.fullmatch(
+            r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name
+        ):
+            return f'must be host names without a port, e.g. ["trainguard.internal"], not {name!r}'
+    return None
+
+
 def _db_url(value: str) -> str | None:
     scheme = value.split("://", 1)[0] if "://" in value else ""
     if scheme not in ("sqlite", "postgresql", "postgres"):
@@ -158,6 +167,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "metrics": {
         "listen": Key((str,), "127.0.0.1:9700", _listen),
         "max_connections": Key((int,), 64, _positive),
+        "allowed_hosts": Key((list,), [], _host_names),
     },
     "log": {"level": Key((str,), "info", _level)},
     "fallback": {
@@ -308,7 +318,8 @@ def _default_template(layer: str) -> str:
 def _type_name(types: tuple[type, ...]) -> str:
     if types == FLOAT:
         return "a number"
-    return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
+    names = {str: "a string", bool: "true or false", int: "an integer", list: "a list"}
+    return names.get(types[0], "a table")
 
 
 def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[str, Any]:

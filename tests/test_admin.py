@@ -113,7 +113,13 @@ async def test_changes_need_json_a_same_origin_and_our_host(
     nursery: trio.Nursery, tmp_path: Path, sim: Simulator
 ) -> None:
     """With a token too: the browser's cross-origin simple request and DNS rebinding."""
-    daemon, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    daemon, base = await start(
+        nursery,
+        tmp_path,
+        sim,
+        only=("webhook",),
+        extra={"metrics": {"allowed_hosts": ["trainguard.internal"]}},
+    )
     host, port = daemon.ops_address  # type: ignore[misc]
     url = f"{base}/v1/trainings"
     async with httpx.AsyncClient() as client:
@@ -138,6 +144,8 @@ async def test_changes_need_json_a_same_origin_and_our_host(
         assert ok.status_code == 201, ok.text
         local = await client.get(url, headers={**AUTH, "Host": f"localhost:{port}"})
         assert local.status_code == 200 and len(local.json()["items"]) == 1
+        allowed = await client.get(url, headers={**AUTH, "Host": f"TrainGuard.internal:{port}"})
+        assert allowed.status_code == 200  # [metrics] allowed_hosts
         charset = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
         again = await client.post(url, headers=charset, content=json.dumps(SUBMIT))
         assert again.status_code == 201, again.text

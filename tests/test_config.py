@@ -102,6 +102,10 @@ def test_secret_comes_from_environment_only() -> None:
         ("layers = 3", r"layers: must be a table"),
         ("[log]\nlevel = 'loud'", r"log\.level: must be one of"),
         ("x = ", r"not valid TOML"),
+        ("[metrics]\nallowed_hosts = 'x'", r"metrics\.allowed_hosts: must be a list"),
+        ("[metrics]\nallowed_hosts = ['a:80']", r"metrics\.allowed_hosts: must be host names"),
+        ("[metrics]\nmax_connections = 0", r"metrics\.max_connections: must be greater"),
+        ("[webhook]\nmax_connections = 1.5", r"webhook\.max_connections: must be an integer"),
     ],
 )
 def test_bad_config_names_the_key(text: str, message: str) -> None:
