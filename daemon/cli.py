@@ -100,9 +100,14 @@ def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise CliError(f"--arg {item!r}: expected KEY=VALUE", EXIT_CONFIG)
         try:
-            extra[key] = json.loads(raw)
+            value = json.loads(raw)
         except ValueError:
-            extra[key] = raw
+            value = raw
+        if isinstance(value, float) and not math.isfinite(value):  # NaN, Infinity, 1e999
+            raise CliError(
+                f"--arg {item!r}: not a finite number (JSON has no NaN or Infinity)", EXIT_CONFIG
+            )
+        extra[key] = value
     return extra
 
 

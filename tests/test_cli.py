@@ -220,6 +220,20 @@ async def test_submit_records_the_training(tmp_path: Path, sim: Simulator) -> No
     assert row["trigger_phrase"] == "alice person"
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_submit_refuses_a_non_finite_argument(
+    tmp_path: Path, sim: Simulator, value: str
+) -> None:
+    """issue 9 item 12 (the CLI side of NaN in submit arguments): a bad argument, exit 2."""
+    write_config(tmp_path, queue_url=sim.base_url)
+    done = await acli(tmp_path, *SUBMIT, "--arg", f"steps={value}", env=cli_env(FAL_KEY=FAL_KEY))
+    assert done.returncode == 2, done.stderr
+    assert one_clear_line(done) == (
+        f"trainguard: --arg 'steps={value}': not a finite number (JSON has no NaN or Infinity)"
+    )
+    assert sim.truth == {} and rows_of(await acli(tmp_path, "check", "--json")) == []
+
+
 @pytest.mark.parametrize("refusal", ["api_down", "no_key"])
 async def test_submit_refused_by_fal_records_nothing(
     tmp_path: Path, sim: Simulator, refusal: str
