@@ -272,7 +272,7 @@ class DeliveryLayer:
         """POST ``body``; the status, having read at most ``MAX_ANSWER_BYTES`` of the answer's
         body (httpcore reads the head, up to 100 KiB, in 64 KiB reads).
 
-        Raises ``TimeoutError`` when the whole exchange takes more than ``timeout_seconds``.
+        Raises ``trio.TooSlowError`` when the whole exchange takes more than ``timeout_seconds``.
         """
         with trio.fail_after(self.timeout):
             async with client.stream("POST", self.url, content=body, headers=headers) as response:
