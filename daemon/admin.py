@@ -24,6 +24,8 @@ from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
+import trio
+
 from daemon import actions, http
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, FalRequestError
@@ -35,6 +37,7 @@ log = get_logger(component="admin")
 
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_SECONDS = 10.0  # for the whole body, as the webhook listener does
 MAX_PAGE = 500
 READ_METHODS = frozenset({"GET", "HEAD"})
 _DEFAULT_PORTS = {"http": 80, "https": 443}
@@ -407,11 +410,14 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
 
 
 async def _read_body(receive: Any) -> bytes:
-    try:
-        body = await http.read_body(receive, MAX_BODY_BYTES)
-    except http.BodyTooLarge as exc:
-        raise ApiError(413, "too_large", str(exc)) from None
-    return body or b""
+    """The whole body within ``BODY_TIMEOUT_SECONDS`` (a trickling client gets 408)."""
+    with trio.move_on_after(BODY_TIMEOUT_SECONDS):
+        try:
+            body = await http.read_body(receive, MAX_BODY_BYTES)
+        except http.BodyTooLarge as exc:
+            raise ApiError(413, "too_large", str(exc)) from None
+        return body or b""
+    raise ApiError(408, "timeout", f"body not received within {BODY_TIMEOUT_SECONDS:g} s")
 
 
 async def _send_json(
@@ -510,6 +516,7 @@ def _ok(description: str, ref: str) -> dict[str, Any]:
 _ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _COMMON = {
     "401": _error("missing or wrong bearer token"),
+    "408": _error("the body did not arrive in time"),
     "403": _error("a change without a token configured, or from another origin"),
     "413": _error("body too large"),
     "415": _error("a change whose Content-Type is not application/json"),

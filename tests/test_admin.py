@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from daemon import admin
 from daemon.config import ConfigError
 from daemon.simulator import SimConfig, Simulator
 from daemon.supervisor import Daemon
@@ -188,6 +189,31 @@ async def test_track_refuses_an_id_the_api_could_never_serve(
         got = await client.get(f"{base}/v1/trainings/0f1e-Ab_9.~x", headers=AUTH)
         assert got.status_code == 200, got.text
     assert [v.request_id for v in await daemon.store.trainings()] == ["0f1e-Ab_9.~x"]  # type: ignore[union-attr]
+
+
+async def test_a_trickled_body_gets_408_and_frees_the_connection(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client trickling its body a byte at a time held an admin connection for ever (the
+    listener's read timeout is per read); the whole body now has one time limit."""
+    monkeypatch.setattr(admin, "BODY_TIMEOUT_SECONDS", 1.0)
+    daemon, _ = await start(nursery, tmp_path, sim, only=("webhook",))
+    host, port = daemon.ops_address  # type: ignore[misc]
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(
+        b"POST /v1/trainings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+    )
+    answer = b""
+    with trio.fail_after(30):
+        while b"\r\n\r\n" not in answer:
+            with trio.move_on_after(0.2):
+                answer += await stream.receive_some(4096)
+            if b"\r\n\r\n" not in answer:
+                await stream.send_all(b" ")
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    await stream.aclose()
+    assert sim.truth == {}
 
 
 async def test_non_loopback_listener_needs_a_token(tmp_path: Path, sim: Simulator) -> None:
