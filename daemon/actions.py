@@ -6,6 +6,7 @@ Each goes through the FAL client and hands the outcome to reconcile, like a laye
 
 from __future__ import annotations
 
+import re
 from collections.abc import Mapping
 from typing import Any
 
@@ -14,6 +15,25 @@ from daemon.fal import FalClient, Kind, queue_urls
 from daemon.reconcile import Kind as ObsKind
 from daemon.reconcile import Observation, Reconciler
 from daemon.store import TrainingView
+
+#: What a tracked request id may be: FAL's are UUIDs. Anything that is not one URL path
+#: segment as it is (a ``/``, ``%``, ``?``, space, ``..``) could never be fetched or
+#: cancelled through the admin API; ``track`` is that API's own route.
+REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
+_RESERVED_IDS = frozenset({"track"})
+
+
+class BadRequestId(ValueError):
+    """A request id that ``track`` refuses (see ``REQUEST_ID_RE``)."""
+
+
+def check_request_id(request_id: str) -> None:
+    """Raise ``BadRequestId`` unless ``request_id`` is safe to track."""
+    if not REQUEST_ID_RE.fullmatch(request_id) or request_id in _RESERVED_IDS:
+        raise BadRequestId(
+            f"request id {request_id!r}: use 1-128 letters, digits and . _ ~ - "
+            "(starting with a letter or digit, not 'track'), as FAL's are"
+        )
 
 
 class NotRecorded(RuntimeError):
@@ -108,7 +128,11 @@ async def track(
     name: str,
     trigger: str | None = None,
 ) -> TrainingView:
-    """Adopt a request submitted elsewhere (its URLs are built from the endpoint)."""
+    """Adopt a request submitted elsewhere (its URLs are built from the endpoint).
+
+    Raises ``BadRequestId`` for an id that could not be looked up or cancelled later.
+    """
+    check_request_id(request_id)
     ttype = settings.training_type(training_type)
     status_url, response_url, cancel_url = queue_urls(
         settings.fal["queue_url"], ttype.endpoint, request_id

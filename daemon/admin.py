@@ -2,8 +2,16 @@
 
 A bearer token from ``TRAINGUARD_ADMIN_TOKEN`` guards every route but the OpenAPI document;
 without a token the API is served only on a loopback listener (the daemon refuses to start
-otherwise). Every action goes through ``daemon.actions``, the same code as the CLI, and so
-through reconcile: the API never writes a training itself.
+otherwise) and only reads: any local process, or a browser page on this host, could otherwise
+submit paid trainings or cancel them (the CLI does not need the API: it opens the database).
+Every action goes through ``daemon.actions``, the same code as the CLI, and so through
+reconcile: the API never writes a training itself.
+
+Whatever the token, a request is refused before it is read when its ``Host`` is a name other
+than ``localhost``, the listener's own or one of ``[metrics] allowed_hosts`` (421: DNS
+rebinding; an IP address cannot be rebound), and a state-changing one when its ``Origin`` is not the ``Host`` it was sent to
+(403: another page's request) or its ``Content-Type`` is not ``application/json`` (415: the
+only types a page may send cross-origin without asking are form and text types).
 """
 
 from __future__ import annotations
@@ -11,19 +19,28 @@ from __future__ import annotations
 import hmac
 import ipaddress
 import json
+import math
 from collections.abc import Awaitable, Callable, Mapping
 from typing import Any, Protocol
-from urllib.parse import parse_qs
+from urllib.parse import parse_qs, urlsplit
+
+import trio
 
 from daemon import actions, http
 from daemon.config import ConfigError, Settings
 from daemon.fal import FalClient, FalRequestError
+from daemon.logs import WARN, get_logger
 from daemon.reconcile import AlreadyTracked, Reconciler, view_as_dict
 from daemon.store import STATUSES, Store, Training, fal_user_ids
 
+log = get_logger(component="admin")
+
 TOKEN_ENV = "TRAINGUARD_ADMIN_TOKEN"
 MAX_BODY_BYTES = 64 * 1024
+BODY_TIMEOUT_SECONDS = 10.0  # for the whole body, as the webhook listener does
 MAX_PAGE = 500
+READ_METHODS = frozenset({"GET", "HEAD"})
+_DEFAULT_PORTS = {"http": 80, "https": 443}
 
 
 class Services(Protocol):
@@ -73,12 +90,33 @@ class Request:
 
     def json(self) -> dict[str, Any]:
         try:
-            data = json.loads(self.body or b"null")
+            data = json.loads(
+                self.body or b"null", parse_constant=_not_a_number, parse_float=_finite
+            )
+        except _NotANumber as exc:
+            raise ApiError(
+                400, "bad_json", f"{exc}: not a finite number (NaN and Infinity are not JSON)"
+            ) from None
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "bad_json", "the body is not JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
         return data
+
+
+class _NotANumber(Exception):
+    """NaN, Infinity or -Infinity: Python's json reads them, JSON (and FAL) does not."""
+
+
+def _not_a_number(constant: str) -> Any:
+    raise _NotANumber(constant)
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e999
+        raise _NotANumber(text)
+    return value
 
 
 def _string(data: Mapping[str, Any], key: str, *, required: bool = True) -> str | None:
@@ -132,6 +170,32 @@ class AdminApi:
                     return handler, params, True
         return None, {}, path_known
 
+    def _check_origin(self, scope: Mapping[str, Any]) -> None:
+        """Refuse a request that a page of another site (or a rebound name) may have sent."""
+        headers = _headers(scope)
+        host = headers.get("host")
+        if host is not None and not self._own_host(host):
+            raise ApiError(421, "misdirected", "the Host header does not name this listener")
+        if scope["method"] in READ_METHODS:
+            return
+        origin = headers.get("origin")
+        if origin is not None and (host is None or not _same_origin(origin, host)):
+            raise ApiError(403, "foreign_origin", "a request from another origin is refused")
+        media_type = headers.get("content-type", "").partition(";")[0].strip().lower()
+        if media_type != "application/json":
+            raise ApiError(415, "unsupported_media_type", "Content-Type must be application/json")
+
+    def _own_host(self, host: str) -> bool:
+        name = _host_name(host)
+        if name is None:
+            return False
+        if name == "localhost" or _is_ip(name):
+            return True
+        metrics = self.services.settings.metrics
+        own = {http.parse_listen(metrics["listen"])[0].lower().rstrip(".")}
+        own.update(n.lower() for n in metrics.get("allowed_hosts", ()))
+        return name in own
+
     def _authorized(self, scope: Mapping[str, Any]) -> bool:
         if not self.token:
             return True
@@ -156,8 +220,16 @@ class AdminApi:
                     "not_found",
                     "no such route" if not known else "method not allowed",
                 )
+            self._check_origin(scope)
             if not self._authorized(scope):
                 raise ApiError(401, "unauthorized", "a valid bearer token is required")
+            if not self.token and method not in READ_METHODS:
+                raise ApiError(
+                    403,
+                    "read_only",
+                    f"without {TOKEN_ENV} the admin API only reads; set it to change "
+                    "trainings here, or use the trainguard CLI",
+                )
             body = await _read_body(receive)
             if self.services.reconciler is None:
                 raise ApiError(503, "not_ready", "the daemon is still starting")
@@ -167,6 +239,11 @@ class AdminApi:
             await _send_json(
                 send, exc.status, {"error": exc.code, "detail": exc.detail}, headers=extra
             )
+            return
+        except Exception as exc:  # a bug: logged, and still answered in the documented form
+            log.error(f"{WARN} admin API request failed", method=method, path=path, exc_info=exc)
+            detail = {"error": "internal", "detail": f"{type(exc).__name__}: {exc}"}
+            await _send_json(send, 500, detail)
             return
         await _send_json(send, status, payload)
 
@@ -249,6 +326,8 @@ class AdminApi:
             )
         except AlreadyTracked as exc:
             raise ApiError(409, "already_tracked", str(exc)) from None
+        except actions.BadRequestId as exc:
+            raise ApiError(422, "bad_request_id", str(exc)) from None
         except ValueError as exc:
             raise ApiError(400, "bad_request", str(exc)) from None
         return 201, view_as_dict(view)
@@ -285,6 +364,48 @@ class AdminApi:
         return name
 
 
+def _headers(scope: Mapping[str, Any]) -> dict[str, str]:
+    return {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers") or ()}
+
+
+def _host_name(host: str) -> str | None:
+    """The lower-case name or address in a ``Host`` value (``name[:port]``, ``[v6][:port]``)."""
+    if any(c in host for c in "@/?#\\"):
+        return None
+    try:
+        parts = urlsplit(f"//{host.strip()}")
+        valid = parts.port is None or parts.port > 0  # .port raises on a malformed one
+    except ValueError:
+        return None
+    name = (parts.hostname or "").rstrip(".")
+    return name if valid and name else None
+
+
+def _is_ip(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
+def _same_origin(origin: str, host: str) -> bool:
+    """Whether ``Origin`` (``scheme://name[:port]``) names the ``Host`` the request went to."""
+    try:
+        o = urlsplit(origin.strip())
+        h = urlsplit(f"//{host.strip()}")
+        o_port = o.port or _DEFAULT_PORTS.get(o.scheme)
+        h_port = h.port or _DEFAULT_PORTS.get(o.scheme)
+    except ValueError:
+        return False
+    return (
+        o.scheme in _DEFAULT_PORTS
+        and o.hostname is not None
+        and o.hostname == h.hostname
+        and o_port == h_port
+    )
+
+
 def _int(raw: str, name: str, low: int, high: int) -> int:
     try:
         value = int(raw)
@@ -296,11 +417,14 @@ def _int(raw: str, name: str, low: int, high: int) -> int:
 
 
 async def _read_body(receive: Any) -> bytes:
-    try:
-        body = await http.read_body(receive, MAX_BODY_BYTES)
-    except http.BodyTooLarge as exc:
-        raise ApiError(413, "too_large", str(exc)) from None
-    return body or b""
+    """The whole body within ``BODY_TIMEOUT_SECONDS`` (a trickling client gets 408)."""
+    with trio.move_on_after(BODY_TIMEOUT_SECONDS):
+        try:
+            body = await http.read_body(receive, MAX_BODY_BYTES)
+        except http.BodyTooLarge as exc:
+            raise ApiError(413, "too_large", str(exc)) from None
+        return body or b""
+    raise ApiError(408, "timeout", f"body not received within {BODY_TIMEOUT_SECONDS:g} s")
 
 
 async def _send_json(
@@ -402,7 +526,11 @@ def _ok(description: str, ref: str) -> dict[str, Any]:
 _ID = {"name": "request_id", "in": "path", "required": True, "schema": {"type": "string"}}
 _COMMON = {
     "401": _error("missing or wrong bearer token"),
+    "408": _error("the body did not arrive in time"),
+    "403": _error("a change without a token configured, or from another origin"),
     "413": _error("body too large"),
+    "415": _error("a change whose Content-Type is not application/json"),
+    "421": _error("a Host header that does not name this listener"),
     "503": _error("not ready"),
 }
 
@@ -506,6 +634,7 @@ def openapi() -> dict[str, Any]:
                         "201": _ok("adopted", training),
                         "400": _error("bad request"),
                         "409": _error("already tracked"),
+                        "422": _error("a request id that could never be fetched or cancelled"),
                         **_COMMON,
                     },
                 }

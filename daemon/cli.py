@@ -78,7 +78,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         "trainguard starting",
         version=__version__,
         config=settings.source,
-        database=settings.database["url"],
+        database=config.redact_url(settings.database["url"]),
         fal_key="set" if settings.fal_key else "missing",
     )
     if not settings.fal_key:
@@ -100,9 +100,14 @@ def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
         if not sep or not key:
             raise CliError(f"--arg {item!r}: expected KEY=VALUE", EXIT_CONFIG)
         try:
-            extra[key] = json.loads(raw)
+            value = json.loads(raw)
         except ValueError:
-            extra[key] = raw
+            value = raw
+        if isinstance(value, float) and not math.isfinite(value):  # NaN, Infinity, 1e999
+            raise CliError(
+                f"--arg {item!r}: not a finite number (JSON has no NaN or Infinity)", EXIT_CONFIG
+            )
+        extra[key] = value
     return extra
 
 
@@ -170,6 +175,8 @@ def cmd_track(args: argparse.Namespace) -> int:
         view = _run(track)
     except ConfigError:  # an unknown --type: a bad argument (exit 2), not a failed track
         raise
+    except actions.BadRequestId as exc:  # a bad argument too
+        raise CliError(str(exc), EXIT_CONFIG) from exc
     except ValueError as exc:  # a malformed endpoint or request id; AlreadyTracked
         raise CliError(str(exc)) from exc
     _print_training(view, args.json)

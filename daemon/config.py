@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import string
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 BUILTIN_LAYERS = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 
@@ -34,6 +35,32 @@ FALLBACK_HOSTS = {
 
 class ConfigError(ValueError):
     """A configuration problem, with the offending key in the message."""
+
+
+#: The password in a URL's user info (``scheme://user:PASSWORD@host``) or in a libpq-style
+#: ``password=`` query parameter.
+_URL_PASSWORD = re.compile(
+    r"^([a-z][a-z0-9+.-]*://[^/?#:@]*):([^/?#]*)@|([?&]password=)([^&#]*)", re.I
+)
+
+
+def url_passwords(url: str) -> list[str]:
+    """The passwords written in ``url``, as written and percent-decoded."""
+    found = []
+    for m in _URL_PASSWORD.finditer(url):
+        raw = m.group(2) if m.group(1) is not None else m.group(4)
+        if raw:
+            found.extend({raw, unquote(raw)})
+    return found
+
+
+def redact_url(url: str) -> str:
+    """``url`` with every password in it replaced by ``***`` (to log it or name it)."""
+
+    def hide(m: re.Match[str]) -> str:
+        return f"{m.group(1)}:***@" if m.group(1) is not None else f"{m.group(3)}***"
+
+    return _URL_PASSWORD.sub(hide, url)
 
 
 @dataclass(frozen=True)
@@ -93,6 +120,15 @@ def _listen(value: str) -> str | None:
     host, sep, port = value.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 <= int(port) <= 65535:
         return 'must be "host:port", e.g. "127.0.0.1:8700"'
+    return None
+
+
+def _host_names(value: list[Any]) -> str | None:
+    for name in value:
+        if not isinstance(name, str) or not re.fullmatch(
+            r"[A-Za-z0-9]([A-Za-z0-9.-]*[A-Za-z0-9])?", name
+        ):
+            return f'must be host names without a port, e.g. ["trainguard.internal"], not {name!r}'
     return None
 
 
@@ -210,8 +246,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "unknown_receipts_kept": Key((int,), 1000, _non_negative),
         "unverified_kept": Key((int,), 10000, _non_negative),
         "unverified_kept_bytes": Key((int,), 64 * 1024 * 1024, _non_negative),
+        "max_connections": Key((int,), 1024, _positive),
     },
-    "metrics": {"listen": Key((str,), "127.0.0.1:9700", _listen)},
+    "metrics": {
+        "listen": Key((str,), "127.0.0.1:9700", _listen),
+        "max_connections": Key((int,), 64, _positive),
+        "allowed_hosts": Key((list,), [], _host_names),
+    },
     "log": {"level": Key((str,), "info", _level)},
     "fallback": {
         "mode": Key((str,), "complete", _mode),
@@ -340,8 +381,15 @@ class Settings:
 
     @property
     def secrets(self) -> list[str]:
-        """Every secret from the environment, for log redaction."""
-        return [s for s in (self.fal_key, self.admin_token, self.delivery_secret) if s]
+        """Every secret from the environment, and the passwords in configured URLs (such as
+        ``postgresql://user:PASSWORD@host/db``), for log redaction."""
+        in_urls = [
+            p
+            for url in (self.database["url"], self.delivery["url"])
+            if isinstance(url, str)
+            for p in url_passwords(url)
+        ]
+        return [s for s in (self.fal_key, self.admin_token, self.delivery_secret, *in_urls) if s]
 
     def layer(self, name: str) -> LayerSettings:
         """The settings of a layer; a layer not named in the file is enabled with no options."""
@@ -399,7 +447,8 @@ def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[s
         if spec.check is not None:
             problem = spec.check(value)
             if problem:
-                raise ConfigError(f"{name}: {problem} (got {value!r})")
+                shown = redact_url(value) if isinstance(value, str) else value
+                raise ConfigError(f"{name}: {problem} (got {shown!r})")
         out[key] = float(value) if spec.types == FLOAT else value
     return out
 

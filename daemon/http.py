@@ -7,6 +7,7 @@ the metrics listener: ``/metrics``, ``/healthz`` and ``/readyz``.
 
 from __future__ import annotations
 
+import errno
 import logging
 import socket
 from collections.abc import Awaitable, Callable, MutableMapping
@@ -14,9 +15,14 @@ from functools import partial
 from typing import Any
 
 import trio
-from hypercorn.config import Config, Sockets
-from hypercorn.trio import serve
+from hypercorn.app_wrappers import ASGIWrapper
+from hypercorn.config import Config
+from hypercorn.trio.lifespan import Lifespan
+from hypercorn.trio.tcp_server import TCPServer
+from hypercorn.trio.worker_context import WorkerContext
+from hypercorn.typing import ConnectionState
 
+from daemon.logs import get_logger
 from daemon.metrics import Metrics
 
 __all__ = [
@@ -36,6 +42,8 @@ Receive = Callable[[], Awaitable[Message]]
 Send = Callable[[Message], Awaitable[None]]
 ASGIApp = Callable[[Scope, Receive, Send], Awaitable[None]]
 
+_log = get_logger(component="http")
+
 _LISTEN_HELP = "expected HOST:PORT, e.g. 127.0.0.1:9100 or [::1]:9100"
 
 
@@ -54,6 +62,12 @@ def parse_listen(value: str) -> tuple[str, int]:
     return host, port
 
 
+#: accept() errors that mean "out of file descriptors or memory right now": wait and retry.
+_CAPACITY_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_CAPACITY_RETRY_SECONDS = 0.1
+DEFAULT_MAX_CONNECTIONS = 1024
+
+
 async def serve_asgi(
     app: ASGIApp,
     listen: str,
@@ -64,6 +78,7 @@ async def serve_asgi(
     keep_alive_timeout: float = 5.0,
     max_header_bytes: int = 16 * 1024,
     max_body_bytes: int | None = None,
+    max_connections: int = DEFAULT_MAX_CONNECTIONS,
 ) -> None:
     """Serve ``app`` on ``listen`` until cancelled; start with ``await nursery.start(...)``.
 
@@ -73,10 +88,13 @@ async def serve_asgi(
     sends no complete request head for ``keep_alive_timeout`` seconds (idle keep-alive and
     slow headers alike) or nothing at all for ``read_timeout`` seconds; an incomplete request
     head may buffer at most ``max_header_bytes``. With ``max_body_bytes``, a larger body gets
-    413 instead of reaching the app. An address that cannot be bound raises one ``OSError``.
+    413 instead of reaching the app. At most ``max_connections`` connections are open at
+    once: while that many are, no other is accepted (it waits in the kernel's backlog), and
+    an ``accept`` out of file descriptors is logged in one line and retried, never fatal.
+    An address that cannot be bound raises one ``OSError``.
     """
     sock = _bind(listen)
-    config = _PreboundConfig(sock)
+    config = Config()
     config.accesslog = None
     config.errorlog = logging.getLogger("hypercorn.error")
     config.include_server_header = False
@@ -94,15 +112,9 @@ async def serve_asgi(
     # (stop accepting, drain, lifespan shutdown) bounded by the deadline set below.
     server_scope = trio.CancelScope(shield=True)
 
-    async def run_server(*, task_status: trio.TaskStatus[list[str]]) -> None:
+    async def run_server(*, task_status: trio.TaskStatus[None]) -> None:
         with server_scope:
-            await serve(
-                app,  # type: ignore[arg-type]
-                config,
-                shutdown_trigger=shutdown.wait,
-                task_status=task_status,
-                mode="asgi",
-            )
+            await _serve(app, config, sock, listen, max_connections, shutdown, task_status)
 
     with sock:
         async with trio.open_nursery() as nursery:
@@ -116,15 +128,92 @@ async def serve_asgi(
                 server_scope.deadline = trio.current_time() + graceful_timeout + 1.0
 
 
-class _PreboundConfig(Config):
-    """A hypercorn config serving one socket bound by us (hypercorn leaks it if bind fails)."""
+async def _serve(
+    app: ASGIApp,
+    config: Config,
+    sock: socket.socket,
+    listen: str,
+    max_connections: int,
+    shutdown: trio.Event,
+    task_status: trio.TaskStatus[None],
+) -> None:
+    """hypercorn's trio worker (``hypercorn.trio.run.worker_serve``) for one bound socket,
+    with our own accept loop: hypercorn has no bound on connections (only ``backlog``)."""
+    wrapped = ASGIWrapper(app)  # type: ignore[arg-type]
+    lifespan_state: dict[str, Any] = {}
+    lifespan = Lifespan(wrapped, config, lifespan_state)
+    context = WorkerContext(None)
+    async with trio.open_nursery() as lifespan_nursery:
+        await lifespan_nursery.start(lifespan.handle_lifespan)
+        await lifespan.wait_for_startup()
+        async with trio.open_nursery() as connections:
+            sock.listen(config.backlog)
+            listener = trio.SocketListener(trio.socket.from_stdlib_socket(sock))
+            handler = partial(
+                TCPServer, wrapped, config, context, ConnectionState(lifespan_state.copy())
+            )
+            async with trio.open_nursery() as acceptor:
+                acceptor.start_soon(
+                    _accept_loop, listener, handler, connections, max_connections, listen
+                )
+                task_status.started()
+                await shutdown.wait()
+                acceptor.cancel_scope.cancel()
+            await listener.aclose()  # new connections are refused from now on
+            await context.terminated.set()  # idle keep-alive connections close now
+            connections.cancel_scope.deadline = trio.current_time() + config.graceful_timeout
+        await lifespan.wait_for_shutdown()
+        lifespan_nursery.cancel_scope.cancel()
 
-    def __init__(self, sock: socket.socket) -> None:
-        super().__init__()
-        self._sock = sock
 
-    def create_sockets(self) -> Sockets:
-        return Sockets(secure_sockets=[], insecure_sockets=[self._sock], quic_sockets=[])
+async def _accept_loop(
+    listener: trio.SocketListener,
+    handler: Callable[[trio.SocketStream], Awaitable[None]],
+    connections: trio.Nursery,
+    max_connections: int,
+    listen: str,
+) -> None:
+    """Accept while fewer than ``max_connections`` are open; each runs in ``connections``."""
+    slots = trio.Semaphore(max_connections)
+    said_full = False  # the bound was reached and logged; logged again once it frees up
+
+    async def serve_one(stream: trio.SocketStream) -> None:
+        try:
+            await handler(stream)
+        except Exception as exc:  # one client's broken connection never stops the listener
+            _log.warning(
+                "connection closed on an error", listen=listen, error=f"{type(exc).__name__}: {exc}"
+            )
+        finally:  # as trio.serve_listeners does: closed even when cancelled
+            try:
+                await trio.aclose_forcefully(stream)
+            finally:
+                slots.release()
+
+    while True:
+        if slots.value == 0 and not said_full:
+            said_full = True
+            _log.warning(
+                "connection limit reached: new connections wait until one closes",
+                listen=listen,
+                max_connections=max_connections,
+            )
+        await slots.acquire()
+        said_full = said_full and slots.value == 0
+        try:
+            stream = await listener.accept()
+        except OSError as exc:
+            slots.release()
+            if exc.errno not in _CAPACITY_ERRNOS:
+                raise
+            _log.warning(
+                "accept failed: out of file descriptors or memory; retrying",
+                listen=listen,
+                error=f"{errno.errorcode.get(exc.errno or 0, exc.errno)}: {exc.strerror}",
+            )
+            await trio.sleep(_CAPACITY_RETRY_SECONDS)
+            continue
+        connections.start_soon(serve_one, stream)
 
 
 def _bind(listen: str) -> socket.socket:

@@ -5,7 +5,9 @@ A layer is any object with a ``name`` and ``async def run(ctx, *, task_status)``
 heartbeat while alive, and never writes a training itself: it hands what it observed to
 ``ctx.reconciler``. Optional attributes: ``order`` (start order, lower first; default 50) and
 ``heartbeat_timeout(options) -> float`` (how stale its heartbeat may get before the systemd
-watchdog stops being fed; 300 s when absent).
+watchdog stops being fed; 300 s when absent) and ``check_options(options) -> None`` (raises
+``ConfigError`` for a bad ``[layers.NAME]`` table; a reload (SIGHUP) with one is refused, as
+the layer's own check in ``run`` stops the start).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 Every call is a no-op when ``$NOTIFY_SOCKET`` is unset (not started by systemd) and never
 raises: a failed send is logged and forgotten, since the daemon's work matters more than
-telling systemd about it.
+telling systemd about it. Nor does a call ever block: a message the socket cannot take at
+once (nobody reads it) is dropped and counted in ``Notifier.dropped``, logged once per run
+of drops.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-from daemon.logs import get_logger
+from daemon.logs import WARN, get_logger
 
 __all__ = ["Notifier", "watchdog_interval"]
 
@@ -24,6 +26,9 @@ class Notifier:
         path = os.environ.get("NOTIFY_SOCKET", "")
         # A leading "@" names a socket in Linux's abstract namespace.
         self._address: str | None = "\0" + path[1:] if path.startswith("@") else path or None
+        #: Messages dropped because the socket was full; ``_dropping``: since the last sent.
+        self.dropped = 0
+        self._dropping = 0
 
     @staticmethod
     def watchdog_interval() -> float | None:
@@ -49,12 +54,26 @@ class Notifier:
         if self._address is None or not fields:
             return False
         payload = "".join(f"{key}={value}\n" for key, value in fields.items())
+        kind = socket.SOCK_DGRAM | socket.SOCK_CLOEXEC | socket.SOCK_NONBLOCK
         try:
-            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            with socket.socket(socket.AF_UNIX, kind) as sock:
                 sock.sendto(payload.encode(), self._address)
+        except BlockingIOError:
+            self.dropped += 1
+            self._dropping += 1
+            if self._dropping == 1:
+                log.warning(
+                    f"{WARN} sd_notify dropped: the notify socket is full (not read); "
+                    "dropping until it takes messages again",
+                    fields=sorted(fields),
+                )
+            return False
         except OSError as error:
             log.warning("sd_notify failed", fields=sorted(fields), error=str(error))
             return False
+        if self._dropping:
+            log.info("sd_notify sends again", dropped=self._dropping)
+            self._dropping = 0
         return True
 
     def ready(self, status: str | None = None) -> bool:

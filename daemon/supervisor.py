@@ -18,6 +18,7 @@ import random
 import signal
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import httpx
@@ -179,7 +180,12 @@ class Daemon:
                     )
                     try:
                         self.ops_address = await nursery.start(
-                            http.serve_asgi, app, s.metrics["listen"]
+                            partial(
+                                http.serve_asgi,
+                                app,
+                                s.metrics["listen"],
+                                max_connections=s.metrics["max_connections"],
+                            )
                         )
                     except OSError as exc:
                         raise StartError(f"metrics listener failed to start: {exc}") from exc
@@ -355,6 +361,7 @@ class Daemon:
         try:
             new = config.load(self.config_path)
             self._select_layers(new)  # unknown layer names are refused here
+            self._check_layer_options(new)  # a plugin's own options, as its run() does at start
         except ConfigError as exc:
             log.error(f"{logs.WARN} reload refused: the running config is kept", error=str(exc))
             self.notifier.ready("reload refused; running config kept")
@@ -387,6 +394,23 @@ class Daemon:
         )
         self.notifier.ready("reloaded")
         return True
+
+    def _check_layer_options(self, settings: Settings) -> None:
+        """Ask every enabled layer with a ``check_options(options)`` to check its table of
+        ``settings``; a ConfigError (any error, named as one) says what is wrong."""
+        for entry in self._select_layers(settings):
+            check = getattr(entry.layer, "check_options", None)
+            if not callable(check):
+                continue
+            try:
+                check(settings.layer(entry.layer.name).options)
+            except ConfigError:
+                raise
+            except Exception as exc:
+                raise ConfigError(
+                    f"layers.{entry.layer.name}: its options could not be checked "
+                    f"({_describe(exc)})"
+                ) from exc
 
     def _apply(self, settings: Settings) -> None:
         self.settings = settings

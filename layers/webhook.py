@@ -28,6 +28,7 @@ import contextlib
 import hashlib
 import json
 from collections.abc import Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -179,7 +180,14 @@ class WebhookLayer:
         )
         handler = _Handler(ctx, path, jwks)
         async with trio.open_nursery() as nursery:
-            self.address = await nursery.start(http.serve_asgi, handler, settings["listen"])
+            self.address = await nursery.start(
+                partial(
+                    http.serve_asgi,
+                    handler,
+                    settings["listen"],
+                    max_connections=settings["max_connections"],
+                )
+            )
             nursery.start_soon(handler.keep_retrying)
             nursery.start_soon(handler.prune_stored)
             ctx.log.info(f"{TAG} listening", address=self.address, path=path)

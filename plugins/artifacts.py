@@ -341,6 +341,10 @@ class ArtifactsLayer:
         self._wake = trio.Event()
         self._rng = random.Random()
 
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """Refuse a bad ``[layers.artifacts]`` table (a reload with one is refused)."""
+        Options.parse(options)
+
     def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
         """It beats after every file (each bounded by ``[artifacts] timeout_seconds``) and
         every pass (at least every ``interval_seconds``)."""

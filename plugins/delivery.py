@@ -12,7 +12,12 @@ A built-in plugin that uses nothing but the public hooks, the way a team would w
   pass it POSTs the oldest pending entry of every training to ``[delivery] url``, signed per
   Standard Webhooks (``webhook-id`` is the entry's stable ``message_id``, the same on every
   retry). A training's next event is sent only once the previous one is delivered or
-  abandoned; trainings do not wait for each other. A non-2xx answer or no answer is retried
+  abandoned; trainings do not wait for each other: at most ``SEND_CONCURRENCY`` POSTs are in
+  flight, each started as soon as a slot is free, whatever the others are doing. Every POST
+  has one time limit for all of it (``timeout_seconds``: connect, send, and the answer however
+  slowly it trickles), and at most ``MAX_ANSWER_BYTES`` of an answer are read: a slow or
+  huge answer from the bot costs one slot for ``timeout_seconds`` and a few KB, no more.
+  A non-2xx answer or no answer is retried
   with exponential backoff and jitter until the entry is ``max_age_seconds`` old, then
   abandoned with a ⚠️ error. A 410 Gone stops delivery to that URL for good: pending entries
   are abandoned with the reason ``410 Gone from URL`` (which also keeps it stopped across
@@ -58,7 +63,8 @@ INTERNAL_FIELDS = frozenset(
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 600.0
 SEND_CONCURRENCY = 4
-BATCH = 100
+BATCH = 100  # at most this many heads queued for a slot at a time
+MAX_ANSWER_BYTES = 4096  # of the bot's answer (only its status matters)
 
 
 # -- what the hooks share ----------------------------------------------------------------
@@ -164,6 +170,9 @@ class DeliveryLayer:
         self.gone_reason = f"410 Gone from {self.url}"
         self._wake = trio.Event()
         self._said_gone = False
+        self._gone = False
+        self._in_flight: set[str] = set()  # request ids with a head queued or being sent
+        self._settled: set[int] = set()  # outbox ids whose outcome was stored this pass
 
     def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
         return max(300.0, self.timeout + 60.0)  # one POST may take the whole timeout
@@ -172,32 +181,41 @@ class DeliveryLayer:
         """Look at the outbox now (a transition was just committed)."""
         self._wake.set()
 
-    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        if ctx.options:
+    def check_options(self, options: Mapping[str, Any]) -> None:
+        """``[layers.delivery]`` takes only ``enabled``: delivery is configured in [delivery]."""
+        if options:
             raise ConfigError(
-                f"layers.delivery.{sorted(ctx.options)[0]}: unknown key "
+                f"layers.delivery.{sorted(options)[0]}: unknown key "
                 "(delivery is configured in [delivery])"
             )
+
+    async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
+        self.check_options(ctx.options)
         key = load_secret()
-        gone = await ctx.store.read(self._stopped_before)
-        async with httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client:
+        self._gone = await ctx.store.read(self._stopped_before)
+        self._in_flight.clear()
+        limiter = trio.CapacityLimiter(SEND_CONCURRENCY)
+        async with (
+            httpx.AsyncClient(timeout=self.timeout, trust_env=False) as client,
+            trio.open_nursery() as senders,
+        ):
             task_status.started()
-            if gone:
+            if self._gone:
                 self._say_gone(ctx, abandoned=0)
             while True:
                 wake = self._wake = trio.Event()
                 now = ctx.clock.now()
                 await self._expire(ctx, now)
-                if gone:
+                if self._gone:
                     ctx.metrics.delivery_attempts_failed.inc(
                         await ctx.store.write(self._abandon_pending, now)
                     )
                 else:
-                    gone = await self._send_due(ctx, client, key, now)
+                    await self._send_due(ctx, senders, limiter, client, key, now)
                 next_due = await self._gauges(ctx)
                 ctx.passed()
                 wait = ctx.idle_seconds
-                if next_due is not None:
+                if next_due is not None and len(self._in_flight) < BATCH:
                     wait = min(wait, next_due - ctx.clock.now())
                 if wait > 0:
                     with trio.move_on_after(wait):
@@ -205,27 +223,64 @@ class DeliveryLayer:
 
     # ---- one pass ------------------------------------------------------------------------
     async def _send_due(
-        self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, now: float
-    ) -> bool:
-        """Send every due head once; True when the URL answered 410 Gone."""
-        messages = await ctx.store.read(self._due, now)
-        limiter = trio.CapacityLimiter(SEND_CONCURRENCY)
-        gone = False
+        self,
+        ctx: LayerContext,
+        senders: trio.Nursery,
+        limiter: trio.CapacityLimiter,
+        client: httpx.AsyncClient,
+        key: bytes,
+        now: float,
+    ) -> None:
+        """Queue every due head of a training with nothing in flight; returns at once."""
+        room = BATCH - len(self._in_flight)
+        if room <= 0:
+            return
+        self._settled.clear()
+        busy = sorted(self._in_flight)
+        for message in await ctx.store.read(self._due, now, busy, room):
+            # A head read while its training's previous message was being settled is stale.
+            if message.request_id in self._in_flight or message.id in self._settled:
+                continue
+            self._in_flight.add(message.request_id)
+            senders.start_soon(self._send_one, ctx, limiter, client, key, message)
 
-        async def one(message: _Message) -> None:
-            nonlocal gone
+    async def _send_one(
+        self,
+        ctx: LayerContext,
+        limiter: trio.CapacityLimiter,
+        client: httpx.AsyncClient,
+        key: bytes,
+        message: _Message,
+    ) -> None:
+        try:
             async with limiter:
-                gone |= await self._deliver(ctx, client, key, message)
-            ctx.heartbeat()
-
-        async with trio.open_nursery() as nursery:
-            for message in messages:
-                nursery.start_soon(one, message)
-        if gone:
+                if self._gone:
+                    return
+                gone = await self._deliver(ctx, client, key, message)
+            self._settled.add(message.id)
+        finally:
+            self._in_flight.discard(message.request_id)
+        ctx.heartbeat()
+        if gone and not self._gone:
+            self._gone = True
             abandoned = await ctx.store.write(self._abandon_pending, ctx.clock.now())
             ctx.metrics.delivery_attempts_failed.inc(abandoned)
             self._say_gone(ctx, abandoned)
-        return gone
+        self.wake()  # this training's next event, or a free slot for another's
+
+    async def _post(self, client: httpx.AsyncClient, body: bytes, headers: dict[str, str]) -> int:
+        """POST ``body``; the status, having read at most ``MAX_ANSWER_BYTES`` of the answer's
+        body (httpcore reads the head, up to 100 KiB, in 64 KiB reads).
+
+        Raises ``trio.TooSlowError`` when the whole exchange takes more than ``timeout_seconds``.
+        """
+        with trio.fail_after(self.timeout):
+            async with client.stream("POST", self.url, content=body, headers=headers) as response:
+                declared = response.headers.get("content-length", "")
+                if declared.isdigit() and int(declared) <= MAX_ANSWER_BYTES:
+                    await response.aread()  # h11 stops at the declared length: keep-alive
+                # Else nothing of the body is read: the connection is closed, not reused.
+                return response.status_code
 
     async def _deliver(
         self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, message: _Message
@@ -242,17 +297,19 @@ class DeliveryLayer:
             request_id=message.request_id, type=message.event, message_id=message.message_id
         )
         try:
-            response = await client.post(self.url, content=message.body.encode(), headers=headers)
+            status = await self._post(client, message.body.encode(), headers)
         except httpx.HTTPError as exc:
             error = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+        except trio.TooSlowError:
+            error = f"no complete answer within {self.timeout:g} s"
         else:
-            if response.is_success:
+            if 200 <= status < 300:
                 await ctx.store.write(self._delivered, message.id, ctx.clock.now())
                 ctx.metrics.delivery_delivered.inc()
                 log.info("delivered to the bot", attempts=message.attempts + 1)
                 return False
-            error = f"HTTP {response.status_code}"
-            if response.status_code == 410:
+            error = f"HTTP {status}"
+            if status == 410:
                 await ctx.store.write(self._failed, message.id, self.gone_reason, None)
                 ctx.metrics.delivery_attempts_failed.inc()
                 return True
@@ -276,8 +333,9 @@ class DeliveryLayer:
             )
 
     async def _gauges(self, ctx: LayerContext) -> float | None:
-        """Set the backlog gauges; return when the next head is due (None: nothing pending)."""
-        backlog, oldest, next_due = await ctx.store.read(self._stats)
+        """Set the backlog gauges; return when the next head not in flight is due (None: none;
+        a sender wakes the layer when it is done)."""
+        backlog, oldest, next_due = await ctx.store.read(self._stats, sorted(self._in_flight))
         ctx.metrics.delivery_backlog.set(backlog)
         ctx.metrics.delivery_oldest_age.set(ctx.clock.now() - oldest if oldest else 0)
         return next_due
@@ -308,12 +366,17 @@ class DeliveryLayer:
         return not delivered_since.exists()
 
     @staticmethod
-    def _due(now: float) -> list[_Message]:
+    def _due(now: float, busy: list[str], limit: int) -> list[_Message]:
+        """The oldest due heads, ``limit`` at most, of trainings not in ``busy``."""
         query = (
             Outbox.select()
-            .where(Outbox.id.in_(_heads()), Outbox.next_attempt_at <= now)
+            .where(
+                Outbox.id.in_(_heads()),
+                Outbox.next_attempt_at <= now,
+                Outbox.request_id.not_in(busy),
+            )
             .order_by(Outbox.id)
-            .limit(BATCH)
+            .limit(limit)
         )
         return [
             _Message(o.id, o.message_id, o.request_id, o.event, o.payload_json, o.attempts)
@@ -321,7 +384,7 @@ class DeliveryLayer:
         ]
 
     @staticmethod
-    def _stats() -> tuple[int, float | None, float | None]:
+    def _stats(busy: list[str]) -> tuple[int, float | None, float | None]:
         backlog, oldest = (
             Outbox.select(peewee.fn.COUNT(Outbox.id), peewee.fn.MIN(Outbox.created_at))
             .where(_pending())
@@ -330,7 +393,7 @@ class DeliveryLayer:
         )
         next_due = (
             Outbox.select(peewee.fn.MIN(Outbox.next_attempt_at))
-            .where(Outbox.id.in_(_heads()))
+            .where(Outbox.id.in_(_heads()), Outbox.request_id.not_in(busy))
             .scalar()
         )
         return backlog, oldest, next_due

@@ -13,6 +13,7 @@ import httpx
 import pytest
 import trio
 
+from daemon import admin
 from daemon.config import DEFAULT_TRAINING_TYPES, ConfigError
 from daemon.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 from daemon.supervisor import Daemon
@@ -21,13 +22,15 @@ from tests.conftest import daemon_settings
 
 TOKEN = "admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}
+JSON = {"Content-Type": "application/json"}
+SUBMIT = {"type": "portrait", "name": "eve", "images_url": "https://example.invalid/e.zip"}
 
 
 async def start(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, **kw: Any
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, token: str | None = TOKEN, **kw: Any
 ) -> tuple[Daemon, str]:
     settings = dataclasses.replace(
-        daemon_settings(tmp_path / "db.sqlite", sim, **kw), admin_token=TOKEN
+        daemon_settings(tmp_path / "db.sqlite", sim, **kw), admin_token=token
     )
     daemon = Daemon(settings, pm=build_manager(entry_points=False))
     await nursery.start(daemon.run)
@@ -75,6 +78,144 @@ async def test_token_is_required_and_openapi_is_public(
         assert (await client.delete(f"{base}/v1/trainings", headers=AUTH)).status_code == 405
 
 
+async def test_without_a_token_a_foreign_page_cannot_submit_or_cancel(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 5: a browser page's text/plain POST from a foreign Origin got 201."""
+    daemon, base = await start(nursery, tmp_path, sim, token=None, only=("webhook",))
+    assert daemon.store is not None and daemon.reconciler is not None
+    await daemon.reconciler.register(
+        name="ann", training_type="portrait", request_id="req-ann", layer="track"
+    )
+    page = {"Origin": "http://evil.example", "Content-Type": "text/plain"}
+    async with httpx.AsyncClient() as client:
+        forged = await client.post(f"{base}/v1/trainings", headers=page, content=json.dumps(SUBMIT))
+        assert forged.status_code == 403, forged.text
+        cancel = await client.post(f"{base}/v1/trainings/req-ann/cancel", headers=page)
+        assert cancel.status_code == 403, cancel.text
+        # even a well-formed same-origin change is refused without a token: reads only
+        plain = await client.post(f"{base}/v1/trainings", json=SUBMIT)
+        assert plain.status_code == 403 and plain.json()["error"] == "read_only"
+        track = await client.post(
+            f"{base}/v1/trainings/track",
+            json={"request_id": "req-x", "type": "portrait", "name": "x"},
+        )
+        assert track.status_code == 403
+        listed = await client.get(f"{base}/v1/trainings")
+        assert listed.status_code == 200 and [t["name"] for t in listed.json()["items"]] == ["ann"]
+        assert (await client.get(f"{base}/v1/trainings/req-ann")).status_code == 200
+    assert sim.truth == {}  # nothing reached FAL
+    view = await daemon.store.training("req-ann")
+    assert view is not None and view.status == "SUBMITTED"
+    assert await daemon.store.training("req-x") is None
+
+
+async def test_changes_need_json_a_same_origin_and_our_host(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """With a token too: the browser's cross-origin simple request and DNS rebinding."""
+    daemon, base = await start(
+        nursery,
+        tmp_path,
+        sim,
+        only=("webhook",),
+        extra={"metrics": {"allowed_hosts": ["trainguard.internal"]}},
+    )
+    host, port = daemon.ops_address  # type: ignore[misc]
+    url = f"{base}/v1/trainings"
+    async with httpx.AsyncClient() as client:
+        for content_type in ("text/plain", "application/x-www-form-urlencoded", None):
+            headers = {**AUTH, "Content-Type": content_type} if content_type else AUTH
+            reply = await client.post(url, headers=headers, content=json.dumps(SUBMIT))
+            assert reply.status_code == 415, (content_type, reply.text)
+        for origin in ("http://evil.example", "null", f"http://{host}:{port + 1}", "https://x"):
+            reply = await client.post(url, headers={**AUTH, "Origin": origin}, json=SUBMIT)
+            assert reply.status_code == 403 and reply.json()["error"] == "foreign_origin", origin
+        for rebound in (f"evil.example:{port}", "trainguard.attacker.test", "a@127.0.0.1", ":x"):
+            for method in ("GET", "POST"):
+                reply = await client.request(
+                    method, url, headers={**AUTH, "Host": rebound}, json=SUBMIT
+                )
+                assert reply.status_code == 421, (rebound, method, reply.text)
+        assert sim.truth == {}
+        # what the CLI-less operator and a same-origin page legitimately send still works
+        ok = await client.post(
+            url, headers={**AUTH, "Origin": f"http://{host}:{port}"}, json=SUBMIT
+        )
+        assert ok.status_code == 201, ok.text
+        local = await client.get(url, headers={**AUTH, "Host": f"localhost:{port}"})
+        assert local.status_code == 200 and len(local.json()["items"]) == 1
+        allowed = await client.get(url, headers={**AUTH, "Host": f"TrainGuard.internal:{port}"})
+        assert allowed.status_code == 200  # [metrics] allowed_hosts
+        charset = {**AUTH, "Content-Type": "application/json; charset=utf-8"}
+        again = await client.post(url, headers=charset, content=json.dumps(SUBMIT))
+        assert again.status_code == 201, again.text
+    assert len(sim.truth) == 2
+
+
+async def test_nan_or_infinity_in_submit_arguments_is_a_clear_400(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 12: `NaN` in the arguments gave a 500 with an empty body."""
+    _, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        for value in ("NaN", "Infinity", "-Infinity", "1e999"):
+            body = (
+                '{"type": "portrait", "name": "n", "images_url": "https://x/a.zip", '
+                f'"arguments": {{"steps": {value}}}}}'
+            )
+            reply = await client.post(
+                f"{base}/v1/trainings", headers={**AUTH, **JSON}, content=body
+            )
+            assert reply.status_code == 400, (value, reply.status_code, reply.text)
+            assert reply.json()["error"] == "bad_json" and value in reply.json()["detail"]
+    assert sim.truth == {}
+
+
+async def test_track_refuses_an_id_the_api_could_never_serve(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 12: `a/b` was tracked, and then neither fetched nor cancelled."""
+    daemon, base = await start(nursery, tmp_path, sim, only=("webhook",))
+    async with httpx.AsyncClient() as client:
+        for rid in ("a/b", "..", "a%2Fb", "track", "x y", ""):
+            body = {"request_id": rid, "type": "portrait", "name": "x"}
+            reply = await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=body)
+            assert reply.status_code == (400 if rid == "" else 422), (rid, reply.text)
+        ok = {"request_id": "0f1e-Ab_9.~x", "type": "portrait", "name": "x"}
+        assert (
+            await client.post(f"{base}/v1/trainings/track", headers=AUTH, json=ok)
+        ).status_code == 201
+        got = await client.get(f"{base}/v1/trainings/0f1e-Ab_9.~x", headers=AUTH)
+        assert got.status_code == 200, got.text
+    assert [v.request_id for v in await daemon.store.trainings()] == ["0f1e-Ab_9.~x"]  # type: ignore[union-attr]
+
+
+async def test_a_trickled_body_gets_408_and_frees_the_connection(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A client trickling its body a byte at a time held an admin connection for ever (the
+    listener's read timeout is per read); the whole body now has one time limit."""
+    monkeypatch.setattr(admin, "BODY_TIMEOUT_SECONDS", 1.0)
+    daemon, _ = await start(nursery, tmp_path, sim, only=("webhook",))
+    host, port = daemon.ops_address  # type: ignore[misc]
+    stream = await trio.open_tcp_stream(host, port)
+    await stream.send_all(
+        b"POST /v1/trainings HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+        b"Authorization: Bearer " + TOKEN.encode() + b"\r\nContent-Length: 1000\r\n\r\n"
+    )
+    answer = b""
+    with trio.fail_after(30):
+        while b"\r\n\r\n" not in answer:
+            with trio.move_on_after(0.2):
+                answer += await stream.receive_some(4096)
+            if b"\r\n\r\n" not in answer:
+                await stream.send_all(b" ")
+    assert answer.startswith(b"HTTP/1.1 408"), answer
+    await stream.aclose()
+    assert sim.truth == {}
+
+
 async def test_non_loopback_listener_needs_a_token(tmp_path: Path, sim: Simulator) -> None:
     settings = daemon_settings(
         tmp_path / "db.sqlite", sim, extra={"metrics": {"listen": "0.0.0.0:9700"}}
@@ -119,7 +260,9 @@ async def test_submit_list_get_filter_and_page(
             b"[]",
             json.dumps({"type": "nope", "name": "x", "images_url": "u"}).encode(),
         ):
-            reply = await client.post(f"{base}/v1/trainings", headers=AUTH, content=body)
+            reply = await client.post(
+                f"{base}/v1/trainings", headers={**AUTH, **JSON}, content=body
+            )
             assert reply.status_code == 400, body
 
 
@@ -170,9 +313,9 @@ async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> No
     async with httpx.AsyncClient() as client:
         running = await submit(client, base, "ann")
         rid = running["request_id"]
-        recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+        recheck = await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH, json={})
         assert recheck.status_code == 202
-        requested = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        requested = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH, json={})
         assert requested.status_code == 200, requested.text
         # A cancel is a request, not an outcome: the training is still being watched ...
         assert requested.json()["cancel"] == "requested"
@@ -187,13 +330,13 @@ async def test_track_cancel_recheck(nursery: trio.Nursery, tmp_path: Path) -> No
                     break
                 await trio.sleep(0.1)
         assert not one.json()["is_fallback"] and one.json()["cancel_requested_at"]
-        again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH)
+        again = await client.post(f"{base}/v1/trainings/{rid}/cancel", headers=AUTH, json={})
         assert again.status_code == 409
         assert (
-            await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH)
+            await client.post(f"{base}/v1/trainings/{rid}/recheck", headers=AUTH, json={})
         ).status_code == 409
         assert (
-            await client.post(f"{base}/v1/trainings/nope/cancel", headers=AUTH)
+            await client.post(f"{base}/v1/trainings/nope/cancel", headers=AUTH, json={})
         ).status_code == 404
 
         # a request submitted elsewhere, adopted through the API

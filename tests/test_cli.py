@@ -295,6 +295,20 @@ async def test_a_missing_required_input_is_exit_2_naming_it_and_sends_nothing(
     )
 
 
+@pytest.mark.parametrize("value", ["NaN", "Infinity", "-Infinity", "1e999"])
+async def test_submit_refuses_a_non_finite_argument(
+    tmp_path: Path, sim: Simulator, value: str
+) -> None:
+    """issue 9 item 12 (the CLI side of NaN in submit arguments): a bad argument, exit 2."""
+    write_config(tmp_path, queue_url=sim.base_url)
+    done = await acli(tmp_path, *SUBMIT, "--arg", f"steps={value}", env=cli_env(FAL_KEY=FAL_KEY))
+    assert done.returncode == 2, done.stderr
+    assert one_clear_line(done) == (
+        f"trainguard: --arg 'steps={value}': not a finite number (JSON has no NaN or Infinity)"
+    )
+    assert sim.truth == {} and rows_of(await acli(tmp_path, "check", "--json")) == []
+
+
 @pytest.mark.parametrize("refusal", ["api_down", "no_key"])
 async def test_submit_refused_by_fal_records_nothing(
     tmp_path: Path, sim: Simulator, refusal: str
@@ -370,6 +384,16 @@ async def test_track_adopts_a_request_once(tmp_path: Path, sim: Simulator) -> No
     assert again.returncode == 1
     assert one_clear_line(again) == f"trainguard: training {rid} is already tracked"
     assert len(rows_of(await acli(tmp_path, "check", "--json"))) == 1
+
+
+@pytest.mark.parametrize("rid", ["a/b", "../x", "a b", "x%2Fy", "q?x", "track", "é", "x" * 129])
+def test_track_refuses_a_request_id_that_could_never_be_fetched(tmp_path: Path, rid: str) -> None:
+    """issue 9 item 12: a tracked id with `/` could never be fetched or cancelled."""
+    write_config(tmp_path)
+    done = cli(tmp_path, "track", rid, "--type", "fast", "--name", "x")
+    assert done.returncode == 2, done.stderr
+    assert one_clear_line(done).startswith(f"trainguard: request id {rid!r}: use 1-128 letters")
+    assert rows_of(cli(tmp_path, "check", "--json")) == []
 
 
 @pytest.mark.parametrize(

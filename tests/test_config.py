@@ -136,6 +136,10 @@ def test_secret_comes_from_environment_only() -> None:
             r"training_types\.x\.required: entry #1 must be a non-empty string",
         ),
         ("[webhook]\nallowed_user_ids = ['u', '']", r"allowed_user_ids: entry #2 must be a non"),
+        ("[metrics]\nallowed_hosts = 'x'", r"metrics\.allowed_hosts: must be a list"),
+        ("[metrics]\nallowed_hosts = ['a:80']", r"metrics\.allowed_hosts: must be host names"),
+        ("[metrics]\nmax_connections = 0", r"metrics\.max_connections: must be greater"),
+        ("[webhook]\nmax_connections = 1.5", r"webhook\.max_connections: must be an integer"),
     ],
 )
 def test_bad_config_names_the_key(text: str, message: str) -> None:

@@ -7,10 +7,12 @@ The bot is a tiny ASGI receiver on loopback that verifies every request with the
 from __future__ import annotations
 
 import base64
+import json
 import logging
 import sqlite3
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -382,3 +384,108 @@ def test_delivery_off_offers_no_layer_and_queues_nothing(tmp_path: Path) -> None
     pm = build_manager(entry_points=False)
     assert "delivery" not in {e.layer.name for e in collect_layers(pm, settings)}
     assert delivery.trainguard_outbox(None, "training.completed") is None  # type: ignore[arg-type]
+
+
+class HostileBot:
+    """A raw HTTP/1.1 bot answering by the training in each request: ``trickle`` sends its
+    answer a byte every half second for ever, ``huge`` a 300 MB body as fast as the socket
+    takes it, any other 200 at once. Each stops when the client hangs up."""
+
+    HUGE = 300 * 1024 * 1024
+
+    def __init__(self) -> None:
+        self.started: dict[str, trio.Event] = {"trickle": trio.Event(), "huge": trio.Event()}
+        self.hung_up: dict[str, trio.Event] = {"trickle": trio.Event(), "huge": trio.Event()}
+        self.huge_sent = 0
+        #: request id of every quick 200, with whether the trickle was still answering then.
+        self.quick: list[tuple[str, bool]] = []
+
+    async def handle(self, stream: trio.SocketStream) -> None:
+        data = b""
+        while True:  # one request after the other (keep-alive) until one is hostile
+            while b"\r\n\r\n" not in data:
+                chunk = await stream.receive_some(65536)
+                if not chunk:
+                    return
+                data += chunk
+            head, _, data = data.partition(b"\r\n\r\n")
+            length = next(
+                int(line.split(b":", 1)[1])
+                for line in head.split(b"\r\n")
+                if line.lower().startswith(b"content-length:")
+            )
+            while len(data) < length:
+                data += await stream.receive_some(65536)
+            body, data = data[:length], data[length:]
+            rid = json.loads(body)["data"]["request_id"]
+            if rid in self.hung_up:
+                break
+            self.quick.append((rid, not self.hung_up["trickle"].is_set()))
+            await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+        try:
+            if rid == "trickle":
+                self.started[rid].set()
+                answer = b"HTTP/1.1 200 OK\r\nContent-Length: 1000000\r\n\r\n" + b"x" * 1000000
+                for byte in answer:
+                    await stream.send_all(bytes([byte]))
+                    await trio.sleep(0.5)
+            else:
+                self.started[rid].set()
+                await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % self.HUGE)
+                block = b"x" * (64 * 1024)
+                while self.huge_sent < self.HUGE:
+                    await stream.send_all(block)
+                    self.huge_sent += len(block)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+        self.hung_up[rid].set()
+
+
+async def test_a_trickling_or_huge_answer_costs_one_slot_for_the_time_limit_and_a_few_kb(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """issue 9 item 9: httpx's timeout is per read, so a bot trickling its answer held the
+    whole delivery pass for ever, and a 300 MB answer was read whole."""
+    bot = HostileBot()
+    listeners = await nursery.start(partial(trio.serve_tcp, bot.handle, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    settings = settings_for(tmp_path, f"http://127.0.0.1:{port}/bot", timeout_seconds=12.0)
+    async with running(settings) as daemon:
+        assert daemon.reconciler is not None
+        for rid in ("trickle", "huge", "f1", "f2"):
+            await finish(daemon.reconciler, rid, Kind.SUCCEEDED)
+        with trio.fail_after(30):
+            await bot.started["trickle"].wait()
+            await bot.hung_up["huge"].wait()  # read a few KB of it, then hung up
+        passes = daemon.metrics.registry.get_sample_value(
+            "trainguard_layer_passes_total", {"layer": "delivery"}
+        )
+        # A training finished while the trickle is still being answered is sent at once.
+        await finish(daemon.reconciler, "late", Kind.SUCCEEDED)
+
+        async def late_sent() -> bool:
+            return "late" in {rid for rid, _ in bot.quick}
+
+        await wait_for(late_sent, 30)
+        assert not bot.hung_up["trickle"].is_set(), "the trickle ended before 'late' was sent"
+        assert daemon.metrics.registry.get_sample_value(
+            "trainguard_layer_passes_total", {"layer": "delivery"}
+        ) > (passes or 0)
+        # The trickle is cut at the time limit and retried later, never acknowledged.
+        with trio.fail_after(30):
+            await bot.hung_up["trickle"].wait()
+
+        async def trickle_failed() -> bool:
+            rows = {r["request_id"]: r for r in await outbox(daemon)}
+            return rows["trickle"]["attempts"] >= 1
+
+        await wait_for(trickle_failed, 30)
+        rows = {r["request_id"]: r for r in await outbox(daemon)}
+    assert rows["trickle"]["delivered_at"] is None
+    assert rows["trickle"]["last_error"] == "no complete answer within 12 s"
+    assert all(rows[r]["delivered_at"] for r in ("huge", "f1", "f2", "late"))
+    assert sorted(rid for rid, _ in bot.quick) == ["f1", "f2", "late"]
+    assert all(trickling for _, trickling in bot.quick), bot.quick
+    # What was read of the 300 MB: what the sockets' buffers took before the hang-up.
+    print(f"huge answer: {bot.huge_sent // 1024} KiB sent of {bot.HUGE // 1024} KiB")
+    assert bot.huge_sent < 64 * 1024 * 1024

@@ -2,15 +2,19 @@
 
 from __future__ import annotations
 
+import errno
 import logging
 import time
 from collections.abc import AsyncIterator
 
+import h11
 import httpx
 import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
+from structlog.testing import capture_logs
 
+from daemon import http
 from daemon.http import ASGIApp, Receive, Scope, Send, ops_app, parse_listen, serve_asgi
 from daemon.metrics import Metrics
 
@@ -63,7 +67,7 @@ class Server:
         self.stopped = trio.Event()
         self.url = ""
 
-    async def start(self, app: ASGIApp, **options: float) -> Server:
+    async def start(self, app: ASGIApp, **options: float | int) -> Server:
         async def run(task_status: trio.TaskStatus[tuple[str, int]]) -> None:
             with self.scope:
                 await serve_asgi(app, "127.0.0.1:0", task_status=task_status, **options)
@@ -236,3 +240,119 @@ async def test_max_body_bytes(nursery: trio.Nursery, client: httpx.AsyncClient) 
     assert (await client.post(server.url, content=b"x" * 1001)).status_code == 413
     assert (await client.post(server.url, content=chunks(3))).status_code == 413
     await server.stop()
+
+
+async def test_connections_beyond_the_bound_wait_instead_of_taking_a_descriptor(
+    nursery: trio.Nursery,
+) -> None:
+    """issue 9 item 11: nothing bounded the connections a listener held (1,500 held ones
+    ran a 1,024 fd limit out: EMFILE, and 2-6 s webhooks)."""
+    gate = trio.Event()
+    arrived: list[str] = []
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            await http.lifespan(receive, send)
+            return
+        arrived.append(scope["path"])
+        if scope["path"] == "/held":
+            await gate.wait()
+        await http.respond(send, 200, b"ok")
+
+    server = await Server(nursery).start(app, max_connections=3)
+    host, port = parse_listen(server.url.removeprefix("http://"))
+    held = [await trio.open_tcp_stream(host, port) for _ in range(3)]
+    for stream in held:
+        await stream.send_all(b"GET /held HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+    with trio.fail_after(10):
+        while len(arrived) < 3:
+            await trio.sleep(0.01)
+    waiting = await trio.open_tcp_stream(host, port)  # the kernel's backlog takes it
+    await waiting.send_all(b"GET /waiting HTTP/1.1\r\nHost: x\r\n\r\n")
+    with trio.move_on_after(0.5):
+        answer = await waiting.receive_some(4096)
+        raise AssertionError(f"a fourth connection was served: {answer!r}")
+    assert arrived == ["/held"] * 3
+    gate.set()  # the held requests finish and their connections close: slots free
+    with trio.fail_after(10):
+        assert (await waiting.receive_some(4096)).startswith(b"HTTP/1.1 200")
+    assert arrived == ["/held"] * 3 + ["/waiting"]
+    for stream in (*held, waiting):
+        await stream.aclose()
+    await server.stop()
+
+
+class _FlakyListener:
+    """A listener whose accept() runs out of descriptors ``failures`` times first."""
+
+    def __init__(self, real: trio.SocketListener, failures: int) -> None:
+        self.real = real
+        self.failures = failures
+
+    async def accept(self) -> trio.SocketStream:
+        if self.failures:
+            self.failures -= 1
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await self.real.accept()
+
+
+async def test_accept_out_of_descriptors_is_one_line_and_retried(nursery: trio.Nursery) -> None:
+    (real,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = real.socket.getsockname()[1]
+    served = trio.Event()
+
+    async def handler(stream: trio.SocketStream) -> None:
+        await stream.send_all(b"hi")
+        served.set()
+
+    async with trio.open_nursery() as connections:
+        with capture_logs() as lines:
+            connections.start_soon(
+                http._accept_loop, _FlakyListener(real, 3), handler, connections, 8, "test"
+            )
+            client = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                await served.wait()
+                assert await client.receive_some(10) == b"hi"
+        await client.aclose()
+        connections.cancel_scope.cancel()
+    await real.aclose()
+    failed = [line for line in lines if line["event"].startswith("accept failed")]
+    assert len(failed) == 3 and all("EMFILE" in line["error"] for line in failed), lines
+    assert not any("exc_info" in line for line in lines)
+
+
+async def test_a_connection_that_fails_is_one_line_and_the_listener_goes_on(
+    nursery: trio.Nursery,
+) -> None:
+    """A protocol error escaping hypercorn's connection handler (h11's LocalProtocolError,
+    a stream closed under it) took the whole listener down, traceback and all."""
+    (real,) = await trio.open_tcp_listeners(0, host="127.0.0.1")
+    port = real.socket.getsockname()[1]
+    handled: list[int] = []
+
+    async def handler(stream: trio.SocketStream) -> None:
+        handled.append(len(handled))
+        if len(handled) == 1:
+            raise h11.LocalProtocolError("Can't send data when our state is MUST_CLOSE")
+        await stream.send_all(b"hi")
+
+    async with trio.open_nursery() as connections:
+        with capture_logs() as lines:
+            connections.start_soon(
+                http._accept_loop, _FlakyListener(real, 0), handler, connections, 8, "test"
+            )
+            first = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await first.receive_some(10) == b""  # closed, not left open
+            second = await trio.open_tcp_stream("127.0.0.1", port)
+            with trio.fail_after(10):
+                assert await second.receive_some(10) == b"hi"
+        await first.aclose()
+        await second.aclose()
+        connections.cancel_scope.cancel()
+    await real.aclose()
+    (failed,) = [line for line in lines if line["event"] == "connection closed on an error"]
+    assert failed["error"].startswith("LocalProtocolError: Can't send data") and (
+        "exc_info" not in failed
+    )

@@ -5,12 +5,16 @@ from __future__ import annotations
 import io
 import json
 import logging
+import os
+import subprocess
+import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import structlog
 
-from daemon import logs
+from daemon import config, logs
 
 SECRET = "fal-key-0123456789abcdef"
 
@@ -128,3 +132,53 @@ def test_level_filtering_and_reconfigure(out: Output) -> None:
 def test_unknown_level_is_rejected() -> None:
     with pytest.raises(ValueError, match="unknown log level 'loud'"):
         logs.configure("loud", stream=io.StringIO())
+
+
+DB_PASSWORD = "Sup3r-Secret-Pw"
+
+
+@pytest.mark.parametrize(
+    ("command", "url"),
+    [
+        ("run", f"postgresql://tg:{DB_PASSWORD}@127.0.0.1:9/tg"),  # logged, then cannot connect
+        ("run", f"postgresql://127.0.0.1:9/tg?sslmode=disable&password={DB_PASSWORD}"),
+        ("check", f"mysql://tg:{DB_PASSWORD}@127.0.0.1:9/tg"),  # refused, the URL named
+    ],
+)
+def test_a_database_password_is_never_printed(tmp_path: Path, command: str, url: str) -> None:
+    """issue 9 item 12: the "trainguard starting" line printed a postgresql:// password."""
+    path = tmp_path / "config.toml"
+    path.write_text(
+        f'[database]\nurl = "{url}"\n[metrics]\nlisten = "127.0.0.1:0"\n'
+        '[webhook]\nlisten = "127.0.0.1:0"\n',
+        encoding="utf-8",
+    )
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINGUARD", "FAL_"))}
+    done = subprocess.run(
+        [sys.executable, "-m", "daemon", command, "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd=tmp_path,
+        env=env,
+    )
+    output = done.stdout + done.stderr
+    assert done.returncode != 0 and DB_PASSWORD not in output, output
+    assert config.redact_url(url) in output and "***" in config.redact_url(url), output
+    if command == "run":
+        starting = next(json.loads(x) for x in done.stdout.splitlines() if "starting" in x)
+        assert starting["database"] == config.redact_url(url)
+
+
+def test_url_passwords_are_secrets_to_redact() -> None:
+    settings = config.parse(
+        {
+            "database": {"url": "postgresql://u:p%40ss-word@h/db"},
+            "delivery": {"url": "https://bot:hook-pass@bot.example/in"},
+        },
+        env={},
+    )
+    assert {"p%40ss-word", "p@ss-word", "hook-pass"} <= set(settings.secrets)
+    assert config.redact_url("postgresql://u:p@ss@h/db") == "postgresql://u:***@h/db"
+    assert config.redact_url("sqlite:///var/a:b@c.db") == "sqlite:///var/a:b@c.db"

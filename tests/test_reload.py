@@ -8,6 +8,7 @@ import signal
 from pathlib import Path
 
 import trio
+from structlog.testing import capture_logs
 
 from daemon.simulator import Simulator
 from daemon.supervisor import Daemon
@@ -84,6 +85,48 @@ async def test_invalid_reload_is_refused_and_the_running_config_kept(
         assert daemon.settings is before
         write_config(path, sim, tmp_path / "db.sqlite", before.webhook["listen"], "")
     assert all(r.running for name, r in daemon.layers.items() if name != "startup")
+
+
+async def test_a_reload_with_bad_plugin_options_is_refused(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """issue 9 item 12: `[layers.artifacts] concurrency = 0` was accepted by SIGHUP and the
+    layer crash-looped on it; plugin options are checked on reload as at start."""
+    daemon, path = await start(nursery, tmp_path, sim, "")
+    assert daemon.layers["artifacts"].running
+    before = daemon.settings
+    restarts = daemon.metrics.registry.get_sample_value(
+        "trainguard_layer_restarts_total", {"layer": "artifacts"}
+    )
+    for broken in ("concurrency = 0", "batch = -3", "retry_max_seconds = inf", "nope = 1"):
+        path.write_text(
+            path.read_text(encoding="utf-8") + f"[layers.artifacts]\n{broken}\n",
+            encoding="utf-8",
+        )
+        with capture_logs() as lines:
+            assert not await daemon.reload(), broken
+        assert daemon.settings is before
+        refused = [
+            line
+            for line in lines
+            if line["event"].endswith("reload refused: the running config is kept")
+        ]
+        assert refused and refused[0]["error"].startswith("layers.artifacts."), lines
+        write_config(path, sim, tmp_path / "db.sqlite", before.webhook["listen"], "")
+    await trio.sleep(0.2)  # a crash loop would have shown by now
+    assert daemon.layers["artifacts"].running
+    assert (
+        daemon.metrics.registry.get_sample_value(
+            "trainguard_layer_restarts_total", {"layer": "artifacts"}
+        )
+        == restarts
+    )
+    path.write_text(
+        path.read_text(encoding="utf-8") + "[layers.artifacts]\nconcurrency = 3\n",
+        encoding="utf-8",
+    )
+    assert await daemon.reload()
+    assert daemon.settings.layer("artifacts").options == {"concurrency": 3}
 
 
 async def test_restart_only_settings_keep_their_running_value(

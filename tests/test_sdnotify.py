@@ -5,10 +5,12 @@ from __future__ import annotations
 import os
 import socket
 import tempfile
+import threading
 import uuid
 from collections.abc import Iterator
 
 import pytest
+from structlog.testing import capture_logs
 
 from daemon.sdnotify import Notifier, watchdog_interval
 
@@ -44,6 +46,36 @@ def test_messages_are_sent(systemd: socket.socket) -> None:
     assert systemd.recv(4096) == b"STOPPING=1\n"
     assert notifier.notify(STATUS="custom", EXTEND_TIMEOUT_USEC=5_000_000)
     assert systemd.recv(4096) == b"STATUS=custom\nEXTEND_TIMEOUT_USEC=5000000\n"
+
+
+def test_a_socket_nobody_reads_never_blocks_the_sender(systemd: socket.socket) -> None:
+    """issue 9 item 12: a notify socket that was not read blocked the daemon in sendto."""
+    notifier = Notifier()
+    sent = 0
+    with capture_logs() as lines:
+
+        def flood() -> None:
+            nonlocal sent
+            sent = sum(notifier.status(f"pass {i} " + "x" * 200) for i in range(5000))
+
+        worker = threading.Thread(target=flood, daemon=True)
+        worker.start()
+        worker.join(60)  # a blocking sendto never returns: the receiver does not read
+        assert not worker.is_alive(), "the notifier blocked on a full socket"
+    assert 0 < sent < 5000 and notifier.dropped == 5000 - sent
+    full = [line for line in lines if "notify socket is full" in line["event"]]
+    assert len(full) == 1, lines  # logged once, not 5000 times
+    while True:  # systemd reads again: the next message goes through, the drops are told
+        try:
+            systemd.recv(4096)
+        except TimeoutError:
+            break
+        systemd.settimeout(0.01)
+    with capture_logs() as lines:
+        assert notifier.watchdog()
+    assert [line["dropped"] for line in lines if line["event"] == "sd_notify sends again"] == [
+        notifier.dropped
+    ]
 
 
 def test_abstract_socket(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from daemon import config
+
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "trainguard.service"
 ANALYZE = shutil.which("systemd-analyze")
 needs_analyze = pytest.mark.skipif(ANALYZE is None, reason="systemd-analyze is not installed")
@@ -83,3 +85,12 @@ def test_security_exposure_below_2(tmp_path: Path) -> None:
     match = re.search(r"Overall exposure level for trainguard\.service: ([\d.]+)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) < 2.0, result.stdout
+
+
+def test_fd_limit_covers_both_listeners_bounds() -> None:
+    """issue 9 item 11: the unit set no LimitNOFILE (systemd's soft default is 1,024), and
+    1,500 held connections ran it out."""
+    defaults = config.parse({}, env={})
+    (limit,) = directives()["LimitNOFILE"]
+    connections = defaults.webhook["max_connections"] + defaults.metrics["max_connections"]
+    assert limit.isdigit() and int(limit) >= 2 * connections, (limit, connections)
