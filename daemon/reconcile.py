@@ -30,10 +30,10 @@ import peewee
 import structlog
 import trio
 
-from daemon import fal, logs, signing
-from daemon.clock import Clock
-from daemon.config import Settings
-from daemon.store import (
+from trainguard import fal, logs, signing
+from trainguard.clock import Clock
+from trainguard.config import Settings
+from trainguard.store import (
     TERMINAL,
     Event,
     Outbox,

@@ -36,11 +36,11 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon import http, logs, signing
-from daemon.layer import LayerContext
-from daemon.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
-from daemon.store import WebhookReceipt
-from plugins.hookspecs import hookimpl
+from trainguard import http, logs, signing
+from trainguard.layer import LayerContext
+from trainguard.plugins.hookspecs import hookimpl
+from trainguard.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
+from trainguard.store import WebhookReceipt
 
 TAG = logs.WEBHOOK
 #: A refetch of the keys because none verified is tried at most this often.

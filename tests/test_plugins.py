@@ -21,22 +21,22 @@ import trainguard_stale_alert
 import trio
 from structlog.testing import capture_logs
 
-from daemon import supervisor
-from daemon.config import ConfigError, Settings
-from daemon.layer import LayerContext
-from daemon.logs import WARN
-from daemon.metrics import Metrics
-from daemon.simulator import SimConfig, Simulator
-from daemon.supervisor import Daemon, LayerStartError
-from plugins.hookspecs import hookimpl
-from plugins.manager import (
+from tests.conftest import daemon_settings
+from tests.test_layers import finished, submit, wait_for
+from trainguard import supervisor
+from trainguard.config import ConfigError, Settings
+from trainguard.layer import LayerContext
+from trainguard.logs import WARN
+from trainguard.metrics import Metrics
+from trainguard.plugins.hookspecs import hookimpl
+from trainguard.plugins.manager import (
     HookRunner,
     PluginError,
     build_manager,
     collect_layers,
 )
-from tests.conftest import daemon_settings
-from tests.test_layers import finished, submit, wait_for
+from trainguard.simulator import SimConfig, Simulator
+from trainguard.supervisor import Daemon, LayerStartError
 
 #: The layers the built-in modules offer with the default configuration, in registration
 #: order (plugins.delivery offers its layer only when [delivery] enabled = true).
@@ -131,7 +131,7 @@ def test_the_example_is_found_through_its_entry_point(settings: Settings) -> Non
 def test_cli_plugins_lists_builtins_and_the_example(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRAINGUARD_CONFIG"}
     done = subprocess.run(
-        [sys.executable, "-m", "daemon", "plugins", "--json"],
+        [sys.executable, "-m", "trainguard", "plugins", "--json"],
         cwd=tmp_path,  # no config.toml: the embedded defaults
         env=env,
         capture_output=True,
@@ -295,7 +295,7 @@ def test_a_layer_nothing_offers_is_a_config_error(
 
 
 def test_two_plugins_offering_one_layer_name_is_a_plugin_error(settings: Settings) -> None:
-    with pytest.raises(PluginError, match=r"'poller' is offered by both builtin:layers\.poller"):
+    with pytest.raises(PluginError, match=r"'poller' is offered by both builtin:trainguard\.layers\.poller"):
         Daemon(settings, pm=build_manager(entry_points=False, extra=[Offers(Idle("poller"))]))
     with pytest.raises(PluginError, match=r"'stale_alert' is offered by both stale_alert and"):
         collect_layers(build_manager(extra=[Offers(Idle("stale_alert"))]), settings)

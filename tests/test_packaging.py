@@ -1,0 +1,63 @@
+"""One import name: the installed distribution adds exactly `trainguard` to site-packages,
+and no module of ours imports the repository's folder names (daemon, layers, plugins,
+testing) directly: run from the repository root those would import a second copy."""
+
+from __future__ import annotations
+
+import ast
+import subprocess
+import sys
+import zipfile
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+FOLDERS = ("daemon", "layers", "plugins", "testing")
+
+
+def _our_sources() -> list[Path]:
+    listed = subprocess.run(
+        ["git", "ls-files", "*.py"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    return [ROOT / name for name in listed]
+
+
+def test_no_module_imports_a_folder_name() -> None:
+    offenders = []
+    for path in _our_sources():
+        for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+            names = []
+            if isinstance(node, ast.Import):
+                names = [alias.name for alias in node.names]
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                names = [node.module]
+            offenders += [
+                f"{path.relative_to(ROOT)}:{node.lineno} {name}"
+                for name in names
+                if name.split(".")[0] in FOLDERS
+            ]
+    assert offenders == []
+
+
+def test_the_wheel_adds_exactly_one_import_name(tmp_path: Path) -> None:
+    subprocess.run(
+        [
+            *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"),
+            *("-w", str(tmp_path), str(ROOT)),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = tmp_path.glob("trainguard-*.whl")
+    top = {name.split("/")[0] for name in zipfile.ZipFile(wheel).namelist()}
+    assert {name for name in top if not name.endswith(".dist-info")} == {"trainguard"}
+
+
+def test_python_m_trainguard_runs_outside_the_repository(tmp_path: Path) -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "trainguard", "--version"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.startswith("trainguard")
