@@ -295,7 +295,9 @@ def test_a_layer_nothing_offers_is_a_config_error(
 
 
 def test_two_plugins_offering_one_layer_name_is_a_plugin_error(settings: Settings) -> None:
-    with pytest.raises(PluginError, match=r"'poller' is offered by both builtin:trainguard\.layers\.poller"):
+    with pytest.raises(
+        PluginError, match=r"'poller' is offered by both builtin:trainguard\.layers\.poller"
+    ):
         Daemon(settings, pm=build_manager(entry_points=False, extra=[Offers(Idle("poller"))]))
     with pytest.raises(PluginError, match=r"'stale_alert' is offered by both stale_alert and"):
         collect_layers(build_manager(extra=[Offers(Idle("stale_alert"))]), settings)
