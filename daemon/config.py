@@ -402,9 +402,6 @@ class Settings:
             known = ", ".join(sorted(self.training_types))
             raise ConfigError(f"unknown training type {name!r} (known: {known})") from None
 
-    def type_for_endpoint(self, endpoint: str) -> TrainingType | None:
-        return next((t for t in self.training_types.values() if t.endpoint == endpoint), None)
-
     def fallback_url(self, layer: str, *, name: str, request_id: str) -> str:
         template = self.url_templates.get(layer) or _default_template(layer)
         return template.format(name=name, request_id=request_id)

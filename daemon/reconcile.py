@@ -45,7 +45,6 @@ from trainguard.store import (
 
 log = structlog.get_logger("trainguard.reconcile")
 
-HOOK_TIMEOUT_SECONDS = 10.0
 #: Of a refused request only this much body is kept (with the whole body's size and sha256).
 REFUSED_BODY_KEPT = 4096
 #: A request id longer than this is cut when a receipt is kept (FAL's are UUIDs).

@@ -213,9 +213,6 @@ class Artifact(BaseModel):
         indexes = ((("request_id", "kind"), True),)
 
 
-MODELS = (Meta, Training, WebhookReceipt, Event, Schedule, Outbox, Artifact)
-
-
 def _migrate_1(db: peewee.Database) -> None:
     db.create_tables([Training, WebhookReceipt, Event, Schedule])
 

@@ -5,6 +5,7 @@ testing) directly: run from the repository root those would import a second copy
 from __future__ import annotations
 
 import ast
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -39,10 +40,17 @@ def test_no_module_imports_a_folder_name() -> None:
 
 
 def test_the_wheel_adds_exactly_one_import_name(tmp_path: Path) -> None:
+    source = tmp_path / "source"  # built from a copy: setuptools writes build/ into its tree
+    listed = subprocess.run(
+        ["git", "ls-files"], cwd=ROOT, capture_output=True, text=True, check=True
+    ).stdout.split()
+    for name in listed:
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
     subprocess.run(
         [
             *(sys.executable, "-m", "pip", "wheel", "-q", "--no-deps"),
-            *("-w", str(tmp_path), str(ROOT)),
+            *("-w", str(tmp_path), str(source)),
         ],
         check=True,
         capture_output=True,
