@@ -382,9 +382,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 # -- parser ------------------------------------------------------------------------------
-def build_parser() -> argparse.ArgumentParser:
-    from trainguard import demo, simulator
+#: The tools beside the daemon; their modules are imported only when one of them is asked for,
+#: so that ``trainguard run`` and the other commands never load the simulator or the demo.
+TOOLS = ("simulate", "demo")
 
+
+def build_parser(command: str | None = None) -> argparse.ArgumentParser:
+    """The whole CLI; a tool's own arguments are added only when ``command`` is that tool."""
     parser = argparse.ArgumentParser(
         prog="trainguard",
         description="Guards FAL AI trainings until their real result is stored.",
@@ -451,15 +455,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
 
     p = add("simulate", cmd_simulate, "serve a FAL-compatible queue on loopback")
-    simulator.add_arguments(p)
+    if command == "simulate":
+        from trainguard import simulator
+
+        simulator.add_arguments(p)
 
     p = add("demo", cmd_demo, "simulator + daemon + faults on loopback, ending with a table")
-    demo.add_arguments(p)
+    if command == "demo":
+        from trainguard import demo
+
+        demo.add_arguments(p)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
+    words = sys.argv[1:] if argv is None else list(argv)
+    command = next((word for word in words if not word.startswith("-")), None)
+    parser = build_parser(command if command in TOOLS else None)
     args = parser.parse_args(argv)
     try:
         return int(args.handler(args))

@@ -69,3 +69,23 @@ def test_python_m_trainguard_runs_outside_the_repository(tmp_path: Path) -> None
     )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("trainguard")
+
+
+def test_the_daemon_loads_neither_the_simulator_nor_the_demo(tmp_path: Path) -> None:
+    """The simulator and the demo are tools: `trainguard run` (the CLI, the supervisor and
+    every built-in layer and plugin) must not import them."""
+    probe = (
+        "import sys\n"
+        "from trainguard import cli, supervisor\n"
+        "from trainguard.config import loads\n"
+        "from trainguard.plugins.manager import build_manager, collect_layers\n"
+        "cli.build_parser()\n"
+        "collect_layers(build_manager(entry_points=False), loads(''))\n"
+        "print(sorted(m for m in sys.modules if m.startswith('trainguard.')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    loaded = done.stdout
+    assert "trainguard.supervisor" in loaded and "trainguard.layers.webhook" in loaded, loaded
+    assert "trainguard.simulator" not in loaded and "trainguard.demo" not in loaded, loaded
