@@ -11,6 +11,14 @@ from collections.abc import Mapping
 from typing import Any
 
 from trainguard.config import Settings
+from trainguard.errors import (
+    BadRequestId,
+    Conflict,
+    MissingInput,
+    NotFound,
+    NotRecorded,
+    Unavailable,
+)
 from trainguard.fal import FalClient, Kind, queue_urls
 from trainguard.reconcile import Kind as ObsKind
 from trainguard.reconcile import Observation, Reconciler
@@ -23,10 +31,6 @@ REQUEST_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._~-]{0,127}")
 _RESERVED_IDS = frozenset({"track"})
 
 
-class BadRequestId(ValueError):
-    """A request id that ``track`` refuses (see ``REQUEST_ID_RE``)."""
-
-
 def check_request_id(request_id: str) -> None:
     """Raise ``BadRequestId`` unless ``request_id`` is safe to track."""
     if not REQUEST_ID_RE.fullmatch(request_id) or request_id in _RESERVED_IDS:
@@ -34,20 +38,6 @@ def check_request_id(request_id: str) -> None:
             f"request id {request_id!r}: use 1-128 letters, digits and . _ ~ - "
             "(starting with a letter or digit, not 'track'), as FAL's are"
         )
-
-
-class NotRecorded(RuntimeError):
-    """FAL accepted a training that could not be recorded; it must be adopted with track."""
-
-    def __init__(self, request_id: str, cause: Exception) -> None:
-        super().__init__(
-            f"FAL accepted the training as {request_id} but it could not be recorded ({cause})"
-        )
-        self.request_id = request_id
-
-
-class MissingInput(ValueError):
-    """A model input field the training type requires is not given; nothing was sent."""
 
 
 def model_input(
@@ -115,7 +105,7 @@ async def submit(
             trigger_phrase=trigger,
             arguments=arguments,
         )
-    except Exception as exc:
+    except Exception as exc:  # boundary: whatever failed, FAL has the training: say so
         raise NotRecorded(submitted.request_id, exc) from exc
 
 
@@ -147,18 +137,6 @@ async def track(
         cancel_url=cancel_url,
         trigger_phrase=trigger,
     )
-
-
-class NotFound(LookupError):
-    """No training with this request_id."""
-
-
-class Conflict(RuntimeError):
-    """The training is in a state that does not allow the action (e.g. already finished)."""
-
-
-class Unavailable(RuntimeError):
-    """FAL did not answer usefully right now; nothing was changed."""
 
 
 async def _known(reconciler: Reconciler, request_id: str) -> TrainingView:

@@ -28,6 +28,7 @@ import trio
 
 from trainguard import actions, http
 from trainguard.config import ConfigError, Settings
+from trainguard.errors import ApiError
 from trainguard.fal import FalClient, FalRequestError
 from trainguard.logs import WARN, get_logger
 from trainguard.reconcile import AlreadyTracked, Reconciler, view_as_dict
@@ -50,14 +51,6 @@ class Services(Protocol):
     store: Store | None
     reconciler: Reconciler | None
     fal: FalClient | None
-
-
-class ApiError(Exception):
-    def __init__(self, status: int, code: str, detail: str) -> None:
-        super().__init__(detail)
-        self.status = status
-        self.code = code
-        self.detail = detail
 
 
 def check_listen_allowed(listen: str, token: str | None) -> None:

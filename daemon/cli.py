@@ -22,21 +22,13 @@ import trio
 
 from trainguard import __version__, actions, config, logs
 from trainguard.config import ConfigError, Settings
+from trainguard.errors import EXIT_FAILURE, CliError
 from trainguard.reconcile import Reconciler, view_as_dict
 from trainguard.store import TrainingView
 
-EXIT_FAILURE = 1
 EXIT_CONFIG = 2
 
 T = TypeVar("T")
-
-
-class CliError(Exception):
-    """A failure to report in one line, with its exit status."""
-
-    def __init__(self, message: str, status: int = EXIT_FAILURE) -> None:
-        super().__init__(message)
-        self.status = status
 
 
 def _leaf(exc: BaseException) -> BaseException:

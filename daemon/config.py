@@ -19,6 +19,8 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
 
+from trainguard.errors import ConfigError
+
 BUILTIN_LAYERS = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 
 #: Fallback URL hosts name the layer, as the original system did, under the reserved
@@ -31,10 +33,6 @@ FALLBACK_HOSTS = {
     "completeness": "completeness-check",
     "emergency": "emergency",
 }
-
-
-class ConfigError(ValueError):
-    """A configuration problem, with the offending key in the message."""
 
 
 #: The password in a URL's user info (``scheme://user:PASSWORD@host``) or in a libpq-style

@@ -31,6 +31,8 @@ import httpx
 import structlog
 import trio
 
+from trainguard.errors import FalRequestError
+
 __all__ = [
     "Answer",
     "FalClient",
@@ -105,14 +107,6 @@ class Submitted:
     cancel_url: str
     gateway_request_id: str | None = None
     queue_position: int | None = None
-
-
-class FalRequestError(Exception):
-    """A submit that did not produce a request; ``answer`` says why."""
-
-    def __init__(self, message: str, answer: Answer) -> None:
-        super().__init__(message)
-        self.answer = answer
 
 
 def _app_path(endpoint: str) -> str:

@@ -22,6 +22,7 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
+from trainguard.errors import BodyTooLarge
 from trainguard.logs import get_logger
 from trainguard.metrics import Metrics
 
@@ -252,14 +253,6 @@ async def respond(
         }
     )
     await send({"type": "http.response.body", "body": b"" if head else body})
-
-
-class BodyTooLarge(ValueError):
-    """A request body grew past the limit given to ``read_body``."""
-
-    def __init__(self, limit: int) -> None:
-        super().__init__(f"body larger than {limit} bytes")
-        self.limit = limit
 
 
 async def read_body(receive: Receive, limit: int) -> bytes | None:

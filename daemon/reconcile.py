@@ -33,6 +33,7 @@ import trio
 from trainguard import fal, logs, signing
 from trainguard.clock import Clock
 from trainguard.config import Settings
+from trainguard.errors import AlreadyTracked, MalformedWebhook, UnverifiedFull
 from trainguard.store import (
     TERMINAL,
     Event,
@@ -109,18 +110,6 @@ class Change:
     @property
     def changed(self) -> bool:
         return self.kind not in ("none", "unknown", "backoff", "checked")
-
-
-class MalformedWebhook(ValueError):
-    """A webhook body that is not FAL's shape; the reason is safe to answer with."""
-
-
-class UnverifiedFull(RuntimeError):
-    """The bound on webhooks kept unverified (while FAL's keys are away) is reached."""
-
-
-class AlreadyTracked(ValueError):
-    """A training with this request_id is already in the store."""
 
 
 #: Changes that leave a row in the event history.
@@ -436,7 +425,9 @@ class Reconciler:
         try:
             with self.store.db.atomic():  # a savepoint: a failed apply keeps the receipt
                 return receipt_id, False, self._apply_receipt(receipt_id, None, now)
-        except Exception as exc:
+        except (
+            Exception
+        ) as exc:  # boundary: any failure of one apply leaves the stored receipt for a retry
             log.error("webhook stored but not applied; it will be retried", error=repr(exc))
             return receipt_id, False, None
 

@@ -19,6 +19,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
 
+from trainguard.errors import WebhookRejected
+
 HEADER_REQUEST_ID = "X-Fal-Webhook-Request-Id"
 HEADER_USER_ID = "X-Fal-Webhook-User-Id"
 HEADER_TIMESTAMP = "X-Fal-Webhook-Timestamp"
@@ -30,16 +32,6 @@ REQUIRED_HEADERS: tuple[str, ...] = (
     HEADER_SIGNATURE,
 )
 DEFAULT_TOLERANCE_SECONDS = 300.0
-
-
-class WebhookRejected(Exception):
-    """A webhook failed verification; ``code`` is missing_header, stale, bad_signature or
-    foreign_user."""
-
-    def __init__(self, reason: str, code: str) -> None:
-        super().__init__(f"{code}: {reason}")
-        self.reason = reason
-        self.code = code
 
 
 def _b64url_encode(raw: bytes) -> str:

@@ -30,6 +30,8 @@ import playhouse.migrate
 import structlog
 import trio
 
+from trainguard.errors import StoreClosed, TransactionRolledBack
+
 T = TypeVar("T")
 
 log = structlog.get_logger("trainguard.store")
@@ -45,14 +47,6 @@ database = peewee.DatabaseProxy()
 BUSY_TIMEOUT_MS = 10_000
 #: A commit running longer than this means the writer is stuck (a lock held elsewhere).
 STALL_SECONDS = 1.0
-
-
-class StoreClosed(RuntimeError):
-    """The store's writer stopped before this write could be committed."""
-
-
-class TransactionRolledBack(RuntimeError):
-    """The database rolled a write batch back by itself (a full disk): nothing of it is stored."""
 
 
 def _transaction_lost(connection: Any) -> bool:
@@ -503,11 +497,13 @@ class Store:
                         with self.db.atomic():  # a savepoint: one failure spoils only itself
                             try:
                                 value = item.fn(*item.args)
-                            except Exception as exc:
+                            except (
+                                Exception
+                            ) as exc:  # boundary: a write function's error goes to its writer
                                 error = exc
                                 raise
                         results.append((True, value))
-                    except Exception as exc:
+                    except Exception as exc:  # boundary: one write's failure spoils only itself
                         results.append((False, error or exc))
                     if _transaction_lost(self.db.connection()):
                         lost = TransactionRolledBack(
@@ -638,7 +634,7 @@ class Store:
         """Whether a durable write goes through right now (for /readyz)."""
         try:
             await self.write(lambda: Meta.select().count())
-        except Exception:
+        except Exception:  # boundary: /readyz answers whatever the database does
             return False
         return True
 

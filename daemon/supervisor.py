@@ -30,6 +30,7 @@ from trainguard import config, http, logs
 from trainguard.admin import AdminApi, check_listen_allowed
 from trainguard.clock import Clock
 from trainguard.config import ConfigError, Settings
+from trainguard.errors import LayerStartError, StartError
 from trainguard.fal import FalClient, RateLimiter
 from trainguard.layer import Layer, LayerContext
 from trainguard.metrics import Metrics
@@ -53,14 +54,6 @@ RESTART_STABLE_SECONDS = 60.0
 GAUGE_INTERVAL_SECONDS = 5.0
 RELOAD_STOP_SECONDS = 10.0  # how long a reload waits for a layer it turned off to stop
 DEFAULT_HEARTBEAT_TIMEOUT = 300.0  # a sweep beats after every training it handles
-
-
-class StartError(RuntimeError):
-    """The daemon cannot start as configured (a listener cannot bind, a layer fails)."""
-
-
-class LayerStartError(StartError):
-    """A layer failed before it had started: the daemon cannot run as configured."""
 
 
 @dataclass
@@ -227,7 +220,7 @@ class Daemon:
         self.notifier.status(f"starting layer {layer.name}")
         try:
             await nursery.start(self._supervise, running)
-        except Exception as exc:
+        except Exception as exc:  # boundary: a layer's start, whatever its error
             raise LayerStartError(f"layer {layer.name} failed to start: {_describe(exc)}") from exc
 
     async def _supervise(
@@ -263,7 +256,7 @@ class Daemon:
                         task_status.started()
                 log.info(f"{logs.tag_for(name)} layer finished its work", layer=name)
                 return
-            except Exception as exc:
+            except Exception as exc:  # boundary: a layer's crash restarts that layer alone
                 self.metrics.layer_error(name)
                 if not started:
                     raise
@@ -313,7 +306,7 @@ class Daemon:
             try:
                 self.metrics.set_trainings(await self.store.status_counts())
                 self.db_ok = await self.store.writable()
-            except Exception as exc:
+            except Exception as exc:  # boundary: the readiness probe reports, never crashes
                 self.db_ok = False
                 log.error(f"{logs.WARN} database check failed", error=_describe(exc))
             await trio.sleep(GAUGE_INTERVAL_SECONDS)
@@ -406,7 +399,7 @@ class Daemon:
                 check(settings.layer(entry.layer.name).options)
             except ConfigError:
                 raise
-            except Exception as exc:
+            except Exception as exc:  # boundary: a plugin's own option check
                 raise ConfigError(
                     f"layers.{entry.layer.name}: its options could not be checked "
                     f"({_describe(exc)})"

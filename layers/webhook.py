@@ -37,6 +37,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trainguard import http, logs, signing
+from trainguard.errors import KeyServerDown, Refusal
 from trainguard.layer import LayerContext
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
@@ -69,20 +70,6 @@ _HEADER_PREFIX = "x-fal-webhook-"
 _REFUSED_STATUS = {"bad_signature": 401, "foreign_user": 403}
 
 Scope = Mapping[str, Any]
-
-
-class KeyServerDown(RuntimeError):
-    """FAL's JWKS could not be fetched, and no fresh enough copy is cached."""
-
-
-class Refusal(Exception):
-    """A request refused before its body is judged."""
-
-    def __init__(self, status: int, outcome: str, reason: str) -> None:
-        super().__init__(f"{outcome}: {reason}")
-        self.status = status
-        self.outcome = outcome
-        self.reason = reason
 
 
 class JwksCache:
@@ -154,7 +141,7 @@ class JwksCache:
                 reply = await client.get(url)
             reply.raise_for_status()
             keys = signing.parse_jwks(reply.json())
-        except Exception as exc:
+        except Exception as exc:  # boundary: one key host's failure never blocks the others
             self._errors[url] = f"{type(exc).__name__}: {exc}"
             return
         self._keys[url] = keys
@@ -280,7 +267,7 @@ class _Handler:
                     dedupe_key=None,
                     reject_reason=f"{code}: {reason}",
                 )
-        except Exception as exc:
+        except Exception as exc:  # boundary: keeping a refused copy is best effort
             self.ctx.log.warning(f"{TAG} refused webhook not kept", error=_storage_error(exc))
         finally:
             self._keeping -= 1
@@ -382,7 +369,7 @@ class _Handler:
             await trio.sleep(PRUNE_SECONDS)
             try:
                 dropped = await self.ctx.reconciler.prune_receipts()
-            except Exception as exc:
+            except Exception as exc:  # boundary: the prune loop outlives a database error
                 self.ctx.log.warning(f"{TAG} receipts not pruned now", error=_storage_error(exc))
                 continue
             for kind, count in dropped.items():
@@ -396,7 +383,7 @@ class _Handler:
         while True:
             try:
                 await self.retry_stored()
-            except Exception as exc:
+            except Exception as exc:  # boundary: the retry loop outlives a database error
                 self.ctx.log.warning(
                     f"{TAG} stored webhooks not retried now", error=_storage_error(exc)
                 )
@@ -438,7 +425,7 @@ class _Handler:
                     change = await ctx.reconciler.apply_receipt(
                         receipt_id, verification=verification, reject_reason=reason
                     )
-                except Exception as exc:
+                except Exception as exc:  # boundary: one receipt never holds back the rest
                     ctx.log.error(
                         f"{TAG} {logs.WARN} stored webhook not applied; will retry",
                         receipt_id=receipt_id,

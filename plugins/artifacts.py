@@ -45,6 +45,7 @@ import peewee
 import trio
 
 from trainguard.config import ConfigError
+from trainguard.errors import DownloadError, GiveUp
 from trainguard.logs import WARN
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.store import Artifact, Training, database
@@ -110,14 +111,6 @@ class Options:
         """Seconds until the next attempt after ``attempts`` failures (jitter: 50-100 %)."""
         delay = min(self.retry_max_seconds, self.retry_first_seconds * 2 ** min(attempts - 1, 40))
         return delay * rng.uniform(0.5, 1.0)
-
-
-class DownloadError(Exception):
-    """A download failed for now; it is retried."""
-
-
-class GiveUp(Exception):
-    """A download no retry can fix (the media are gone, the file is too large)."""
 
 
 # -- names and paths ------------------------------------------------------------------------
@@ -285,7 +278,7 @@ def _create(rows: list[dict[str, Any]], now: float) -> int:
     try:
         with database.atomic():  # a savepoint: the fast path, all rows at once
             Artifact.insert_many(values).on_conflict_ignore().execute()
-    except Exception:
+    except Exception:  # boundary: a refused batch is retried row by row
         return sum(_create_one(row) for row in values)
     return 0
 
@@ -296,7 +289,7 @@ def _create_one(row: dict[str, Any]) -> bool:
     try:
         with database.atomic():
             Artifact.insert(row).on_conflict_ignore().execute()
-    except Exception as exc:
+    except Exception as exc:  # boundary: one row the database refuses is given up alone
         given_up = {
             "request_id": row["request_id"],
             "kind": row["kind"],

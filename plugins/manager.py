@@ -12,6 +12,7 @@ import pluggy
 import structlog
 import trio
 
+from trainguard.errors import PluginError
 from trainguard.plugins import hookspecs
 
 if TYPE_CHECKING:
@@ -34,10 +35,6 @@ BUILTIN_MODULES = (
 )
 
 
-class PluginError(RuntimeError):
-    """A plugin could not be loaded or contributes something inconsistent."""
-
-
 @dataclass(frozen=True)
 class LayerEntry:
     layer: Layer
@@ -56,7 +53,7 @@ def build_manager(
     if entry_points:
         try:
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
-        except Exception as exc:
+        except Exception as exc:  # boundary: a third-party plugin's import
             raise PluginError(f"cannot load a trainguard plugin: {exc}") from exc
     for plugin in extra:
         pm.register(plugin)
@@ -156,7 +153,7 @@ def outbox_collector(
                             f"outbox entry needs a consumer and a payload object: {entry!r}"
                         )
                 entries.extend(offered)
-            except Exception as exc:
+            except Exception as exc:  # boundary: a plugin's hook never undoes a transition
                 if metrics is not None:
                     metrics.hook_error("trainguard_outbox")
                 log.error(
