@@ -172,6 +172,15 @@ async def cancel(
         change = await reconciler.observe_answer(answer, request_id, "admin")  # removed
         if change.training is not None and change.training.status == "CANCELLED":
             return change.training
+    if answer.kind == Kind.NOT_FOUND:
+        # FAL no longer knows a request we follow: most likely an earlier attempt of this
+        # cancel removed it and its answer was lost (a timeout; the client retried). Record
+        # the cancel and let the status decide (NOT_FOUND there ends it CANCELLED, a result
+        # is fetched), rather than conclude anything from this answer.
+        change = await reconciler.observe(
+            Observation(request_id, "admin", ObsKind.CANCEL_REQUESTED)
+        )
+        return change.training or await _known(reconciler, request_id)
     if answer.status == "ALREADY_COMPLETED":
         await reconciler.observe_answer(answer, request_id, "admin")  # fetch the result now
         raise Conflict(

@@ -11,6 +11,7 @@ import trio
 
 from tests.conftest import daemon_settings
 from trainguard import actions
+from trainguard import fal as fal_mod
 from trainguard.config import Settings
 from trainguard.demo import compare_with_truth, submit_until_accepted
 from trainguard.plugins.manager import build_manager
@@ -370,3 +371,31 @@ async def test_a_cancel_is_watched_to_its_real_end(
     assert len(result) == 1 and result[0]["detail"]["cancel_not_honoured"] is True
     report = await compare_with_truth(store, [sim.truth[r] for r in ids])
     assert report.problems == []
+
+
+async def test_a_cancel_whose_answer_was_lost_is_still_recorded_and_ends_cancelled(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """Seen in the chaos run: FAL removed a queued request on a cancel whose answer never
+    came back (a timeout), so the retried cancel answers 404. The cancel must still be
+    recorded and the training end CANCELLED (through the status), not run to the deadline."""
+    sim.config.queue_seconds = 30.0
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook", "poller"))
+    daemon = await start(nursery, settings)
+    assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
+    store, fal, reconciler = daemon.store, daemon.fal, daemon.reconciler
+    (rid,) = await submit(settings, fal, reconciler, 1)
+    view = await store.training(rid)
+    assert view is not None and view.cancel_url
+    lost = await fal.cancel(view.cancel_url)  # FAL acts on it; its answer is "lost"
+    assert lost.kind == fal_mod.Kind.SUCCEEDED
+    requested = await actions.cancel(settings, fal, reconciler, rid)  # the retry: 404
+    assert requested.cancel_requested_at is not None
+
+    async def cancelled() -> bool:
+        now = await store.training(rid)
+        return now is not None and now.status == "CANCELLED"
+
+    await wait_for(cancelled)
+    final = await store.training(rid)
+    assert final is not None and not final.is_fallback
