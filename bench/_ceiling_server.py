@@ -12,7 +12,7 @@ from typing import Any
 
 import trio
 
-from daemon import http
+from trainguard import http
 
 OK = json.dumps({"detail": "ok"}).encode() + b"\n"
 

@@ -178,14 +178,13 @@ class Children:
 
 
 def daemon_args(config_path: Path) -> list[str]:
-    return [PYTHON, "-m", "daemon", "run", "--config", str(config_path)]
+    return [PYTHON, "-m", "trainguard", "run", "--config", str(config_path)]
 
 
 def simulator_args(port: int, *, run_seconds: float, faults: Iterable[str] = ()) -> list[str]:
     args = [
         PYTHON,
-        "-m",
-        "daemon",
+        "-m", "trainguard",
         "simulate",
         "--port",
         str(port),
@@ -263,7 +262,7 @@ def installed_layers() -> tuple[str, ...]:
     global _installed
     if _installed is None:
         out = subprocess.run(
-            [PYTHON, "-m", "daemon", "plugins", "--json"],
+            [PYTHON, "-m", "trainguard", "plugins", "--json"],
             cwd=ROOT,
             check=True,
             capture_output=True,
@@ -477,7 +476,7 @@ def training_row(
 def seed_database(db_path: Path, rows: Sequence[Mapping[str, Any]], *, events: bool = True) -> None:
     """Create the schema with the daemon's own migrations, then insert ``rows`` (and one
     "registered" event each, as the daemon would have written) in one transaction."""
-    from daemon.store import Training, database, migrate, open_database
+    from trainguard.store import Training, database, migrate, open_database
 
     db = open_database(f"sqlite:///{db_path}")
     database.initialize(db)

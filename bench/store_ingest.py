@@ -21,9 +21,9 @@ from typing import Any
 
 import trio
 
-from daemon import config
-from daemon.reconcile import Reconciler
-from daemon.store import Training, open_store
+from trainguard import config
+from trainguard.reconcile import Reconciler
+from trainguard.store import Training, open_store
 
 
 def raw_sqlite(path: Path, n: int) -> float:

@@ -49,10 +49,10 @@ from _common import (
     write_config,
 )
 
-from daemon import actions, config
-from daemon.reconcile import Reconciler
-from daemon.simulator import Faults, SimConfig, Simulator
-from daemon.store import open_store
+from trainguard import actions, config
+from trainguard.reconcile import Reconciler
+from trainguard.simulator import Faults, SimConfig, Simulator
+from trainguard.store import open_store
 
 COMPRESSION = 30.0  # part 3: shipped timings divided by this
 

@@ -53,7 +53,7 @@ from _common import (
 )
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from daemon import signing
+from trainguard import signing
 
 WEBHOOK_PATH = "/fal/webhook"
 USER_ID = "bench-user"

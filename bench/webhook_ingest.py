@@ -54,7 +54,7 @@ from _common import (
     write_json,
 )
 
-from daemon import signing
+from trainguard import signing
 
 WEBHOOK_PATH = "/fal/webhook"
 LUA = ROOT / "bench" / "_wrk_signed.lua"

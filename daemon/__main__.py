@@ -1,5 +1,5 @@
 """`python -m daemon` is the `trainguard` command."""
 
-from daemon.cli import main
+from trainguard.cli import main
 
 raise SystemExit(main())

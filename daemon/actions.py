@@ -10,11 +10,11 @@ import re
 from collections.abc import Mapping
 from typing import Any
 
-from daemon.config import Settings
-from daemon.fal import FalClient, Kind, queue_urls
-from daemon.reconcile import Kind as ObsKind
-from daemon.reconcile import Observation, Reconciler
-from daemon.store import TrainingView
+from trainguard.config import Settings
+from trainguard.fal import FalClient, Kind, queue_urls
+from trainguard.reconcile import Kind as ObsKind
+from trainguard.reconcile import Observation, Reconciler
+from trainguard.store import TrainingView
 
 #: What a tracked request id may be: FAL's are UUIDs. Anything that is not one URL path
 #: segment as it is (a ``/``, ``%``, ``?``, space, ``..``) could never be fetched or
@@ -213,7 +213,7 @@ async def recheck(reconciler: Reconciler, request_id: str) -> TrainingView:
 
 def fal_client(settings: Settings, **kwargs: Any) -> FalClient:
     """A FAL client configured from settings (the caller enters it with ``async with``)."""
-    from daemon.fal import RateLimiter
+    from trainguard.fal import RateLimiter
 
     return FalClient(
         queue_url=settings.fal["queue_url"],

@@ -26,12 +26,12 @@ from urllib.parse import parse_qs, urlsplit
 
 import trio
 
-from daemon import actions, http
-from daemon.config import ConfigError, Settings
-from daemon.fal import FalClient, FalRequestError
-from daemon.logs import WARN, get_logger
-from daemon.reconcile import AlreadyTracked, Reconciler, view_as_dict
-from daemon.store import STATUSES, Store, Training, fal_user_ids
+from trainguard import actions, http
+from trainguard.config import ConfigError, Settings
+from trainguard.fal import FalClient, FalRequestError
+from trainguard.logs import WARN, get_logger
+from trainguard.reconcile import AlreadyTracked, Reconciler, view_as_dict
+from trainguard.store import STATUSES, Store, Training, fal_user_ids
 
 log = get_logger(component="admin")
 

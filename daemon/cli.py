@@ -20,10 +20,10 @@ from typing import Any, TypeVar
 
 import trio
 
-from daemon import __version__, actions, config, logs
-from daemon.config import ConfigError, Settings
-from daemon.reconcile import Reconciler, view_as_dict
-from daemon.store import TrainingView
+from trainguard import __version__, actions, config, logs
+from trainguard.config import ConfigError, Settings
+from trainguard.reconcile import Reconciler, view_as_dict
+from trainguard.store import TrainingView
 
 EXIT_FAILURE = 1
 EXIT_CONFIG = 2
@@ -69,7 +69,7 @@ def _settings(args: argparse.Namespace) -> Settings:
 
 # -- run ---------------------------------------------------------------------------------
 def cmd_run(args: argparse.Namespace) -> int:
-    from daemon.supervisor import Daemon, StartError
+    from trainguard.supervisor import Daemon, StartError
 
     settings = _settings(args)
     daemon = Daemon(settings, handle_signals=True, config_path=args.config)
@@ -113,8 +113,8 @@ def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
 
 @asynccontextmanager
 async def _reconciler(settings: Settings) -> AsyncIterator[Reconciler]:
-    from daemon.store import open_store
-    from plugins.manager import HookRunner, build_manager, collect_layers, outbox_collector
+    from trainguard.store import open_store
+    from trainguard.plugins.manager import HookRunner, build_manager, collect_layers, outbox_collector
 
     pm = build_manager()
     collect_layers(pm, settings)  # plugins learn the settings, as in the daemon
@@ -123,7 +123,7 @@ async def _reconciler(settings: Settings) -> AsyncIterator[Reconciler]:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from daemon.fal import FalRequestError
+    from trainguard.fal import FalRequestError
 
     settings = _settings(args)
     arguments = actions.training_arguments(
@@ -225,7 +225,7 @@ def _print_training(view: TrainingView, as_json: bool) -> None:
 
 # -- check -------------------------------------------------------------------------------
 async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, Any]]:
-    from daemon.store import Training, fal_user_ids, open_store
+    from trainguard.store import Training, fal_user_ids, open_store
 
     async with open_store(settings.database["url"]) as store:
         where = (Training.status == status,) if status else ()
@@ -245,7 +245,7 @@ async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, A
 def _artifacts_by_request() -> dict[str, list[dict[str, Any]]]:
     """The artifact store's rows by request (on the database thread): whether each file is
     on our disk, with its sha256; ``given_up``: the download will not be tried again."""
-    from daemon.store import Artifact
+    from trainguard.store import Artifact
 
     files: dict[str, list[dict[str, Any]]] = {}
     for a in Artifact.select().order_by(Artifact.request_id, Artifact.kind.desc()):
@@ -339,7 +339,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
 # -- plugins -----------------------------------------------------------------------------
 def cmd_plugins(args: argparse.Namespace) -> int:
-    from plugins.manager import build_manager, collect_layers
+    from trainguard.plugins.manager import build_manager, collect_layers
 
     settings = _settings(args)
     entries = collect_layers(build_manager(), settings)
@@ -363,7 +363,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # -- simulate / demo ---------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from daemon import simulator
+    from trainguard import simulator
 
     logs.configure(args.log_level or "info", stream=sys.stderr)
     trio.run(simulator.run_from_args, args)
@@ -371,14 +371,14 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from daemon import demo
+    from trainguard import demo
 
     return demo.main(args)
 
 
 # -- parser ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
-    from daemon import demo, simulator
+    from trainguard import demo, simulator
 
     parser = argparse.ArgumentParser(
         prog="trainguard",

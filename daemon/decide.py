@@ -17,9 +17,9 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from daemon.config import Settings
-from daemon.observe import Kind, Observation
-from daemon.store import TERMINAL, TrainingView
+from trainguard.config import Settings
+from trainguard.observe import Kind, Observation
+from trainguard.store import TERMINAL, TrainingView
 
 #: The longest URL and finetune id taken from FAL's output (theirs are ~100 and 36 chars).
 MAX_URL_CHARS = 4096

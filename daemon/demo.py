@@ -31,13 +31,13 @@ from typing import Any
 import httpx
 import trio
 
-from daemon import actions, config
-from daemon.fal import FalRequestError
-from daemon.fal import Kind as FalKind
-from daemon.reconcile import Reconciler
-from daemon.signing import HEADER_SIGNATURE
-from daemon.simulator import Delivery, Faults, SimConfig, Simulator, Truth
-from daemon.store import (
+from trainguard import actions, config
+from trainguard.fal import FalRequestError
+from trainguard.fal import Kind as FalKind
+from trainguard.reconcile import Reconciler
+from trainguard.signing import HEADER_SIGNATURE
+from trainguard.simulator import Delivery, Faults, SimConfig, Simulator, Truth
+from trainguard.store import (
     TERMINAL,
     Event,
     Store,
@@ -130,7 +130,7 @@ class DaemonProcess:
         env = {**os.environ, "FAL_KEY": DEMO_KEY, **self.env}
         with self.log_path.open("ab") as log:
             self.process = await trio.lowlevel.open_process(
-                [sys.executable, "-m", "daemon", "run", "--config", self.config_path],
+                [sys.executable, "-m", "trainguard", "run", "--config", self.config_path],
                 stdout=log,
                 stderr=log,
                 env=env,

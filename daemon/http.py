@@ -22,8 +22,8 @@ from hypercorn.trio.tcp_server import TCPServer
 from hypercorn.trio.worker_context import WorkerContext
 from hypercorn.typing import ConnectionState
 
-from daemon.logs import get_logger
-from daemon.metrics import Metrics
+from trainguard.logs import get_logger
+from trainguard.metrics import Metrics
 
 __all__ = [
     "ASGIApp",

@@ -21,11 +21,11 @@ import peewee
 import structlog
 import trio
 
-from daemon import fal
-from daemon.clock import Clock
-from daemon.config import Settings
-from daemon.reconcile import Change, Reconciler
-from daemon.store import UNFINISHED, Store, Training, TrainingView
+from trainguard import fal
+from trainguard.clock import Clock
+from trainguard.config import Settings
+from trainguard.reconcile import Change, Reconciler
+from trainguard.store import UNFINISHED, Store, Training, TrainingView
 
 #: How long a layer with nothing due sleeps before looking at the database again, so that a
 #: training registered by another process (the CLI) is noticed.

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from daemon import fal
+from trainguard import fal
 
 
 class Kind(StrEnum):

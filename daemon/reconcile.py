@@ -29,10 +29,10 @@ import peewee
 import structlog
 import trio
 
-from daemon import fal, logs, signing
-from daemon.clock import Clock
-from daemon.config import Settings
-from daemon.decide import (
+from trainguard import fal, logs, signing
+from trainguard.clock import Clock
+from trainguard.config import Settings
+from trainguard.decide import (
     EVENT_KINDS,
     MAX_ID_CHARS,
     MAX_URL_CHARS,
@@ -43,7 +43,7 @@ from daemon.decide import (
     decide,
     extract_result,
 )
-from daemon.observe import (
+from trainguard.observe import (
     Kind,
     MalformedWebhook,
     Observation,
@@ -52,7 +52,7 @@ from daemon.observe import (
     parse_webhook,
     read_webhook,
 )
-from daemon.store import (
+from trainguard.store import (
     Event,
     Outbox,
     Store,
@@ -60,7 +60,7 @@ from daemon.store import (
     TrainingView,
     WebhookReceipt,
 )
-from daemon.views import missing_fields, view_as_dict
+from trainguard.views import missing_fields, view_as_dict
 
 __all__ = [
     "EVENT_KINDS",

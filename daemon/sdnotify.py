@@ -12,7 +12,7 @@ from __future__ import annotations
 import os
 import socket
 
-from daemon.logs import WARN, get_logger
+from trainguard.logs import WARN, get_logger
 
 __all__ = ["Notifier", "watchdog_interval"]
 

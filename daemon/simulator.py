@@ -73,7 +73,7 @@ import hypercorn.config
 import hypercorn.trio
 import trio
 
-from daemon import http, signing
+from trainguard import http, signing
 
 logger = logging.getLogger("trainguard.simulator")
 

@@ -26,17 +26,17 @@ import pluggy
 import structlog
 import trio
 
-from daemon import config, http, logs
-from daemon.admin import AdminApi, check_listen_allowed
-from daemon.clock import Clock
-from daemon.config import ConfigError, Settings
-from daemon.fal import FalClient, RateLimiter
-from daemon.layer import Layer, LayerContext
-from daemon.metrics import Metrics
-from daemon.reconcile import Reconciler
-from daemon.sdnotify import Notifier
-from daemon.store import Store, open_store
-from plugins.manager import (
+from trainguard import config, http, logs
+from trainguard.admin import AdminApi, check_listen_allowed
+from trainguard.clock import Clock
+from trainguard.config import ConfigError, Settings
+from trainguard.fal import FalClient, RateLimiter
+from trainguard.layer import Layer, LayerContext
+from trainguard.metrics import Metrics
+from trainguard.reconcile import Reconciler
+from trainguard.sdnotify import Notifier
+from trainguard.store import Store, open_store
+from trainguard.plugins.manager import (
     HookRunner,
     LayerEntry,
     build_manager,

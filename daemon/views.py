@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime
 from typing import Any
 
-from daemon.store import TrainingView
+from trainguard.store import TrainingView
 
 
 def missing_fields(view: TrainingView) -> list[str]:

@@ -11,11 +11,11 @@ from __future__ import annotations
 
 import trio
 
-from daemon import fal, logs
-from daemon.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
-from daemon.reconcile import Kind, Observation
-from daemon.store import Training, TrainingView
-from plugins.hookspecs import hookimpl
+from trainguard import fal, logs
+from trainguard.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
+from trainguard.reconcile import Kind, Observation
+from trainguard.store import Training, TrainingView
+from trainguard.plugins.hookspecs import hookimpl
 
 SCHEDULE = "completeness"
 FINAL_FALLBACKS = ("fal_failure", "expired")

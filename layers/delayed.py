@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import trio
 
-from daemon.layer import LayerContext, check_training, run_due
-from daemon.store import Training
-from plugins.hookspecs import hookimpl
+from trainguard.layer import LayerContext, check_training, run_due
+from trainguard.store import Training
+from trainguard.plugins.hookspecs import hookimpl
 
 
 class DelayedLayer:

@@ -12,10 +12,10 @@ from __future__ import annotations
 
 import trio
 
-from daemon.layer import LayerContext, check_training, run_due
-from daemon.reconcile import Change, Kind, Observation
-from daemon.store import Training, TrainingView
-from plugins.hookspecs import hookimpl
+from trainguard.layer import LayerContext, check_training, run_due
+from trainguard.reconcile import Change, Kind, Observation
+from trainguard.store import Training, TrainingView
+from trainguard.plugins.hookspecs import hookimpl
 
 
 def _final(change: Change) -> bool:

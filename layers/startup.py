@@ -14,11 +14,11 @@ from collections import Counter
 
 import trio
 
-from daemon import fal, logs
-from daemon.layer import LayerContext, check_training
-from daemon.reconcile import Change
-from daemon.store import UNFINISHED, Training, TrainingView, WebhookReceipt
-from plugins.hookspecs import hookimpl
+from trainguard import fal, logs
+from trainguard.layer import LayerContext, check_training
+from trainguard.reconcile import Change
+from trainguard.store import UNFINISHED, Training, TrainingView, WebhookReceipt
+from trainguard.plugins.hookspecs import hookimpl
 
 PROGRESS_EVERY_SECONDS = 5.0
 EXTEND_START_SECONDS = 30.0

@@ -36,12 +36,12 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon import http, logs, signing
-from daemon.layer import LayerContext
-from daemon.observe import MalformedWebhook, read_webhook
-from daemon.reconcile import UnverifiedFull
-from daemon.store import WebhookReceipt
-from plugins.hookspecs import hookimpl
+from trainguard import http, logs, signing
+from trainguard.layer import LayerContext
+from trainguard.observe import MalformedWebhook, read_webhook
+from trainguard.reconcile import UnverifiedFull
+from trainguard.store import WebhookReceipt
+from trainguard.plugins.hookspecs import hookimpl
 
 TAG = logs.WEBHOOK
 #: A refetch of the keys because none verified is tried at most this often.

@@ -44,15 +44,15 @@ import httpx
 import peewee
 import trio
 
-from daemon.config import ConfigError
-from daemon.logs import WARN
-from daemon.store import Artifact, Training, database
-from plugins.hookspecs import hookimpl
+from trainguard.config import ConfigError
+from trainguard.logs import WARN
+from trainguard.store import Artifact, Training, database
+from trainguard.plugins.hookspecs import hookimpl
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
-    from daemon.layer import LayerContext
-    from daemon.store import TrainingView
+    from trainguard.config import Settings
+    from trainguard.layer import LayerContext
+    from trainguard.store import TrainingView
 
 NAME = "artifacts"
 CHUNK_BYTES = 1024 * 1024

@@ -46,12 +46,12 @@ import httpx
 import peewee
 import trio
 
-from daemon.config import ConfigError, Settings
-from daemon.layer import LayerContext
-from daemon.logs import WARN
-from daemon.reconcile import view_as_dict
-from daemon.store import Outbox, TrainingView
-from plugins.hookspecs import hookimpl
+from trainguard.config import ConfigError, Settings
+from trainguard.layer import LayerContext
+from trainguard.logs import WARN
+from trainguard.reconcile import view_as_dict
+from trainguard.store import Outbox, TrainingView
+from trainguard.plugins.hookspecs import hookimpl
 
 CONSUMER = "delivery"
 SECRET_ENV = "TRAINGUARD_DELIVERY_SECRET"

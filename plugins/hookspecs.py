@@ -15,9 +15,9 @@ from typing import TYPE_CHECKING, Any
 import pluggy
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
-    from daemon.layer import Layer
-    from daemon.store import TrainingView
+    from trainguard.config import Settings
+    from trainguard.layer import Layer
+    from trainguard.store import TrainingView
 
 PROJECT = "trainguard"
 hookspec = pluggy.HookspecMarker(PROJECT)

@@ -12,25 +12,25 @@ import pluggy
 import structlog
 import trio
 
-from plugins import hookspecs
+from trainguard.plugins import hookspecs
 
 if TYPE_CHECKING:
-    from daemon.config import Settings
-    from daemon.layer import Layer
-    from daemon.metrics import Metrics
+    from trainguard.config import Settings
+    from trainguard.layer import Layer
+    from trainguard.metrics import Metrics
 
 log = structlog.get_logger("trainguard.plugins")
 
 ENTRY_POINT_GROUP = "trainguard"
 BUILTIN_MODULES = (
-    "layers.webhook",
-    "layers.startup",
-    "layers.poller",
-    "layers.delayed",
-    "layers.completeness",
-    "layers.emergency",
-    "plugins.artifacts",
-    "plugins.delivery",
+    "trainguard.layers.webhook",
+    "trainguard.layers.startup",
+    "trainguard.layers.poller",
+    "trainguard.layers.delayed",
+    "trainguard.layers.completeness",
+    "trainguard.layers.emergency",
+    "trainguard.plugins.artifacts",
+    "trainguard.plugins.delivery",
 )
 
 

@@ -9,9 +9,9 @@ from typing import Any
 import pytest
 import structlog
 
-from daemon import config
-from daemon.reconcile import Reconciler
-from daemon.store import Store, open_store
+from trainguard import config
+from trainguard.reconcile import Reconciler
+from trainguard.store import Store, open_store
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -91,7 +91,7 @@ def daemon_settings(
 
     ``only`` turns every other built-in layer off; ``layers`` overrides layer options.
     """
-    from daemon.demo import free_port
+    from trainguard.demo import free_port
 
     port = free_port()
     tables: dict[str, dict[str, Any]] = {name: dict(values) for name, values in FAST_LAYERS.items()}
@@ -125,7 +125,7 @@ def daemon_settings(
 @pytest.fixture
 async def sim(nursery: Any) -> Any:
     """A FAL simulator on loopback: 0.2 s in queue, 0.5 s running, no faults."""
-    from daemon.simulator import SimConfig, Simulator
+    from trainguard.simulator import SimConfig, Simulator
 
     simulator = Simulator(
         SimConfig(queue_seconds=0.2, run_seconds=0.5, seed=1, webhook_retry_delays=(0.2, 0.5))

@@ -13,11 +13,11 @@ import httpx
 import pytest
 import trio
 
-from daemon import admin
-from daemon.config import DEFAULT_TRAINING_TYPES, ConfigError
-from daemon.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
-from daemon.supervisor import Daemon
-from plugins.manager import build_manager
+from trainguard import admin
+from trainguard.config import DEFAULT_TRAINING_TYPES, ConfigError
+from trainguard.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
+from trainguard.supervisor import Daemon
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 
 TOKEN = "admin-token-0123456789"
@@ -371,7 +371,7 @@ async def test_cli_cancel_and_recheck(nursery: trio.Nursery, tmp_path: Path) -> 
 
     async def cli(*args: str) -> trio.CompletedProcess[bytes]:
         return await trio.run_process(
-            [sys.executable, "-m", "daemon", *args, "--config", str(config)],
+            [sys.executable, "-m", "trainguard", *args, "--config", str(config)],
             capture_stdout=True,
             capture_stderr=True,
             check=False,

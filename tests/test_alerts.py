@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import Metrics
+from trainguard.metrics import Metrics
 
 DOCS = Path(__file__).resolve().parent.parent / "docs"
 RULES = DOCS / "alerts.yml"

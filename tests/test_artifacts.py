@@ -19,15 +19,15 @@ import pytest
 import trio
 from structlog.testing import capture_logs
 
-from daemon import http, simulator
-from daemon.config import ConfigError, Settings
-from daemon.logs import WARN
-from daemon.reconcile import Kind, Observation
-from daemon.simulator import Simulator
-from daemon.store import Artifact
-from daemon.supervisor import Daemon
-from plugins.artifacts import Options, request_dir, safe_name
-from plugins.manager import build_manager
+from trainguard import http, simulator
+from trainguard.config import ConfigError, Settings
+from trainguard.logs import WARN
+from trainguard.reconcile import Kind, Observation
+from trainguard.simulator import Simulator
+from trainguard.store import Artifact
+from trainguard.supervisor import Daemon
+from trainguard.plugins.artifacts import Options, request_dir, safe_name
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 from tests.test_layers import submit, wait_for
 
@@ -516,7 +516,7 @@ async def test_a_file_size_beyond_max_bytes_is_refused_for_that_file_alone(
     """Regression (issue 9, item 1): a ``file_size`` above 2^63 made every pass's batch insert
     raise (a crash loop), so no later result got its files. Now the size is judged where it
     enters: over ``max_bytes`` refuses that file alone, recorded and visible in ``check``."""
-    from daemon.cli import _artifacts_by_request
+    from trainguard.cli import _artifacts_by_request
 
     server = MediaServer()
     await server.serve(nursery)
@@ -549,7 +549,7 @@ async def test_one_row_the_database_refuses_never_stops_the_batch(
     nursery: trio.Nursery, tmp_path: Path, sim: Simulator, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Whatever makes one planned row unstorable, the other rows of the batch are queued."""
-    from plugins import artifacts as plugin
+    from trainguard.plugins import artifacts as plugin
 
     real = plugin.planned_files
 

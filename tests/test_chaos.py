@@ -31,8 +31,8 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import actions, config
-from daemon.demo import (
+from trainguard import actions, config
+from trainguard.demo import (
     DEMO_KEY,
     TYPES,
     DaemonProcess,
@@ -44,10 +44,10 @@ from daemon.demo import (
     free_port,
     submit_until_accepted,
 )
-from daemon.fal import FalClient, RateLimiter
-from daemon.reconcile import Reconciler
-from daemon.simulator import Delivery, Faults, SimConfig, Simulator
-from daemon.store import TERMINAL, Store, open_store
+from trainguard.fal import FalClient, RateLimiter
+from trainguard.reconcile import Reconciler
+from trainguard.simulator import Delivery, Faults, SimConfig, Simulator
+from trainguard.store import TERMINAL, Store, open_store
 
 #: The daemon's time limit for one FAL call, and how long a "timing out" call hangs.
 FAL_TIMEOUT_SECONDS = 1.0

@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import __version__, actions, config, signing
-from daemon.config import BUILTIN_LAYERS
-from daemon.demo import free_port
-from daemon.reconcile import Kind, Observation, Reconciler
-from daemon.simulator import Simulator
-from daemon.store import open_store
+from trainguard import __version__, actions, config, signing
+from trainguard.config import BUILTIN_LAYERS
+from trainguard.demo import free_port
+from trainguard.reconcile import Kind, Observation, Reconciler
+from trainguard.simulator import Simulator
+from trainguard.store import open_store
 
 COMMANDS = ("run", "demo", "simulate", "submit", "track", "cancel", "recheck", "check", "plugins")
 #: The keys of `check --json` that scripts and the bot depend on (design.md).
@@ -75,7 +75,7 @@ def cli(
     cwd: Path, *args: str, env: Mapping[str, str] | None = None
 ) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "daemon", *args],
+        [sys.executable, "-m", "trainguard", *args],
         cwd=cwd,
         env=cli_env() if env is None else dict(env),
         capture_output=True,
@@ -91,7 +91,7 @@ async def acli(
     """The CLI run without blocking trio, so a simulator in the test's nursery keeps serving."""
     with trio.fail_after(60):
         done = await trio.run_process(
-            [sys.executable, "-m", "daemon", *args],
+            [sys.executable, "-m", "trainguard", *args],
             cwd=cwd,
             env=cli_env() if env is None else dict(env),
             capture_stdout=True,

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import config
-from daemon.config import ConfigError
+from trainguard import config
+from trainguard.config import ConfigError
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -48,7 +48,7 @@ def test_shipped_config_toml_equals_the_embedded_defaults() -> None:
     # the built-in plugin layer's table documents its own defaults
     from dataclasses import asdict
 
-    from plugins.artifacts import Options
+    from trainguard.plugins.artifacts import Options
 
     artifacts = shipped.layer("artifacts")
     assert artifacts.enabled and asdict(Options.parse(artifacts.options)) == asdict(Options())

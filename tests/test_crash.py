@@ -8,8 +8,8 @@ from pathlib import Path
 
 import trio
 
-from daemon import actions, config
-from daemon.demo import (
+from trainguard import actions, config
+from trainguard.demo import (
     DEMO_KEY,
     DaemonProcess,
     compare_with_truth,
@@ -17,9 +17,9 @@ from daemon.demo import (
     free_port,
     submit_until_accepted,
 )
-from daemon.reconcile import Reconciler
-from daemon.simulator import Faults, SimConfig, Simulator
-from daemon.store import TERMINAL, open_store
+from trainguard.reconcile import Reconciler
+from trainguard.simulator import Faults, SimConfig, Simulator
+from trainguard.store import TERMINAL, open_store
 
 OUTCOMES = ["ok"] * 4 + ["fail", "no_lora"]
 

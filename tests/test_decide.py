@@ -11,9 +11,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.decide import ChangeKind, Decision, Policy, decide
-from daemon.observe import Kind, Observation
-from daemon.store import TrainingView
+from trainguard.decide import ChangeKind, Decision, Policy, decide
+from trainguard.observe import Kind, Observation
+from trainguard.store import TrainingView
 from tests.conftest import make_settings
 
 NOW = 1_000_000.0

@@ -21,14 +21,14 @@ import trio
 from standardwebhooks import Webhook, WebhookVerificationError
 from structlog.testing import capture_logs
 
-from daemon import config, http
-from daemon.demo import free_port
-from daemon.logs import WARN
-from daemon.reconcile import Kind, Observation, Reconciler
-from daemon.store import Outbox, open_store
-from daemon.supervisor import Daemon, LayerStartError
-from plugins import delivery
-from plugins.manager import build_manager, collect_layers, outbox_collector
+from trainguard import config, http
+from trainguard.demo import free_port
+from trainguard.logs import WARN
+from trainguard.reconcile import Kind, Observation, Reconciler
+from trainguard.store import Outbox, open_store
+from trainguard.supervisor import Daemon, LayerStartError
+from trainguard.plugins import delivery
+from trainguard.plugins.manager import build_manager, collect_layers, outbox_collector
 from tests.test_layers import wait_for
 
 KEY = b"trainguard-delivery-test-key-32b"

@@ -17,7 +17,7 @@ import trio.testing
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon.fal import (
+from trainguard.fal import (
     Answer,
     FalClient,
     FalRequestError,

@@ -8,11 +8,11 @@ from typing import Any
 import pytest
 import trio
 
-from daemon.config import Settings
-from daemon.layer import LayerContext
-from daemon.reconcile import Kind, Observation, Reconciler, extract_result
-from daemon.store import Store, WebhookReceipt
-from layers.startup import StartupLayer
+from trainguard.config import Settings
+from trainguard.layer import LayerContext
+from trainguard.reconcile import Kind, Observation, Reconciler, extract_result
+from trainguard.store import Store, WebhookReceipt
+from trainguard.layers.startup import StartupLayer
 from tests.test_schedules import LORA, ScriptedFal
 
 

@@ -14,9 +14,9 @@ import trio
 from prometheus_client.parser import text_string_to_metric_families
 from structlog.testing import capture_logs
 
-from daemon import http
-from daemon.http import ASGIApp, Receive, Scope, Send, ops_app, parse_listen, serve_asgi
-from daemon.metrics import Metrics
+from trainguard import http
+from trainguard.http import ASGIApp, Receive, Scope, Send, ops_app, parse_listen, serve_asgi
+from trainguard.metrics import Metrics
 
 
 @pytest.mark.parametrize(

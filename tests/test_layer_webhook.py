@@ -27,14 +27,14 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
-from daemon import actions, http, signing
-from daemon.logs import WARN
-from daemon.metrics import WEBHOOK_OUTCOMES
-from daemon.simulator import Simulator
-from daemon.store import Store, TrainingView, WebhookReceipt
-from daemon.supervisor import Daemon
-from layers import webhook as layer
-from plugins.manager import build_manager
+from trainguard import actions, http, signing
+from trainguard.logs import WARN
+from trainguard.metrics import WEBHOOK_OUTCOMES
+from trainguard.simulator import Simulator
+from trainguard.store import Store, TrainingView, WebhookReceipt
+from trainguard.supervisor import Daemon
+from trainguard.layers import webhook as layer
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 
 USER_ID = "user-0001"
@@ -975,7 +975,7 @@ async def test_a_locked_database_gets_503_keeps_the_listener_and_shows_on_readyz
     ``/readyz`` answers 503 while the writer is stuck."""
     import sqlite3
 
-    from daemon import store as store_mod
+    from trainguard import store as store_mod
 
     monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 300)
     monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
@@ -1024,7 +1024,7 @@ async def test_a_corrected_clock_accepts_genuine_webhooks_at_once(
     corrected, refused every genuine webhook as stale until it restarted."""
     from types import SimpleNamespace
 
-    from daemon import clock as clock_mod
+    from trainguard import clock as clock_mod
 
     step = {"by": -600.0}
     monkeypatch.setattr(clock_mod, "time", SimpleNamespace(time=lambda: time.time() + step["by"]))
@@ -1117,7 +1117,7 @@ async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
     the whole body are kept, and the kept bytes are capped too."""
     import hashlib
 
-    from daemon.reconcile import REFUSED_BODY_KEPT
+    from trainguard.reconcile import REFUSED_BODY_KEPT
 
     h = await launch(webhook={"rejected_kept_bytes": 2 * REFUSED_BODY_KEPT + 100})
     rid = await h.track()
@@ -1157,7 +1157,7 @@ async def test_one_stored_receipt_that_cannot_be_applied_never_holds_back_the_ot
 ) -> None:
     """A stored webhook whose apply keeps failing (say FAL's output holds text the database
     cannot take) must not stop the retry of the ones stored after it, nor the layer."""
-    from daemon.reconcile import Reconciler
+    from trainguard.reconcile import Reconciler
 
     monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
     failing: set[str] = set()

@@ -9,14 +9,14 @@ from typing import Any
 import pytest
 import trio
 
-from daemon import actions
-from daemon.config import Settings
-from daemon.demo import compare_with_truth, submit_until_accepted
-from daemon.reconcile import Reconciler
-from daemon.simulator import Simulator
-from daemon.store import TERMINAL, TrainingView, open_store
-from daemon.supervisor import Daemon
-from plugins.manager import build_manager
+from trainguard import actions
+from trainguard.config import Settings
+from trainguard.demo import compare_with_truth, submit_until_accepted
+from trainguard.reconcile import Reconciler
+from trainguard.simulator import Simulator
+from trainguard.store import TERMINAL, TrainingView, open_store
+from trainguard.supervisor import Daemon
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from daemon import config, logs
+from trainguard import config, logs
 
 SECRET = "fal-key-0123456789abcdef"
 
@@ -155,7 +155,7 @@ def test_a_database_password_is_never_printed(tmp_path: Path, command: str, url:
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("TRAINGUARD", "FAL_"))}
     done = subprocess.run(
-        [sys.executable, "-m", "daemon", command, "--config", str(path)],
+        [sys.executable, "-m", "trainguard", command, "--config", str(path)],
         capture_output=True,
         text=True,
         timeout=60,

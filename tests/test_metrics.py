@@ -8,7 +8,7 @@ import subprocess
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon.metrics import (
+from trainguard.metrics import (
     BUILTIN_LAYERS,
     FAL_OPERATIONS,
     FAL_OUTCOMES,

@@ -21,15 +21,15 @@ import trainguard_stale_alert
 import trio
 from structlog.testing import capture_logs
 
-from daemon import supervisor
-from daemon.config import ConfigError, Settings
-from daemon.layer import LayerContext
-from daemon.logs import WARN
-from daemon.metrics import Metrics
-from daemon.simulator import SimConfig, Simulator
-from daemon.supervisor import Daemon, LayerStartError
-from plugins.hookspecs import hookimpl
-from plugins.manager import (
+from trainguard import supervisor
+from trainguard.config import ConfigError, Settings
+from trainguard.layer import LayerContext
+from trainguard.logs import WARN
+from trainguard.metrics import Metrics
+from trainguard.simulator import SimConfig, Simulator
+from trainguard.supervisor import Daemon, LayerStartError
+from trainguard.plugins.hookspecs import hookimpl
+from trainguard.plugins.manager import (
     HookRunner,
     PluginError,
     build_manager,
@@ -131,7 +131,7 @@ def test_the_example_is_found_through_its_entry_point(settings: Settings) -> Non
 def test_cli_plugins_lists_builtins_and_the_example(tmp_path: Path) -> None:
     env = {k: v for k, v in os.environ.items() if k != "TRAINGUARD_CONFIG"}
     done = subprocess.run(
-        [sys.executable, "-m", "daemon", "plugins", "--json"],
+        [sys.executable, "-m", "trainguard", "plugins", "--json"],
         cwd=tmp_path,  # no config.toml: the embedded defaults
         env=env,
         capture_output=True,

@@ -12,8 +12,8 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from daemon import config
-from daemon.reconcile import (
+from trainguard import config
+from trainguard.reconcile import (
     AlreadyTracked,
     Kind,
     MalformedWebhook,
@@ -23,7 +23,7 @@ from daemon.reconcile import (
     missing_fields,
     parse_webhook,
 )
-from daemon.store import Store, TrainingView, open_store
+from trainguard.store import Store, TrainingView, open_store
 from tests.conftest import make_settings
 
 LORA = {
@@ -336,7 +336,7 @@ async def test_rejected_receipts_are_bounded(settings_factory: Any) -> None:
                 request_id=None,
                 dedupe_key=None,
             )
-        from daemon.store import WebhookReceipt
+        from trainguard.store import WebhookReceipt
 
         kept = await st_.read(
             lambda: [bytes(w.body) for w in WebhookReceipt.select().order_by(WebhookReceipt.id)]
@@ -464,7 +464,7 @@ async def test_probe_records_a_missing_artifact_once(reconciler: Reconciler, sto
 async def test_outbox_entries_are_written_with_the_finishing_transition(
     store: Store, settings: config.Settings
 ) -> None:
-    from daemon.store import Outbox
+    from trainguard.store import Outbox
 
     seen: list[tuple[str, str, str]] = []
 
@@ -504,13 +504,13 @@ async def test_outbox_failure_in_fail_mode_is_training_failed(settings_factory: 
 
 # -- issue 8: final errors after COMPLETED, cancels as requests, ambiguous answers -----------
 def fal_answer(op: str, kind: Any, **fields: Any) -> Any:
-    from daemon import fal
+    from trainguard import fal
 
     return fal.Answer(op=op, kind=fal.Kind(kind), **fields)
 
 
 def test_observation_from_answer_keeps_what_only_reconcile_can_judge_apart() -> None:
-    from daemon.reconcile import observation_from_answer as read
+    from trainguard.reconcile import observation_from_answer as read
 
     def kind(op: str, fal_kind: str, **fields: Any) -> Kind:
         return read(fal_answer(op, fal_kind, **fields), "req-1", "poller").kind

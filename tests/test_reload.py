@@ -10,9 +10,9 @@ from pathlib import Path
 import trio
 from structlog.testing import capture_logs
 
-from daemon.simulator import Simulator
-from daemon.supervisor import Daemon
-from plugins.manager import build_manager
+from trainguard.simulator import Simulator
+from trainguard.supervisor import Daemon
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 
 
@@ -32,7 +32,7 @@ async def start(
     base = daemon_settings(tmp_path / "db.sqlite", sim)
     path = tmp_path / "config.toml"
     write_config(path, sim, tmp_path / "db.sqlite", base.webhook["listen"], body)
-    from daemon import config
+    from trainguard import config
 
     settings = config.load(str(path), env={"FAL_KEY": "k"})
     daemon = Daemon(

@@ -14,16 +14,16 @@ import pytest
 import trio
 import trio.testing
 
-from daemon import fal
-from daemon.clock import Clock
-from daemon.config import Settings
-from daemon.layer import LayerContext
-from daemon.reconcile import Reconciler
-from daemon.store import Store, open_store
-from layers.delayed import DelayedLayer
-from layers.emergency import EmergencyLayer
-from layers.poller import PollerLayer
-from layers.startup import StartupLayer
+from trainguard import fal
+from trainguard.clock import Clock
+from trainguard.config import Settings
+from trainguard.layer import LayerContext
+from trainguard.reconcile import Reconciler
+from trainguard.store import Store, open_store
+from trainguard.layers.delayed import DelayedLayer
+from trainguard.layers.emergency import EmergencyLayer
+from trainguard.layers.poller import PollerLayer
+from trainguard.layers.startup import StartupLayer
 
 LORA = {
     "diffusers_lora_file": {"url": "https://v3.fal.media/x.safetensors"},
@@ -244,7 +244,7 @@ async def test_now_follows_a_step_of_the_wall_clock(monkeypatch: pytest.MonkeyPa
     import time as real_time
     from types import SimpleNamespace
 
-    from daemon import clock as clock_mod
+    from trainguard import clock as clock_mod
 
     step = {"by": -600.0}
     fake = SimpleNamespace(time=lambda: real_time.time() + step["by"])

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import pytest
 from structlog.testing import capture_logs
 
-from daemon.sdnotify import Notifier, watchdog_interval
+from trainguard.sdnotify import Notifier, watchdog_interval
 
 
 @pytest.fixture

@@ -10,8 +10,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from hypothesis import given
 from hypothesis import strategies as st
 
-from daemon import signing
-from daemon.signing import WebhookRejected
+from trainguard import signing
+from trainguard.signing import WebhookRejected
 
 NOW = 1_700_000_000
 BODY = b'{"request_id": "r-1", "status": "OK", "payload": {"finetune_id": "f"}}'

@@ -17,8 +17,8 @@ import pytest
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from daemon import signing
-from daemon.simulator import (
+from trainguard import signing
+from trainguard.simulator import (
     LORA_FILE_SIZE,
     OUTCOMES,
     PAYLOAD_ERROR_TEXT,

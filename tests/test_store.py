@@ -10,8 +10,8 @@ import peewee
 import pytest
 import trio
 
-from daemon import store as store_mod
-from daemon.store import Meta, Store, StoreClosed, Training, open_store
+from trainguard import store as store_mod
+from trainguard.store import Meta, Store, StoreClosed, Training, open_store
 
 
 def _insert(request_id: str) -> int:

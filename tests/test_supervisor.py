@@ -21,16 +21,16 @@ import pytest
 import trio
 from prometheus_client.parser import text_string_to_metric_families
 
-from daemon import actions, config, supervisor
-from daemon.config import BUILTIN_LAYERS, Settings
-from daemon.demo import DEMO_KEY, DaemonProcess, demo_config, free_port
-from daemon.layer import LayerContext
-from daemon.reconcile import Reconciler
-from daemon.simulator import SimConfig, Simulator
-from daemon.store import open_store
-from daemon.supervisor import Daemon, LayerStartError, StartError
-from plugins.hookspecs import hookimpl
-from plugins.manager import build_manager
+from trainguard import actions, config, supervisor
+from trainguard.config import BUILTIN_LAYERS, Settings
+from trainguard.demo import DEMO_KEY, DaemonProcess, demo_config, free_port
+from trainguard.layer import LayerContext
+from trainguard.reconcile import Reconciler
+from trainguard.simulator import SimConfig, Simulator
+from trainguard.store import open_store
+from trainguard.supervisor import Daemon, LayerStartError, StartError
+from trainguard.plugins.hookspecs import hookimpl
+from trainguard.plugins.manager import build_manager
 from tests.conftest import daemon_settings
 
 #: Every series the daemon exports per layer (the dashboards' contract).
@@ -316,7 +316,7 @@ async def test_sigterm_stops_a_real_daemon_cleanly_mid_flight(
     with closing(sqlite3.connect(db)) as conn:
         assert conn.execute("PRAGMA integrity_check").fetchone() == ("ok",)
     check = await trio.run_process(
-        [sys.executable, "-m", "daemon", "check", "--json", "--config", path],
+        [sys.executable, "-m", "trainguard", "check", "--json", "--config", path],
         capture_stdout=True,
         capture_stderr=True,
         check=False,
@@ -341,7 +341,7 @@ async def test_sigterm_during_the_startup_sweep_is_a_clean_stop(
     env = {**os.environ, "FAL_KEY": DEMO_KEY, "NOTIFY_SOCKET": str(fake.path)}
     with (tmp_path / "daemon.log").open("wb") as log:
         process = await trio.lowlevel.open_process(
-            [sys.executable, "-m", "daemon", "run", "--config", path],
+            [sys.executable, "-m", "trainguard", "run", "--config", path],
             stdout=log,
             stderr=log,
             env=env,
@@ -448,7 +448,7 @@ def test_run_with_a_port_in_use_exits_with_one_clear_line(tmp_path: Path, table:
         )
         env = {k: v for k, v in os.environ.items() if k not in ("NOTIFY_SOCKET", "FAL_KEY")}
         done = subprocess.run(
-            [sys.executable, "-m", "daemon", "run", "--config", str(path)],
+            [sys.executable, "-m", "trainguard", "run", "--config", str(path)],
             capture_output=True,
             text=True,
             cwd=tmp_path,

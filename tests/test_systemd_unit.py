@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from daemon import config
+from trainguard import config
 
 UNIT = Path(__file__).resolve().parent.parent / "systemd" / "trainguard.service"
 ANALYZE = shutil.which("systemd-analyze")

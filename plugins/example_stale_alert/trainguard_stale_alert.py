@@ -29,11 +29,11 @@ import structlog
 import trio
 from prometheus_client import Gauge
 
-from daemon.config import ConfigError
-from daemon.layer import LayerContext
-from daemon.logs import WARN
-from daemon.store import Training, TrainingView
-from plugins.hookspecs import hookimpl
+from trainguard.config import ConfigError
+from trainguard.layer import LayerContext
+from trainguard.logs import WARN
+from trainguard.store import Training, TrainingView
+from trainguard.plugins.hookspecs import hookimpl
 
 NAME = "stale_alert"
 #: The options of ``[layers.stale_alert]`` and their defaults (``enabled`` is trainguard's).
