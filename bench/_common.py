@@ -184,7 +184,8 @@ def daemon_args(config_path: Path) -> list[str]:
 def simulator_args(port: int, *, run_seconds: float, faults: Iterable[str] = ()) -> list[str]:
     args = [
         PYTHON,
-        "-m", "trainguard",
+        "-m",
+        "trainguard",
         "simulate",
         "--port",
         str(port),

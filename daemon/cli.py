@@ -113,8 +113,13 @@ def _extra_arguments(items: Sequence[str] | None) -> dict[str, Any]:
 
 @asynccontextmanager
 async def _reconciler(settings: Settings) -> AsyncIterator[Reconciler]:
+    from trainguard.plugins.manager import (
+        HookRunner,
+        build_manager,
+        collect_layers,
+        outbox_collector,
+    )
     from trainguard.store import open_store
-    from trainguard.plugins.manager import HookRunner, build_manager, collect_layers, outbox_collector
 
     pm = build_manager()
     collect_layers(pm, settings)  # plugins learn the settings, as in the daemon

@@ -33,9 +33,6 @@ from trainguard.config import ConfigError, Settings
 from trainguard.fal import FalClient, RateLimiter
 from trainguard.layer import Layer, LayerContext
 from trainguard.metrics import Metrics
-from trainguard.reconcile import Reconciler
-from trainguard.sdnotify import Notifier
-from trainguard.store import Store, open_store
 from trainguard.plugins.manager import (
     HookRunner,
     LayerEntry,
@@ -43,6 +40,9 @@ from trainguard.plugins.manager import (
     collect_layers,
     outbox_collector,
 )
+from trainguard.reconcile import Reconciler
+from trainguard.sdnotify import Notifier
+from trainguard.store import Store, open_store
 
 log = structlog.get_logger("trainguard.supervisor")
 

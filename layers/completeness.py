@@ -13,9 +13,9 @@ import trio
 
 from trainguard import fal, logs
 from trainguard.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Kind, Observation
 from trainguard.store import Training, TrainingView
-from trainguard.plugins.hookspecs import hookimpl
 
 SCHEDULE = "completeness"
 FINAL_FALLBACKS = ("fal_failure", "expired")

@@ -13,9 +13,9 @@ from __future__ import annotations
 import trio
 
 from trainguard.layer import LayerContext, check_training, run_due
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change, Kind, Observation
 from trainguard.store import Training, TrainingView
-from trainguard.plugins.hookspecs import hookimpl
 
 
 def _final(change: Change) -> bool:

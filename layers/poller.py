@@ -11,8 +11,8 @@ from __future__ import annotations
 import trio
 
 from trainguard.layer import LayerContext, check_training, run_due
-from trainguard.store import Training
 from trainguard.plugins.hookspecs import hookimpl
+from trainguard.store import Training
 
 
 class PollerLayer:

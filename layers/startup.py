@@ -16,9 +16,9 @@ import trio
 
 from trainguard import fal, logs
 from trainguard.layer import LayerContext, check_training
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change
 from trainguard.store import UNFINISHED, Training, TrainingView, WebhookReceipt
-from trainguard.plugins.hookspecs import hookimpl
 
 PROGRESS_EVERY_SECONDS = 5.0
 EXTEND_START_SECONDS = 30.0

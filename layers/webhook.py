@@ -39,9 +39,9 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from trainguard import http, logs, signing
 from trainguard.layer import LayerContext
 from trainguard.observe import MalformedWebhook, read_webhook
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import UnverifiedFull
 from trainguard.store import WebhookReceipt
-from trainguard.plugins.hookspecs import hookimpl
 
 TAG = logs.WEBHOOK
 #: A refetch of the keys because none verified is tried at most this often.

@@ -46,8 +46,8 @@ import trio
 
 from trainguard.config import ConfigError
 from trainguard.logs import WARN
-from trainguard.store import Artifact, Training, database
 from trainguard.plugins.hookspecs import hookimpl
+from trainguard.store import Artifact, Training, database
 
 if TYPE_CHECKING:
     from trainguard.config import Settings

@@ -49,9 +49,9 @@ import trio
 from trainguard.config import ConfigError, Settings
 from trainguard.layer import LayerContext
 from trainguard.logs import WARN
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import view_as_dict
 from trainguard.store import Outbox, TrainingView
-from trainguard.plugins.hookspecs import hookimpl
 
 CONSUMER = "delivery"
 SECRET_ENV = "TRAINGUARD_DELIVERY_SECRET"

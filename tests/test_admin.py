@@ -13,12 +13,12 @@ import httpx
 import pytest
 import trio
 
+from tests.conftest import daemon_settings
 from trainguard import admin
 from trainguard.config import DEFAULT_TRAINING_TYPES, ConfigError
+from trainguard.plugins.manager import build_manager
 from trainguard.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 from trainguard.supervisor import Daemon
-from trainguard.plugins.manager import build_manager
-from tests.conftest import daemon_settings
 
 TOKEN = "admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -11,10 +11,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import make_settings
 from trainguard.decide import ChangeKind, Decision, Policy, decide
 from trainguard.observe import Kind, Observation
 from trainguard.store import TrainingView
-from tests.conftest import make_settings
 
 NOW = 1_000_000.0
 LORA = {"diffusers_lora_file": {"url": "https://x/l.safetensors"}, "config_file": {"url": "c"}}

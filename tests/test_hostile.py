@@ -8,12 +8,12 @@ from typing import Any
 import pytest
 import trio
 
+from tests.test_schedules import LORA, ScriptedFal
 from trainguard.config import Settings
 from trainguard.layer import LayerContext
+from trainguard.layers.startup import StartupLayer
 from trainguard.reconcile import Kind, Observation, Reconciler, extract_result
 from trainguard.store import Store, WebhookReceipt
-from trainguard.layers.startup import StartupLayer
-from tests.test_schedules import LORA, ScriptedFal
 
 
 @pytest.mark.parametrize(

@@ -27,15 +27,15 @@ from hypothesis import settings as hsettings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
+from tests.conftest import daemon_settings
 from trainguard import actions, http, signing
+from trainguard.layers import webhook as layer
 from trainguard.logs import WARN
 from trainguard.metrics import WEBHOOK_OUTCOMES
+from trainguard.plugins.manager import build_manager
 from trainguard.simulator import Simulator
 from trainguard.store import Store, TrainingView, WebhookReceipt
 from trainguard.supervisor import Daemon
-from trainguard.layers import webhook as layer
-from trainguard.plugins.manager import build_manager
-from tests.conftest import daemon_settings
 
 USER_ID = "user-0001"
 

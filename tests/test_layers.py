@@ -9,15 +9,15 @@ from typing import Any
 import pytest
 import trio
 
+from tests.conftest import daemon_settings
 from trainguard import actions
 from trainguard.config import Settings
 from trainguard.demo import compare_with_truth, submit_until_accepted
+from trainguard.plugins.manager import build_manager
 from trainguard.reconcile import Reconciler
 from trainguard.simulator import Simulator
 from trainguard.store import TERMINAL, TrainingView, open_store
 from trainguard.supervisor import Daemon
-from trainguard.plugins.manager import build_manager
-from tests.conftest import daemon_settings
 
 
 async def start(nursery: trio.Nursery, settings: Settings) -> Daemon:

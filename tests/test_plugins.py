@@ -21,13 +21,13 @@ import trainguard_stale_alert
 import trio
 from structlog.testing import capture_logs
 
+from tests.conftest import daemon_settings
+from tests.test_layers import finished, submit, wait_for
 from trainguard import supervisor
 from trainguard.config import ConfigError, Settings
 from trainguard.layer import LayerContext
 from trainguard.logs import WARN
 from trainguard.metrics import Metrics
-from trainguard.simulator import SimConfig, Simulator
-from trainguard.supervisor import Daemon, LayerStartError
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.plugins.manager import (
     HookRunner,
@@ -35,8 +35,8 @@ from trainguard.plugins.manager import (
     build_manager,
     collect_layers,
 )
-from tests.conftest import daemon_settings
-from tests.test_layers import finished, submit, wait_for
+from trainguard.simulator import SimConfig, Simulator
+from trainguard.supervisor import Daemon, LayerStartError
 
 #: The layers the built-in modules offer with the default configuration, in registration
 #: order (plugins.delivery offers its layer only when [delivery] enabled = true).

@@ -12,6 +12,7 @@ import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from tests.conftest import make_settings
 from trainguard import config
 from trainguard.reconcile import (
     AlreadyTracked,
@@ -24,7 +25,6 @@ from trainguard.reconcile import (
     parse_webhook,
 )
 from trainguard.store import Store, TrainingView, open_store
-from tests.conftest import make_settings
 
 LORA = {
     "diffusers_lora_file": {"url": "https://v3.fal.media/files/x/pytorch_lora_weights.safetensors"},

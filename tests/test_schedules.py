@@ -18,12 +18,12 @@ from trainguard import fal
 from trainguard.clock import Clock
 from trainguard.config import Settings
 from trainguard.layer import LayerContext
-from trainguard.reconcile import Reconciler
-from trainguard.store import Store, open_store
 from trainguard.layers.delayed import DelayedLayer
 from trainguard.layers.emergency import EmergencyLayer
 from trainguard.layers.poller import PollerLayer
 from trainguard.layers.startup import StartupLayer
+from trainguard.reconcile import Reconciler
+from trainguard.store import Store, open_store
 
 LORA = {
     "diffusers_lora_file": {"url": "https://v3.fal.media/x.safetensors"},

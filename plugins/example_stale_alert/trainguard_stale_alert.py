@@ -32,8 +32,8 @@ from prometheus_client import Gauge
 from trainguard.config import ConfigError
 from trainguard.layer import LayerContext
 from trainguard.logs import WARN
-from trainguard.store import Training, TrainingView
 from trainguard.plugins.hookspecs import hookimpl
+from trainguard.store import Training, TrainingView
 
 NAME = "stale_alert"
 #: The options of ``[layers.stale_alert]`` and their defaults (``enabled`` is trainguard's).
