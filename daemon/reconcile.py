@@ -23,7 +23,6 @@ import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from enum import StrEnum
 from typing import Any
 
 import peewee
@@ -33,9 +32,28 @@ import trio
 from trainguard import fal, logs, signing
 from trainguard.clock import Clock
 from trainguard.config import Settings
-from trainguard.errors import AlreadyTracked, MalformedWebhook, UnverifiedFull
+from trainguard.decide import (
+    EVENT_KINDS,
+    MAX_ID_CHARS,
+    MAX_URL_CHARS,
+    OUTBOX_EVENTS,
+    ChangeKind,
+    Decision,
+    Policy,
+    decide,
+    extract_result,
+)
+from trainguard.errors import AlreadyTracked, UnverifiedFull
+from trainguard.observe import (
+    Kind,
+    MalformedWebhook,
+    Observation,
+    WebhookBody,
+    observation_from_answer,
+    parse_webhook,
+    read_webhook,
+)
 from trainguard.store import (
-    TERMINAL,
     Event,
     Outbox,
     Store,
@@ -43,6 +61,32 @@ from trainguard.store import (
     TrainingView,
     WebhookReceipt,
 )
+from trainguard.views import missing_fields, view_as_dict
+
+__all__ = [
+    "EVENT_KINDS",
+    "MAX_ID_CHARS",
+    "MAX_URL_CHARS",
+    "OUTBOX_EVENTS",
+    "AlreadyTracked",
+    "Change",
+    "ChangeKind",
+    "Decision",
+    "Kind",
+    "MalformedWebhook",
+    "Observation",
+    "Policy",
+    "Reconciler",
+    "UnverifiedFull",
+    "WebhookBody",
+    "decide",
+    "extract_result",
+    "missing_fields",
+    "observation_from_answer",
+    "parse_webhook",
+    "read_webhook",
+    "view_as_dict",
+]
 
 log = structlog.get_logger("trainguard.reconcile")
 
@@ -59,39 +103,6 @@ _FAL_HEADERS = frozenset(
         signing.HEADER_SIGNATURE,
     )
 )
-
-
-class Kind(StrEnum):
-    """What a layer saw."""
-
-    QUEUED = "queued"  # FAL: IN_QUEUE
-    RUNNING = "running"  # FAL: IN_PROGRESS (maybe with progress)
-    PENDING = "pending"  # FAL: not done yet, nothing more known
-    FAL_COMPLETED = "fal_completed"  # FAL: COMPLETED; the result is still to be fetched
-    SUCCEEDED = "succeeded"  # a model output (result fetch, OK webhook)
-    FAILED = "failed"  # FAL's definitive failure (ERROR webhook, COMPLETED status with error)
-    ERROR_RESULT = "error_result"  # the result call answered an error: final once COMPLETED
-    RESULT_ERROR_5XX = "result_error_5xx"  # an untyped 5xx on the result: bounded once COMPLETED
-    RESULT_NOT_FOUND = "result_not_found"  # the result call answered 404
-    PAYLOAD_ERROR = "payload_error"  # FAL finished but could not serialise the output
-    NOT_FOUND = "not_found"  # FAL does not know the request (expired after completion)
-    TRANSIENT = "transient"  # timeout, 429, 5xx, connection error: try again later
-    DEADLINE = "deadline"  # the emergency deadline has passed
-    CANCEL_REQUESTED = "cancel_requested"  # FAL accepted our cancel request (not an outcome)
-    CANCELLED = "cancelled"  # FAL certainly will not produce a result: the cancel took effect
-    PROBED = "probed"  # the stored LoRA URL was asked whether it still answers
-    RECHECK = "recheck"  # an operator asked for a check now
-
-
-@dataclass(frozen=True)
-class Observation:
-    request_id: str
-    layer: str
-    kind: Kind
-    progress: int | None = None
-    output: Mapping[str, Any] | None = None
-    detail: str | None = None
-    available: bool | None = None  # PROBED: whether the artifact URL answered 2xx
 
 
 @dataclass(frozen=True)
@@ -112,167 +123,8 @@ class Change:
         return self.kind not in ("none", "unknown", "backoff", "checked")
 
 
-#: Changes that leave a row in the event history.
-EVENT_KINDS = frozenset(
-    {
-        "registered",
-        "status",
-        "result",
-        "fallback",
-        "upgrade",
-        "filled",
-        "cancelled",
-        "cancel_requested",
-        "fal_completed",
-        "artifact_missing",
-        "recheck",
-    }
-)
-
-
-#: Changes that finish a training (or replace how it finished), with the outbox event name.
-OUTBOX_EVENTS = {
-    "result": "training.completed",
-    "fallback": "training.fallback",
-    "upgrade": "training.upgraded",
-    "cancelled": "training.cancelled",
-}
-
 #: Called on the database thread: (training, event, layer) -> [{"consumer", "payload"}, ...].
 OutboxCollector = Callable[[TrainingView, str, str], list[dict[str, Any]]]
-
-
-# -- reading FAL's answers ---------------------------------------------------------------
-def observation_from_answer(answer: fal.Answer, request_id: str, layer: str) -> Observation:
-    """Translate a classified FAL answer into an observation.
-
-    What a result call's error means depends on whether FAL said COMPLETED before (only
-    reconcile knows), so those get kinds of their own; a status call's error answer (not
-    COMPLETED with an error) says nothing certain about the training and is transient.
-    """
-    k, op = fal.Kind, answer.op
-
-    def seen(kind: Kind, **fields: Any) -> Observation:
-        return Observation(request_id, layer, kind, **fields)
-
-    if answer.kind == k.TRANSIENT:
-        if op == "result" and (answer.http_status or 0) >= 500:
-            return seen(Kind.RESULT_ERROR_5XX, detail=answer.detail)
-        return seen(Kind.TRANSIENT, detail=answer.detail)
-    if answer.kind == k.NOT_FOUND:
-        kind = Kind.RESULT_NOT_FOUND if op == "result" else Kind.NOT_FOUND
-        return seen(kind, detail=answer.detail)
-    if answer.kind == k.FAILED:
-        if answer.status == "ALREADY_COMPLETED":  # a cancel too late: fetch the result
-            return seen(Kind.FAL_COMPLETED, detail=answer.detail)
-        if op == "result":
-            return seen(Kind.ERROR_RESULT, detail=answer.detail)
-        if answer.status == "COMPLETED":  # a COMPLETED status with an error
-            return seen(Kind.FAILED, detail=answer.detail)
-        return seen(Kind.TRANSIENT, detail=answer.detail)
-    if answer.kind == k.COMPLETED:
-        return seen(Kind.FAL_COMPLETED)
-    if answer.kind == k.SUCCEEDED:
-        if op == "cancel":
-            return seen(Kind.CANCEL_REQUESTED)
-        return seen(Kind.SUCCEEDED, output=answer.output or {})
-    # PENDING
-    if answer.status == "IN_QUEUE":
-        return seen(Kind.QUEUED)
-    if answer.status == "IN_PROGRESS":
-        return seen(Kind.RUNNING, progress=answer.progress)
-    return seen(Kind.PENDING)
-
-
-def _detail_text(value: Any) -> str:
-    if isinstance(value, str):
-        return value
-    return json.dumps(value, ensure_ascii=False, sort_keys=True)[:2000]
-
-
-def parse_webhook(body: bytes) -> Observation:
-    """Read a FAL webhook body (OK / ERROR / payload_error) into an observation."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise MalformedWebhook("body is not JSON") from None
-    if not isinstance(data, dict):
-        raise MalformedWebhook("body is not a JSON object")
-    request_id = data.get("request_id")
-    if not isinstance(request_id, str) or not request_id:
-        raise MalformedWebhook("request_id is missing")
-    status = data.get("status")
-    payload = data.get("payload")
-    if status == "OK":
-        if isinstance(payload, dict):
-            return Observation(request_id, "webhook", Kind.SUCCEEDED, output=payload)
-        if payload is None and data.get("payload_error"):
-            detail = _detail_text(data["payload_error"])
-            return Observation(request_id, "webhook", Kind.PAYLOAD_ERROR, detail=detail)
-        raise MalformedWebhook("status OK without a payload object")
-    if status == "ERROR":
-        parts = [_detail_text(data.get("error") or "error")]
-        if payload is None and data.get("payload_error"):
-            parts.append(_detail_text(data["payload_error"]))
-        elif isinstance(payload, dict) and "detail" in payload:
-            parts.append(_detail_text(payload["detail"]))
-        detail = ": ".join(parts)
-        return Observation(request_id, "webhook", Kind.FAILED, detail=detail)
-    raise MalformedWebhook(f"unknown status {str(status)[:40]!r}")
-
-
-# -- the guaranteed fields ---------------------------------------------------------------
-def extract_result(output: Mapping[str, Any], result_field: str) -> dict[str, Any] | None:
-    """The stored fields of a real result, or None when the proof field is missing.
-
-    A File proof (``{"url": ...}``) is a LoRA; a plain string proof is a finetune id. Each is
-    taken only when it can be stored as it is (see ``_storable``): an unstorable value is no
-    proof, never a crash of the writer.
-    """
-    proof = output.get(result_field)
-    fields: dict[str, Any] = {"lora_url": None, "finetune_id": None, "config_url": None}
-    if isinstance(proof, dict) and _storable(proof.get("url"), MAX_URL_CHARS):
-        fields["lora_url"] = proof["url"]
-    elif _storable(proof, MAX_ID_CHARS):
-        fields["finetune_id"] = proof
-    else:
-        return None
-    config = output.get("config_file")
-    if isinstance(config, dict) and _storable(config.get("url"), MAX_URL_CHARS):
-        fields["config_url"] = config["url"]
-    return fields
-
-
-#: The longest URL and finetune id taken from FAL's output (theirs are ~100 and 36 chars).
-MAX_URL_CHARS = 4096
-MAX_ID_CHARS = 256
-
-
-def _storable(value: Any, limit: int) -> bool:
-    """A non-empty string of at most ``limit`` characters that the database can hold and a
-    reader can show: valid UTF-8 (no lone surrogate from a JSON escape), no control
-    character."""
-    if not isinstance(value, str) or not 0 < len(value) <= limit:
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return value.isprintable()
-
-
-def missing_fields(view: TrainingView) -> list[str]:
-    """Guaranteed fields a finished training lacks (empty for unfinished or failed ones)."""
-    if view.status != "COMPLETED":
-        return []
-    missing = []
-    if not view.trigger_phrase:
-        missing.append("trigger_phrase")
-    if not (view.lora_url or view.finetune_id):
-        missing.append("lora_url")
-    if not view.is_fallback and view.lora_url and not view.config_url:
-        missing.append("config_url")
-    return missing
 
 
 # -- the reconciler ------------------------------------------------------------------------
@@ -300,6 +152,7 @@ class Reconciler:
         self.hooks = hooks
         self.outbox = outbox
         self._lock_sql_cache: str | None = None
+        self._policy_cache: tuple[Settings, Policy] | None = None
         self.rng = rng or random.Random()
         #: Set whenever a training is registered or rescheduled, so layers can wake early.
         self.changed = trio.Event()
@@ -460,37 +313,47 @@ class Reconciler:
             self._lock_sql_cache = sql + (" FOR UPDATE" if self.store.supports_for_update else "")
         return self._lock_sql_cache
 
+    def _policy(self) -> Policy:
+        """The rules' view of the settings, rebuilt when the settings are (SIGHUP)."""
+        if self._policy_cache is None or self._policy_cache[0] is not self.settings:
+            self._policy_cache = (self.settings, Policy.of(self.settings, self.rng))
+        return self._policy_cache[1]
+
     def _apply(self, obs: Observation, now: float) -> Change:
         row = self._lock(obs.request_id)
         if row is None:
             return Change(obs.request_id, obs.layer, "unknown")
-        before = row.status
-        kind, detail, ttr = self._decide(row, obs, now)
-        row.last_checked_at = now
-        row.updated_at = now
+        view = TrainingView.of(row)
+        decision = decide(view, obs, now, self._policy())
+        updates = {**decision.updates, "last_checked_at": now, "updated_at": now}
+        for column, value in updates.items():
+            setattr(row, column, value)
         row.save()
-        if kind in EVENT_KINDS:
-            self._event(row, obs.layer, kind, before, row.status, detail, now)
-        if kind in OUTBOX_EVENTS and self.outbox is not None:
-            self._queue_outbox(row, kind, obs.layer, now)
-        elif kind == "backoff" and row.attempts & (row.attempts - 1) == 0:
-            # Errors of a long outage: recorded at attempts 1, 2, 4, 8, ... not every time.
-            self._event(row, obs.layer, "error", before, row.status, detail, now)
+        after = replace(view, **updates)
+        if decision.event is not None:
+            e = decision.event
+            self._event(row, obs.layer, e.kind, e.from_status, e.to_status, e.detail, now)
+        if decision.outbox_event is not None and self.outbox is not None:
+            self._queue_outbox(after, decision.outbox_event, obs.layer, now)
         return Change(
-            obs.request_id, obs.layer, kind, before, row.status, TrainingView.of(row), detail, ttr
+            obs.request_id,
+            obs.layer,
+            decision.kind,
+            view.status,
+            after.status,
+            after,
+            decision.detail,
+            decision.time_to_result,
         )
 
-    def _queue_outbox(self, row: Training, kind: str, layer: str, now: float) -> None:
+    def _queue_outbox(self, view: TrainingView, event: str, layer: str, now: float) -> None:
         """Outbox entries of the plugins, in the same transaction as the transition."""
-        event = OUTBOX_EVENTS[kind]
-        if kind == "fallback" and row.status == "FAILED":
-            event = "training.failed"
         assert self.outbox is not None
-        for entry in self.outbox(TrainingView.of(row), event, layer):
+        for entry in self.outbox(view, event, layer):
             Outbox.create(
                 consumer=entry["consumer"],
                 message_id=f"msg_{uuid.uuid4().hex}",
-                request_id=row.request_id,
+                request_id=view.request_id,
                 event=event,
                 payload_json=json.dumps(entry["payload"], ensure_ascii=False, sort_keys=True),
                 created_at=now,
@@ -517,210 +380,6 @@ class Reconciler:
             to_status=after,
             detail=json.dumps(detail, ensure_ascii=False) if detail else None,
         )
-
-    def _poll_after(self, now: float) -> float:
-        poller = self.settings.layer("poller").options
-        interval = float(poller.get("interval_seconds", 60.0))
-        jitter = float(poller.get("jitter", 0.1))
-        return now + interval * (1 + self.rng.uniform(-jitter, jitter))
-
-    def _backoff(self, attempts: int, now: float) -> float:
-        poller = self.settings.layer("poller").options
-        interval = float(poller.get("interval_seconds", 60.0))
-        cap = float(poller.get("max_backoff_seconds", 900.0))
-        delay = min(cap, interval * 2 ** max(0, attempts - 1))
-        return now + delay * self.rng.uniform(0.8, 1.0)
-
-    def _decide(
-        self, row: Training, obs: Observation, now: float
-    ) -> tuple[str, dict[str, Any], float | None]:
-        k = obs.kind
-        terminal = row.status in TERMINAL
-        if obs.layer == "delayed":  # the delayed layer's one-off check is done (or retried)
-            retry = k in (Kind.TRANSIENT, Kind.RESULT_ERROR_5XX)
-            row.delayed_check_at = self._backoff(row.attempts + 1, now) if retry else None
-
-        if k == Kind.SUCCEEDED:
-            ttype = self.settings.training_types.get(row.training_type)
-            result_field = ttype.result_field if ttype else "diffusers_lora_file"
-            fields = extract_result(obs.output or {}, result_field)
-            if fields is None:
-                if terminal:
-                    return "none", {}, None
-                reason = f"FAL's result has no {result_field}"
-                return (
-                    self._fallback(row, obs, "no_artifact", reason, now),
-                    {"reason": reason},
-                    None,
-                )
-            if terminal and not row.is_fallback:
-                if row.status != "COMPLETED":  # a real failure or a cancel stays as it is
-                    return "none", {}, None
-                return self._fill(row, fields, obs), {}, None
-            kind = "upgrade" if terminal else "result"
-            previous = {
-                "fallback_layer": row.fallback_layer,
-                "fallback_reason": row.fallback_reason,
-            }
-            row.status = "COMPLETED"
-            row.progress = 100
-            row.lora_url = fields["lora_url"]
-            row.config_url = fields["config_url"]
-            row.finetune_id = fields["finetune_id"]
-            row.result_json = json.dumps(obs.output, ensure_ascii=False, sort_keys=True)
-            row.result_layer = obs.layer
-            row.trigger_phrase = row.trigger_phrase or self.settings.fallback["trigger_phrase"]
-            row.is_fallback = False
-            row.fallback_layer = row.fallback_reason = row.fallback_kind = None
-            row.completed_at = now
-            row.next_check_at = None
-            row.attempts = 0
-            ttr = now - row.fal_completed_at if row.fal_completed_at else None
-            if kind == "result":
-                row.delayed_check_at = now + self._verify_after()
-                stored = {"lora_url": row.lora_url, "finetune_id": row.finetune_id}
-                if row.cancel_requested_at is not None:
-                    stored["cancel_not_honoured"] = True  # it finished anyway: a paid result
-                return kind, stored, ttr
-            return kind, {"replaced": previous, "lora_url": row.lora_url}, ttr
-
-        if k == Kind.RECHECK:  # due now: the poller (unfinished) or the delayed layer (finished)
-            if row.status == "CANCELLED":
-                return "none", {}, None
-            if terminal:
-                row.delayed_check_at = now
-            else:
-                row.next_check_at = now
-            return "recheck", {}, None
-
-        if k == Kind.PROBED:
-            if row.status != "COMPLETED" or row.is_fallback or obs.available is None:
-                return "none", {}, None
-            was = row.lora_available
-            row.lora_checked_at = now
-            row.lora_available = obs.available
-            if was is not False and not obs.available:
-                return "artifact_missing", {"lora_url": row.lora_url, "error": obs.detail}, None
-            return "checked", {}, None
-
-        if terminal:  # a terminal state never regresses; late or duplicate news changes nothing
-            return "none", {}, None
-
-        completed = row.fal_completed_at is not None
-        cancelling = row.cancel_requested_at is not None
-        if k == Kind.CANCEL_REQUESTED:  # a request, not an outcome: keep watching, soon
-            if cancelling:
-                return "none", {}, None
-            row.cancel_requested_at = now
-            row.next_check_at = now
-            return "cancel_requested", {}, None
-        if k in (Kind.ERROR_RESULT, Kind.RESULT_NOT_FOUND) and not completed:
-            # Not certainly final before FAL said COMPLETED ("not ready" has no documented
-            # wording): ask the status now, decide on its answer.
-            row.next_check_at = now
-            return "checked", {}, None
-        if k == Kind.RESULT_ERROR_5XX and completed:
-            row.result_errors += 1
-            limit = int(self.settings.fal["result_error_attempts"])
-            if row.result_errors >= limit:
-                detail = f"{obs.detail or 'HTTP 5xx'} (result failed {row.result_errors} times)"
-                return self._failure(row, obs, "result_error", detail, now)
-        if k in (Kind.TRANSIENT, Kind.RESULT_ERROR_5XX) or (
-            k == Kind.NOT_FOUND and not completed and not cancelling
-        ):
-            row.attempts += 1
-            row.last_error = (obs.detail or k.value)[:2000]
-            row.next_check_at = self._backoff(row.attempts, now)
-            return "backoff", {"error": row.last_error, "attempts": row.attempts}, None
-        if k in (Kind.NOT_FOUND, Kind.RESULT_NOT_FOUND):
-            if not completed:  # FAL no longer knows a request we cancelled: it was removed
-                return self._cancelled(row, now, obs.detail or "FAL no longer knows the request")
-            reason = "FAL no longer has the result (expired)"
-            return self._fallback(row, obs, "expired", reason, now), {"reason": reason}, None
-        if k in (Kind.FAILED, Kind.ERROR_RESULT):
-            return self._failure(row, obs, "fal_failure", obs.detail, now)
-        if k == Kind.PAYLOAD_ERROR:
-            reason = f"FAL could not deliver the output: {obs.detail or 'payload_error'}"[:2000]
-            return self._fallback(row, obs, "payload_error", reason, now), {"reason": reason}, None
-        if k == Kind.DEADLINE:
-            if row.deadline_at is None or now < row.deadline_at:
-                return "none", {}, None
-            reason = "no final answer from FAL before the deadline"
-            return self._fallback(row, obs, "deadline", reason, now), {"reason": reason}, None
-        if k == Kind.CANCELLED:
-            return self._cancelled(row, now, obs.detail)
-
-        row.attempts = 0
-        if k == Kind.FAL_COMPLETED:
-            row.next_check_at = now  # fetch the result at once
-            if row.fal_completed_at is None:
-                row.fal_completed_at = now
-                return "fal_completed", {}, None
-            return "checked", {}, None
-        row.next_check_at = self._poll_after(now)
-        if k == Kind.QUEUED and row.status == "SUBMITTED":
-            row.status = "IN_QUEUE"
-            return "status", {}, None
-        if k == Kind.RUNNING:
-            progress = max(row.progress, min(99, obs.progress or 0))
-            if row.status != "IN_PROGRESS":
-                row.status = "IN_PROGRESS"
-                row.started_at = row.started_at or now
-                row.progress = progress
-                return "status", {}, None
-            if progress != row.progress:
-                row.progress = progress
-                return "progress", {}, None
-        return "checked", {}, None
-
-    def _failure(
-        self, row: Training, obs: Observation, kind: str, detail: str | None, now: float
-    ) -> tuple[str, dict[str, Any], float | None]:
-        """FAL's certain failure; after a cancel was requested it is the cancel taking effect."""
-        if row.cancel_requested_at is not None:
-            return self._cancelled(row, now, detail)
-        row.failure_detail = (detail or "")[:4000] or None
-        reason = f"FAL reported a failure: {detail or 'no detail'}"[:2000]
-        return self._fallback(row, obs, kind, reason, now), {"reason": reason}, None
-
-    def _cancelled(
-        self, row: Training, now: float, detail: str | None
-    ) -> tuple[str, dict[str, Any], float | None]:
-        row.status = "CANCELLED"
-        row.completed_at = now
-        row.next_check_at = row.delayed_check_at = None
-        return "cancelled", {"detail": detail[:2000]} if detail else {}, None
-
-    def _verify_after(self) -> float:
-        return float(self.settings.layer("delayed").options.get("verify_after_seconds", 60.0))
-
-    def _fill(self, row: Training, fields: Mapping[str, Any], obs: Observation) -> str:
-        """A real result is stored; fill only what it lacks, never replace what it has."""
-        filled = [k for k, v in fields.items() if v and not getattr(row, k)]
-        for key in filled:
-            setattr(row, key, fields[key])
-        if not row.result_json and obs.output:
-            row.result_json = json.dumps(obs.output, ensure_ascii=False, sort_keys=True)
-        return "filled" if filled else "none"
-
-    def _fallback(self, row: Training, obs: Observation, kind: str, reason: str, now: float) -> str:
-        row.is_fallback = True
-        row.fallback_layer = obs.layer
-        row.fallback_kind = kind
-        row.fallback_reason = reason
-        row.trigger_phrase = row.trigger_phrase or self.settings.fallback["trigger_phrase"]
-        if self.settings.fallback["mode"] == "complete":
-            row.status = "COMPLETED"
-            row.progress = 100
-            row.lora_url = self.settings.fallback_url(
-                obs.layer, name=row.name, request_id=row.request_id
-            )
-        else:
-            row.status = "FAILED"
-        row.completed_at = now
-        row.next_check_at = None
-        row.delayed_check_at = now + self._verify_after()
-        return "fallback"
 
     def _register(
         self, values: dict[str, Any], layer: str, now: float
@@ -969,41 +628,3 @@ class Reconciler:
     async def _hook(self, name: str, **kwargs: Any) -> None:
         if self.hooks is not None:
             await self.hooks(name, **kwargs)
-
-
-def view_as_dict(view: TrainingView) -> dict[str, Any]:
-    """The operator contract's JSON shape of a training (see design.md)."""
-    from datetime import UTC, datetime
-
-    def iso(ts: float | None) -> str | None:
-        return datetime.fromtimestamp(ts, UTC).isoformat().replace("+00:00", "Z") if ts else None
-
-    return {
-        "request_id": view.request_id,
-        "name": view.name,
-        "training_type": view.training_type,
-        "endpoint": view.endpoint,
-        "status": view.status,
-        "progress": view.progress,
-        "trigger_phrase": view.trigger_phrase,
-        "lora_url": view.lora_url,
-        "config_url": view.config_url,
-        "finetune_id": view.finetune_id,
-        "is_fallback": bool(view.is_fallback),
-        "fallback_layer": view.fallback_layer,
-        "fallback_kind": view.fallback_kind,
-        "fallback_reason": view.fallback_reason,
-        "result_layer": view.result_layer,
-        "failure_detail": view.failure_detail,
-        "last_error": view.last_error,
-        "attempts": view.attempts,
-        "missing_fields": missing_fields(view),
-        "submitted_at": iso(view.submitted_at),
-        "started_at": iso(view.started_at),
-        "completed_at": iso(view.completed_at),
-        "last_checked_at": iso(view.last_checked_at),
-        "next_check_at": iso(view.next_check_at),
-        "deadline_at": iso(view.deadline_at),
-        "cancel_requested_at": iso(view.cancel_requested_at),
-        "result_errors": view.result_errors,
-    }

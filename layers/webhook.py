@@ -37,10 +37,10 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trainguard import http, logs, signing
-from trainguard.errors import KeyServerDown, Refusal
+from trainguard.errors import KeyServerDown, MalformedWebhook, Refusal, UnverifiedFull
 from trainguard.layer import LayerContext
+from trainguard.observe import read_webhook
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.reconcile import MalformedWebhook, UnverifiedFull, parse_webhook
 from trainguard.store import WebhookReceipt
 
 TAG = logs.WEBHOOK
@@ -305,7 +305,8 @@ class _Handler:
                         signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
                     verification = "verified"
                     signing.check_user(headers, self.settings["allowed_user_ids"])
-            request_id, gateway_id = _body_ids(body)
+            parsed = read_webhook(body)  # the whole shape must be FAL's, or it is refused now
+            request_id, gateway_id = parsed.request_id, parsed.gateway_request_id
             # Which id FAL puts in the header after it retried a request is unsourced; the
             # signature covers the header, so either of the body's two ids is genuine.
             if header_id is not None and header_id not in (request_id, gateway_id):
@@ -482,19 +483,6 @@ def _webhook_headers(raw: Iterable[tuple[bytes, bytes]]) -> tuple[dict[str, str]
             problem = problem or f"header {name} longer than {MAX_HEADER_CHARS} characters"
         found.setdefault(name, text[:MAX_HEADER_CHARS])
     return found, problem
-
-
-def _body_ids(body: bytes) -> tuple[str, str | None]:
-    """The body's ``request_id`` and its ``gateway_request_id`` (None unless a string)."""
-    try:
-        data = json.loads(body)
-    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
-        raise MalformedWebhook("body is not JSON") from None
-    if not isinstance(data, dict) or not isinstance(data.get("request_id"), str):
-        raise MalformedWebhook("body has no request_id")
-    parse_webhook(body)  # the whole shape must be FAL's, or it is refused now
-    gateway = data.get("gateway_request_id")
-    return data["request_id"], gateway if isinstance(gateway, str) else None
 
 
 @hookimpl
