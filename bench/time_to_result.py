@@ -51,8 +51,8 @@ from _common import (
 
 from trainguard import actions, config
 from trainguard.reconcile import Reconciler
-from trainguard.simulator import Faults, SimConfig, Simulator
 from trainguard.store import open_store
+from trainguard.testing.simulator import Faults, SimConfig, Simulator
 
 COMPRESSION = 30.0  # part 3: shipped timings divided by this
 

@@ -360,7 +360,7 @@ def cmd_plugins(args: argparse.Namespace) -> int:
 
 # -- simulate / demo ---------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
-    from trainguard import simulator
+    from trainguard.testing import simulator
 
     logs.configure(args.log_level or "info", stream=sys.stderr)
     trio.run(simulator.run_from_args, args)
@@ -368,7 +368,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from trainguard import demo
+    from trainguard.testing import demo
 
     return demo.main(args)
 
@@ -448,13 +448,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("simulate", cmd_simulate, "serve a FAL-compatible queue on loopback")
     if command == "simulate":
-        from trainguard import simulator
+        from trainguard.testing import simulator
 
         simulator.add_arguments(p)
 
     p = add("demo", cmd_demo, "simulator + daemon + faults on loopback, ending with a table")
     if command == "demo":
-        from trainguard import demo
+        from trainguard.testing import demo
 
         demo.add_arguments(p)
     return parser

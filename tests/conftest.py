@@ -91,7 +91,7 @@ def daemon_settings(
 
     ``only`` turns every other built-in layer off; ``layers`` overrides layer options.
     """
-    from trainguard.demo import free_port
+    from trainguard.testing.demo import free_port
 
     port = free_port()
     tables: dict[str, dict[str, Any]] = {name: dict(values) for name, values in FAST_LAYERS.items()}
@@ -125,7 +125,7 @@ def daemon_settings(
 @pytest.fixture
 async def sim(nursery: Any) -> Any:
     """A FAL simulator on loopback: 0.2 s in queue, 0.5 s running, no faults."""
-    from trainguard.simulator import SimConfig, Simulator
+    from trainguard.testing.simulator import SimConfig, Simulator
 
     simulator = Simulator(
         SimConfig(queue_seconds=0.2, run_seconds=0.5, seed=1, webhook_retry_delays=(0.2, 0.5))

@@ -17,8 +17,8 @@ from tests.conftest import daemon_settings
 from trainguard import admin
 from trainguard.config import DEFAULT_TRAINING_TYPES, ConfigError
 from trainguard.plugins.manager import build_manager
-from trainguard.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 from trainguard.supervisor import Daemon
+from trainguard.testing.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 
 TOKEN = "admin-token-0123456789"
 AUTH = {"Authorization": f"Bearer {TOKEN}"}

@@ -21,15 +21,16 @@ from structlog.testing import capture_logs
 
 from tests.conftest import daemon_settings
 from tests.test_layers import submit, wait_for
-from trainguard import http, simulator
+from trainguard import http
 from trainguard.config import ConfigError, Settings
 from trainguard.logs import WARN
 from trainguard.plugins.artifacts import Options, request_dir, safe_name
 from trainguard.plugins.manager import build_manager
 from trainguard.reconcile import Kind, Observation
-from trainguard.simulator import Simulator
 from trainguard.store import Artifact
 from trainguard.supervisor import Daemon
+from trainguard.testing import simulator
+from trainguard.testing.simulator import Simulator
 
 FAST = {
     "interval_seconds": 0.2,

@@ -32,7 +32,10 @@ import pytest
 import trio
 
 from trainguard import actions, config
-from trainguard.demo import (
+from trainguard.fal import FalClient, RateLimiter
+from trainguard.reconcile import Reconciler
+from trainguard.store import TERMINAL, Store, open_store
+from trainguard.testing.demo import (
     DEMO_KEY,
     TYPES,
     DaemonProcess,
@@ -44,10 +47,7 @@ from trainguard.demo import (
     free_port,
     submit_until_accepted,
 )
-from trainguard.fal import FalClient, RateLimiter
-from trainguard.reconcile import Reconciler
-from trainguard.simulator import Delivery, Faults, SimConfig, Simulator
-from trainguard.store import TERMINAL, Store, open_store
+from trainguard.testing.simulator import Delivery, Faults, SimConfig, Simulator
 
 #: The daemon's time limit for one FAL call, and how long a "timing out" call hangs.
 FAL_TIMEOUT_SECONDS = 1.0

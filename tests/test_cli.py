@@ -19,10 +19,10 @@ import trio
 
 from trainguard import __version__, actions, config, signing
 from trainguard.config import BUILTIN_LAYERS
-from trainguard.demo import free_port
 from trainguard.reconcile import Kind, Observation, Reconciler
-from trainguard.simulator import Simulator
 from trainguard.store import open_store
+from trainguard.testing.demo import free_port
+from trainguard.testing.simulator import Simulator
 
 COMMANDS = ("run", "demo", "simulate", "submit", "track", "cancel", "recheck", "check", "plugins")
 #: The keys of `check --json` that scripts and the bot depend on (design.md).

@@ -9,7 +9,9 @@ from pathlib import Path
 import trio
 
 from trainguard import actions, config
-from trainguard.demo import (
+from trainguard.reconcile import Reconciler
+from trainguard.store import TERMINAL, open_store
+from trainguard.testing.demo import (
     DEMO_KEY,
     DaemonProcess,
     compare_with_truth,
@@ -17,9 +19,7 @@ from trainguard.demo import (
     free_port,
     submit_until_accepted,
 )
-from trainguard.reconcile import Reconciler
-from trainguard.simulator import Faults, SimConfig, Simulator
-from trainguard.store import TERMINAL, open_store
+from trainguard.testing.simulator import Faults, SimConfig, Simulator
 
 OUTCOMES = ["ok"] * 4 + ["fail", "no_lora"]
 

@@ -23,13 +23,13 @@ from structlog.testing import capture_logs
 
 from tests.test_layers import wait_for
 from trainguard import config, http
-from trainguard.demo import free_port
 from trainguard.logs import WARN
 from trainguard.plugins import delivery
 from trainguard.plugins.manager import build_manager, collect_layers, outbox_collector
 from trainguard.reconcile import Kind, Observation, Reconciler
 from trainguard.store import Outbox, open_store
 from trainguard.supervisor import Daemon, LayerStartError
+from trainguard.testing.demo import free_port
 
 KEY = b"trainguard-delivery-test-key-32b"
 SECRET = "whsec_" + base64.b64encode(KEY).decode()

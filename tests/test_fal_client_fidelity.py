@@ -17,7 +17,7 @@ from typing import Any
 import trio
 import trustme
 
-from trainguard.simulator import LORA_FILE_SIZE, SimConfig, Simulator
+from trainguard.testing.simulator import LORA_FILE_SIZE, SimConfig, Simulator
 
 FAST = "fal-ai/flux-lora-fast-training"
 PORTRAIT = "fal-ai/flux-lora-portrait-trainer"

@@ -33,9 +33,9 @@ from trainguard.layers import webhook as layer
 from trainguard.logs import WARN
 from trainguard.metrics import WEBHOOK_OUTCOMES
 from trainguard.plugins.manager import build_manager
-from trainguard.simulator import Simulator
 from trainguard.store import Store, TrainingView, WebhookReceipt
 from trainguard.supervisor import Daemon
+from trainguard.testing.simulator import Simulator
 
 USER_ID = "user-0001"
 

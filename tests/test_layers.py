@@ -13,12 +13,12 @@ from tests.conftest import daemon_settings
 from trainguard import actions
 from trainguard import fal as fal_mod
 from trainguard.config import Settings
-from trainguard.demo import compare_with_truth, submit_until_accepted
 from trainguard.plugins.manager import build_manager
 from trainguard.reconcile import Reconciler
-from trainguard.simulator import Simulator
 from trainguard.store import TERMINAL, TrainingView, open_store
 from trainguard.supervisor import Daemon
+from trainguard.testing.demo import compare_with_truth, submit_until_accepted
+from trainguard.testing.simulator import Simulator
 
 
 async def start(nursery: trio.Nursery, settings: Settings) -> Daemon:

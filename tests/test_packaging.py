@@ -88,4 +88,6 @@ def test_the_daemon_loads_neither_the_simulator_nor_the_demo(tmp_path: Path) -> 
     )
     loaded = done.stdout
     assert "trainguard.supervisor" in loaded and "trainguard.layers.webhook" in loaded, loaded
-    assert "trainguard.simulator" not in loaded and "trainguard.demo" not in loaded, loaded
+    assert (
+        "trainguard.testing.simulator" not in loaded and "trainguard.testing.demo" not in loaded
+    ), loaded

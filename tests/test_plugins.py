@@ -35,8 +35,8 @@ from trainguard.plugins.manager import (
     build_manager,
     collect_layers,
 )
-from trainguard.simulator import SimConfig, Simulator
 from trainguard.supervisor import Daemon, LayerStartError
+from trainguard.testing.simulator import SimConfig, Simulator
 
 #: The layers the built-in modules offer with the default configuration, in registration
 #: order (plugins.delivery offers its layer only when [delivery] enabled = true).

@@ -12,8 +12,8 @@ from structlog.testing import capture_logs
 
 from tests.conftest import daemon_settings
 from trainguard.plugins.manager import build_manager
-from trainguard.simulator import Simulator
 from trainguard.supervisor import Daemon
+from trainguard.testing.simulator import Simulator
 
 
 def write_config(path: Path, sim: Simulator, db: Path, webhook: str, body: str) -> None:

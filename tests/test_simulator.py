@@ -18,7 +18,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trainguard import signing
-from trainguard.simulator import (
+from trainguard.testing.simulator import (
     LORA_FILE_SIZE,
     OUTCOMES,
     PAYLOAD_ERROR_TEXT,

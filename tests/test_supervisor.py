@@ -24,14 +24,14 @@ from prometheus_client.parser import text_string_to_metric_families
 from tests.conftest import daemon_settings
 from trainguard import actions, config, supervisor
 from trainguard.config import BUILTIN_LAYERS, Settings
-from trainguard.demo import DEMO_KEY, DaemonProcess, demo_config, free_port
 from trainguard.layer import LayerContext
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.plugins.manager import build_manager
 from trainguard.reconcile import Reconciler
-from trainguard.simulator import SimConfig, Simulator
 from trainguard.store import open_store
 from trainguard.supervisor import Daemon, LayerStartError, StartError
+from trainguard.testing.demo import DEMO_KEY, DaemonProcess, demo_config, free_port
+from trainguard.testing.simulator import SimConfig, Simulator
 
 #: Every series the daemon exports per layer (the dashboards' contract).
 PER_LAYER_SERIES = (

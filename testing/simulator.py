@@ -75,7 +75,7 @@ import trio
 
 from trainguard import http, signing
 
-logger = logging.getLogger("trainguard.simulator")
+logger = logging.getLogger("trainguard.testing.simulator")
 
 Scope = dict[str, Any]
 Message = dict[str, Any]

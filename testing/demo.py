@@ -36,7 +36,6 @@ from trainguard.fal import FalRequestError
 from trainguard.fal import Kind as FalKind
 from trainguard.reconcile import Reconciler
 from trainguard.signing import HEADER_SIGNATURE
-from trainguard.simulator import Delivery, Faults, SimConfig, Simulator, Truth
 from trainguard.store import (
     TERMINAL,
     Event,
@@ -46,6 +45,7 @@ from trainguard.store import (
     WebhookReceipt,
     open_store,
 )
+from trainguard.testing.simulator import Delivery, Faults, SimConfig, Simulator, Truth
 
 DEMO_KEY = "demo-key-not-secret"
 TYPES = ("portrait", "fast", "style")
