@@ -278,9 +278,8 @@ class Reconciler:
         try:
             with self.store.db.atomic():  # a savepoint: a failed apply keeps the receipt
                 return receipt_id, False, self._apply_receipt(receipt_id, None, now)
-        except (
-            Exception
-        ) as exc:  # boundary: any failure of one apply leaves the stored receipt for a retry
+        # boundary: any failure of one apply leaves the stored receipt for a retry
+        except Exception as exc:
             log.error("webhook stored but not applied; it will be retried", error=repr(exc))
             return receipt_id, False, None
 

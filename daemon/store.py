@@ -497,9 +497,8 @@ class Store:
                         with self.db.atomic():  # a savepoint: one failure spoils only itself
                             try:
                                 value = item.fn(*item.args)
-                            except (
-                                Exception
-                            ) as exc:  # boundary: a write function's error goes to its writer
+                            # boundary: a write function's error goes to its writer
+                            except Exception as exc:
                                 error = exc
                                 raise
                         results.append((True, value))
