@@ -607,35 +607,21 @@ class Simulator:
                     ]
                 },
             )
-        forced = payload.get("sim_outcome")
-        if forced is not None and forced not in OUTCOMES:
-            return _json_reply(
-                422,
-                {
-                    "detail": [
-                        {
-                            "loc": ["body", "sim_outcome"],
-                            "msg": f"sim_outcome must be one of {', '.join(OUTCOMES)}",
-                            "type": "value_error",
-                        }
-                    ]
-                },
-            )
-
-        on_cancel = payload.get("sim_cancel")
-        if on_cancel is not None and on_cancel not in CANCEL_BEHAVIOURS:
-            return _json_reply(
-                422,
-                {
-                    "detail": [
-                        {
-                            "loc": ["body", "sim_cancel"],
-                            "msg": f"sim_cancel must be one of {', '.join(CANCEL_BEHAVIOURS)}",
-                            "type": "value_error",
-                        }
-                    ]
-                },
-            )
+        for name, allowed in (("sim_outcome", OUTCOMES), ("sim_cancel", CANCEL_BEHAVIOURS)):
+            if payload.get(name) is not None and payload[name] not in allowed:
+                return _json_reply(
+                    422,
+                    {
+                        "detail": [
+                            {
+                                "loc": ["body", name],
+                                "msg": f"{name} must be one of {', '.join(allowed)}",
+                                "type": "value_error",
+                            }
+                        ]
+                    },
+                )
+        forced, on_cancel = payload.get("sim_outcome"), payload.get("sim_cancel")
 
         webhook_url = (query.get("fal_webhook") or [None])[0]
         if webhook_url and self._nursery is None:
