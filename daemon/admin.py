@@ -12,6 +12,12 @@ than ``localhost``, the listener's own or one of ``[metrics] allowed_hosts`` (42
 rebinding; an IP address cannot be rebound), and a state-changing one when its ``Origin`` is not the ``Host`` it was sent to
 (403: another page's request) or its ``Content-Type`` is not ``application/json`` (415: the
 only types a page may send cross-origin without asking are form and text types).
+
+The routes are one table, ``ROUTES``: the router, the accepted query and body fields and the
+OpenAPI document all come from it. No routing library: Starlette runs on trio (through anyio)
+but documents a route from YAML in its docstring, apart from the checks again; FastAPI
+generates the document from types but brings pydantic and its own error bodies, which would
+change the answers scripts rely on. The table and its matcher are about 60 lines.
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ import ipaddress
 import json
 import math
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 from urllib.parse import parse_qs, urlsplit
 
@@ -73,10 +80,13 @@ Handler = Callable[["Request"], Awaitable[tuple[int, Any]]]
 
 
 class Request:
-    def __init__(self, scope: Mapping[str, Any], body: bytes, params: dict[str, str]) -> None:
+    def __init__(
+        self, scope: Mapping[str, Any], body: bytes, params: dict[str, str], route: Route
+    ) -> None:
         self.scope = scope
         self.body = body
         self.params = params
+        self.route = route
         self.query = {
             k: v[-1] for k, v in parse_qs(scope.get("query_string", b"").decode("latin-1")).items()
         }
@@ -94,6 +104,8 @@ class Request:
             raise ApiError(400, "bad_json", "the body is not JSON") from None
         if not isinstance(data, dict):
             raise ApiError(400, "bad_json", "the body must be a JSON object")
+        if self.route.body is not None:
+            _only(data, set(self.route.body.fields))
         return data
 
 
@@ -133,34 +145,21 @@ class AdminApi:
     def __init__(self, services: Services, token: str | None) -> None:
         self.services = services
         self.token = token
-        self.routes: list[tuple[str, tuple[str, ...], Handler]] = [
-            ("GET", ("v1", "trainings"), self.list_trainings),
-            ("POST", ("v1", "trainings"), self.submit),
-            ("POST", ("v1", "trainings", "track"), self.track),
-            ("GET", ("v1", "trainings", "{id}"), self.get_training),
-            ("POST", ("v1", "trainings", "{id}", "cancel"), self.cancel),
-            ("POST", ("v1", "trainings", "{id}", "recheck"), self.recheck),
-        ]
 
     # -- plumbing ----------------------------------------------------------------------
-    def _match(self, method: str, path: str) -> tuple[Handler | None, dict[str, str], bool]:
+    def _match(self, method: str, path: str) -> tuple[Route | None, dict[str, str], bool]:
+        """The route for ``method`` and ``path`` with its path parameters, and whether any
+        route has that path (405 rather than 404). A parameter never matches a segment that
+        another route of the same length has literally there (``track`` is not an id)."""
         parts = tuple(p for p in path.split("/") if p)
         path_known = False
-        for route_method, pattern, handler in self.routes:
-            if len(pattern) != len(parts):
+        for route in ROUTES:
+            params = route.match(parts)
+            if params is None:
                 continue
-            params: dict[str, str] = {}
-            for want, got in zip(pattern, parts, strict=True):
-                if want == "{id}":
-                    if got == "track" and len(pattern) == 3:
-                        break
-                    params["id"] = got
-                elif want != got:
-                    break
-            else:
-                path_known = True
-                if route_method == method:
-                    return handler, params, True
+            path_known = True
+            if route.method == method:
+                return route, params, True
         return None, {}, path_known
 
     def _check_origin(self, scope: Mapping[str, Any]) -> None:
@@ -205,9 +204,9 @@ class AdminApi:
         if path == "/openapi.json" and method in ("GET", "HEAD"):
             await _send_json(send, 200, openapi(), head=method == "HEAD")
             return
-        handler, params, known = self._match(method, path)
+        route, params, known = self._match(method, path)
         try:
-            if handler is None:
+            if route is None:
                 raise ApiError(
                     405 if known else 404,
                     "not_found",
@@ -226,7 +225,8 @@ class AdminApi:
             body = await _read_body(receive)
             if self.services.reconciler is None:
                 raise ApiError(503, "not_ready", "the daemon is still starting")
-            status, payload = await handler(Request(scope, body, params))
+            handler: Handler = getattr(self, route.handler)
+            status, payload = await handler(Request(scope, body, params, route))
         except ApiError as exc:
             extra = ((b"www-authenticate", b"Bearer"),) if exc.status == 401 else ()
             await _send_json(
@@ -243,7 +243,7 @@ class AdminApi:
     # -- routes ------------------------------------------------------------------------
     async def list_trainings(self, request: Request) -> tuple[int, Any]:
         q = request.query
-        _only(q, {"status", "name", "limit", "offset"})
+        _only(q, {p["name"] for p in request.route.query})
         where = []
         if "status" in q:
             if q["status"] not in STATUSES:
@@ -262,9 +262,9 @@ class AdminApi:
     async def get_training(self, request: Request) -> tuple[int, Any]:
         store = self.services.store
         assert store is not None
-        view = await store.training(request.params["id"])
+        view = await store.training(request.params["request_id"])
         if view is None:
-            raise ApiError(404, "not_found", f"no training {request.params['id']!r}")
+            raise ApiError(404, "not_found", f"no training {request.params['request_id']!r}")
         users = await store.read(fal_user_ids, view.request_id)
         return 200, {
             **view_as_dict(view),
@@ -274,7 +274,6 @@ class AdminApi:
 
     async def submit(self, request: Request) -> tuple[int, Any]:
         data = request.json()
-        _only(data, {"type", "name", "images_url", "trigger", "arguments"})
         s = self.services
         training_type = self._type(data)
         extra = data.get("arguments") or {}
@@ -305,7 +304,6 @@ class AdminApi:
 
     async def track(self, request: Request) -> tuple[int, Any]:
         data = request.json()
-        _only(data, {"request_id", "type", "name", "trigger"})
         s = self.services
         assert s.reconciler is not None
         try:
@@ -329,7 +327,9 @@ class AdminApi:
         s = self.services
         assert s.fal is not None and s.reconciler is not None
         try:
-            view = await actions.cancel(s.settings, s.fal, s.reconciler, request.params["id"])
+            view = await actions.cancel(
+                s.settings, s.fal, s.reconciler, request.params["request_id"]
+            )
         except actions.NotFound as exc:
             raise ApiError(404, "not_found", str(exc)) from None
         except actions.Conflict as exc:
@@ -342,7 +342,7 @@ class AdminApi:
         s = self.services
         assert s.reconciler is not None
         try:
-            view = await actions.recheck(s.reconciler, request.params["id"])
+            view = await actions.recheck(s.reconciler, request.params["request_id"])
         except actions.NotFound as exc:
             raise ApiError(404, "not_found", str(exc)) from None
         except actions.Conflict as exc:
@@ -528,22 +528,166 @@ _COMMON = {
 }
 
 
-def _json_body(required: list[str], **optional: str) -> dict[str, Any]:
-    """A required JSON object body: the ``required`` string fields, plus ``optional`` ones
-    given as name=type; nothing else allowed."""
-    properties = {name: {"type": "string"} for name in required}
-    properties.update({name: {"type": kind} for name, kind in optional.items()})
-    schema = {
-        "type": "object",
-        "required": required,
-        "additionalProperties": False,
-        "properties": properties,
-    }
-    return {"required": True, "content": {"application/json": {"schema": schema}}}
+@dataclass(frozen=True)
+class Body:
+    """A JSON object body: its ``required`` string fields and ``optional`` ones as
+    name -> JSON type; no other field is accepted (the API answers 400 naming it)."""
+
+    required: tuple[str, ...]
+    optional: Mapping[str, str] = field(default_factory=dict)
+
+    @property
+    def fields(self) -> tuple[str, ...]:
+        return (*self.required, *self.optional)
+
+    def openapi(self) -> dict[str, Any]:
+        properties = {name: {"type": "string"} for name in self.required}
+        properties.update({name: {"type": kind} for name, kind in self.optional.items()})
+        schema = {
+            "type": "object",
+            "required": list(self.required),
+            "additionalProperties": False,
+            "properties": properties,
+        }
+        return {"required": True, "content": {"application/json": {"schema": schema}}}
+
+
+@dataclass(frozen=True)
+class Route:
+    """One route of the admin API: how it is matched, which ``AdminApi`` method answers
+    it, and what the OpenAPI document says of it (generated from this table, so the
+    document, the router and the field checks cannot drift apart)."""
+
+    method: str
+    path: str  # "/v1/trainings/{request_id}": one {name} per parameter segment
+    handler: str  # the name of the AdminApi method
+    summary: str
+    responses: Mapping[str, dict[str, Any]]
+    query: tuple[dict[str, Any], ...] = ()
+    body: Body | None = None
+
+    @property
+    def segments(self) -> tuple[str, ...]:
+        return tuple(p for p in self.path.split("/") if p)
+
+    def match(self, parts: tuple[str, ...]) -> dict[str, str] | None:
+        """The path parameters when ``parts`` is this route's path, else None."""
+        pattern = self.segments
+        if len(pattern) != len(parts):
+            return None
+        params: dict[str, str] = {}
+        for i, (want, got) in enumerate(zip(pattern, parts, strict=True)):
+            if want.startswith("{"):
+                if got in _LITERALS.get((len(parts), i), ()):
+                    return None
+                params[want.strip("{}")] = got
+            elif want != got:
+                return None
+        return params
+
+    def operation(self) -> dict[str, Any]:
+        op: dict[str, Any] = {"summary": self.summary}
+        parameters = [_ID] if "{request_id}" in self.path else []
+        parameters += [{**p, "in": "query"} for p in self.query]
+        if parameters:
+            op["parameters"] = parameters
+        if self.body is not None:
+            op["requestBody"] = self.body.openapi()
+        op["responses"] = {**self.responses, **_COMMON}
+        return op
+
+
+_TRAINING_REF = "#/components/schemas/Training"
+ROUTES: tuple[Route, ...] = (
+    Route(
+        "GET",
+        "/v1/trainings",
+        "list_trainings",
+        "List trainings",
+        {
+            "200": _ok("a page of trainings", "#/components/schemas/Page"),
+            "400": _error("bad query"),
+        },
+        query=(
+            {"name": "status", "schema": {"type": "string", "enum": list(STATUSES)}},
+            {"name": "name", "schema": {"type": "string"}},
+            {"name": "limit", "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE}},
+            {"name": "offset", "schema": {"type": "integer", "minimum": 0}},
+        ),
+    ),
+    Route(
+        "POST",
+        "/v1/trainings",
+        "submit",
+        "Submit a training to FAL and record it",
+        {
+            "201": _ok("recorded", _TRAINING_REF),
+            "400": _error("bad request"),
+            "422": _error("a required input field is missing (nothing was sent)"),
+            "500": _error("FAL accepted it but it could not be recorded"),
+            "502": _error("FAL refused the submit"),
+        },
+        body=Body(("type", "name", "images_url"), {"trigger": "string", "arguments": "object"}),
+    ),
+    Route(
+        "POST",
+        "/v1/trainings/track",
+        "track",
+        "Adopt a request submitted elsewhere",
+        {
+            "201": _ok("adopted", _TRAINING_REF),
+            "400": _error("bad request"),
+            "409": _error("already tracked"),
+            "422": _error("a request id that could never be fetched or cancelled"),
+        },
+        body=Body(("request_id", "type", "name"), {"trigger": "string"}),
+    ),
+    Route(
+        "GET",
+        "/v1/trainings/{request_id}",
+        "get_training",
+        "One training with its event history",
+        {
+            "200": _ok("the training", "#/components/schemas/TrainingDetail"),
+            "404": _error("unknown"),
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/trainings/{request_id}/cancel",
+        "cancel",
+        "Ask FAL to cancel; CANCELLED once FAL shows it will not finish",
+        {
+            "200": _ok("cancel requested (FAL may still finish it)", _TRAINING_REF),
+            "404": _error("unknown"),
+            "409": _error("already finished"),
+        },
+    ),
+    Route(
+        "POST",
+        "/v1/trainings/{request_id}/recheck",
+        "recheck",
+        "Check this training with FAL now",
+        {
+            "202": _ok("scheduled", _TRAINING_REF),
+            "404": _error("unknown"),
+            "409": _error("cancelled"),
+        },
+    ),
+)
+#: Per (number of segments, position), the literal segments some route has there.
+_LITERALS: dict[tuple[int, int], set[str]] = {}
+for _route in ROUTES:
+    for _i, _segment in enumerate(_route.segments):
+        if not _segment.startswith("{"):
+            _LITERALS.setdefault((len(_route.segments), _i), set()).add(_segment)
 
 
 def openapi() -> dict[str, Any]:
-    training = "#/components/schemas/Training"
+    """The OpenAPI document, generated from ``ROUTES``."""
+    paths: dict[str, dict[str, Any]] = {}
+    for route in ROUTES:
+        paths.setdefault(route.path, {})[route.method.lower()] = route.operation()
     return {
         "openapi": "3.0.3",
         "info": {"title": "trainguard admin API", "version": "1"},
@@ -553,7 +697,7 @@ def openapi() -> dict[str, Any]:
                 "Training": _TRAINING,
                 "TrainingDetail": {
                     "allOf": [
-                        {"$ref": training},
+                        {"$ref": _TRAINING_REF},
                         {
                             "type": "object",
                             "required": ["events"],
@@ -568,7 +712,7 @@ def openapi() -> dict[str, Any]:
                     "type": "object",
                     "required": ["items", "next_offset"],
                     "properties": {
-                        "items": {"type": "array", "items": {"$ref": training}},
+                        "items": {"type": "array", "items": {"$ref": _TRAINING_REF}},
                         "next_offset": {"type": "integer", "nullable": True},
                     },
                 },
@@ -576,96 +720,5 @@ def openapi() -> dict[str, Any]:
             },
         },
         "security": [{"bearer": []}],
-        "paths": {
-            "/v1/trainings": {
-                "get": {
-                    "summary": "List trainings",
-                    "parameters": [
-                        {
-                            "name": "status",
-                            "in": "query",
-                            "schema": {"type": "string", "enum": list(STATUSES)},
-                        },
-                        {"name": "name", "in": "query", "schema": {"type": "string"}},
-                        {
-                            "name": "limit",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 1, "maximum": MAX_PAGE},
-                        },
-                        {
-                            "name": "offset",
-                            "in": "query",
-                            "schema": {"type": "integer", "minimum": 0},
-                        },
-                    ],
-                    "responses": {
-                        "200": _ok("a page of trainings", "#/components/schemas/Page"),
-                        "400": _error("bad query"),
-                        **_COMMON,
-                    },
-                },
-                "post": {
-                    "summary": "Submit a training to FAL and record it",
-                    "requestBody": _json_body(
-                        ["type", "name", "images_url"], trigger="string", arguments="object"
-                    ),
-                    "responses": {
-                        "201": _ok("recorded", training),
-                        "400": _error("bad request"),
-                        "422": _error("a required input field is missing (nothing was sent)"),
-                        "500": _error("FAL accepted it but it could not be recorded"),
-                        "502": _error("FAL refused the submit"),
-                        **_COMMON,
-                    },
-                },
-            },
-            "/v1/trainings/track": {
-                "post": {
-                    "summary": "Adopt a request submitted elsewhere",
-                    "requestBody": _json_body(["request_id", "type", "name"], trigger="string"),
-                    "responses": {
-                        "201": _ok("adopted", training),
-                        "400": _error("bad request"),
-                        "409": _error("already tracked"),
-                        "422": _error("a request id that could never be fetched or cancelled"),
-                        **_COMMON,
-                    },
-                }
-            },
-            "/v1/trainings/{request_id}": {
-                "get": {
-                    "summary": "One training with its event history",
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": _ok("the training", "#/components/schemas/TrainingDetail"),
-                        "404": _error("unknown"),
-                        **_COMMON,
-                    },
-                }
-            },
-            "/v1/trainings/{request_id}/cancel": {
-                "post": {
-                    "summary": "Ask FAL to cancel; CANCELLED once FAL shows it will not finish",
-                    "parameters": [_ID],
-                    "responses": {
-                        "200": _ok("cancel requested (FAL may still finish it)", training),
-                        "404": _error("unknown"),
-                        "409": _error("already finished"),
-                        **_COMMON,
-                    },
-                }
-            },
-            "/v1/trainings/{request_id}/recheck": {
-                "post": {
-                    "summary": "Check this training with FAL now",
-                    "parameters": [_ID],
-                    "responses": {
-                        "202": _ok("scheduled", training),
-                        "404": _error("unknown"),
-                        "409": _error("cancelled"),
-                        **_COMMON,
-                    },
-                }
-            },
-        },
+        "paths": paths,
     }

@@ -447,3 +447,27 @@ async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
     assert result.returncode == 0, output[-4000:]
     # every route was tested
     assert "6 passed" in output or "6 operations" in output, output[-2000:]
+
+
+def test_the_router_the_field_checks_and_the_openapi_document_are_one_table() -> None:
+    doc = admin.openapi()
+    operations = {(m.upper(), path) for path, item in doc["paths"].items() for m in item}
+    assert operations == {(route.method, route.path) for route in admin.ROUTES}
+    api = admin.AdminApi(services=None, token=None)  # type: ignore[arg-type]  # routing only
+    for route in admin.ROUTES:
+        concrete = route.path.replace("{request_id}", "req-1")
+        found, params, known = api._match(route.method, concrete)
+        assert found is route and known
+        assert params == ({"request_id": "req-1"} if "{" in route.path else {})
+        operation = doc["paths"][route.path][route.method.lower()]
+        if route.body is None:
+            assert "requestBody" not in operation
+        else:
+            schema = operation["requestBody"]["content"]["application/json"]["schema"]
+            assert sorted(schema["properties"]) == sorted(route.body.fields)
+        documented = {p["name"] for p in operation.get("parameters", ()) if p["in"] == "query"}
+        assert documented == {p["name"] for p in route.query}
+    # "track" is a literal route, never an id; another method on a known path is a 405
+    assert api._match("GET", "/v1/trainings/track") == (None, {}, True)
+    assert api._match("DELETE", "/v1/trainings/req-1") == (None, {}, True)
+    assert api._match("GET", "/v1/nothing") == (None, {}, False)
