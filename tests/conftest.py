@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import os
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ import structlog
 from trainguard import config
 from trainguard.reconcile import Reconciler
 from trainguard.store import Store, open_store
+from trainguard.testing.postgres import INSTALL_HINT, PostgresServer, find_binaries
 
 
 @pytest.fixture(autouse=True, scope="session")
@@ -132,3 +134,24 @@ async def sim(nursery: Any) -> Any:
     )
     await nursery.start(simulator.serve)
     return simulator
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session (testing/postgres.py). Skipped with
+    the reason only where its binaries are absent; in CI (``CI`` set) that is an error."""
+    if find_binaries() is None:
+        if os.environ.get("CI"):
+            pytest.fail(f"CI must run the PostgreSQL tests: {INSTALL_HINT}")
+        pytest.skip(INSTALL_HINT)
+    server = PostgresServer()
+    try:
+        yield server.start()
+    finally:
+        server.stop()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: PostgresServer) -> str:
+    """A fresh, empty database on the session's server."""
+    return postgres_server.database()
