@@ -15,6 +15,8 @@ from trainguard import store as store_mod
 from trainguard.dialect import PostgresDialect, SqliteDialect
 from trainguard.store import Connection, Meta, Store, StoreClosed, Training, open_store
 
+KINDS: tuple[store_mod.DueKind, ...] = ("next_check", "deadline", "delayed_check")
+
 
 def _insert(conn: Connection, request_id: str) -> int:
     return Training.create(
@@ -399,3 +401,47 @@ async def test_a_failing_vacuum_at_open_never_stops_the_store(
     async with open_store(f"sqlite:///{path}") as s:
         assert await s.training("kept") is not None
         assert await s.reclaim_space() == 0
+
+
+def test_the_dialect_is_chosen_from_the_url() -> None:
+    assert isinstance(store_mod.Store("sqlite:///:memory:").dialect, SqliteDialect)
+    assert SqliteDialect().lock_suffix == ""
+    for url in ("postgresql://u@h/db", "postgres://u@h/db"):
+        assert isinstance(dialect_mod.dialect_for(url), PostgresDialect)
+    assert PostgresDialect().lock_suffix == " FOR UPDATE"
+    with pytest.raises(ValueError, match="unsupported database url"):
+        dialect_mod.dialect_for("mysql://u@h/db")
+
+
+async def test_set_schedule_upserts_one_row_per_name(store: Store) -> None:
+    await store.set_schedule("completeness", 10.0)
+    await store.set_schedule("completeness", 20.0)
+    await store.set_schedule("other", 5.0)
+    assert await store.schedule("completeness") == 20.0
+    assert await store.schedule("other") == 5.0
+    assert await store.read(lambda conn: store_mod.Schedule.select().count()) == 2
+
+
+async def test_due_kinds_own_their_column_and_which_trainings_count(store: Store) -> None:
+    def plant(conn: Connection) -> None:
+        for rid, status, at in (
+            ("late", "IN_PROGRESS", 5.0),
+            ("early", "SUBMITTED", 1.0),
+            ("done", "COMPLETED", 2.0),
+            ("cancelled", "CANCELLED", 3.0),
+            ("future", "IN_QUEUE", 50.0),
+        ):
+            Training.update(
+                status=status, next_check_at=at, delayed_check_at=at, deadline_at=at
+            ).where(Training.id == _insert(conn, rid)).execute()
+
+    await store.write(plant)
+    due = {kind: [v.request_id for v in await store.due(kind, 10.0, 10)] for kind in KINDS}
+    assert due == {
+        "next_check": ["early", "late"],
+        "deadline": ["early", "late"],
+        "delayed_check": ["early", "done", "late"],
+    }
+    assert [v.request_id for v in await store.due("next_check", 10.0, 1)] == ["early"]
+    assert await store.next_due("next_check") == 1.0
+    assert await store.next_due("delayed_check") == 1.0
