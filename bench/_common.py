@@ -477,26 +477,25 @@ def training_row(
 def seed_database(db_path: Path, rows: Sequence[Mapping[str, Any]], *, events: bool = True) -> None:
     """Create the schema with the daemon's own migrations, then insert ``rows`` (and one
     "registered" event each, as the daemon would have written) in one transaction."""
-    from trainguard.store import Training, database, migrate, open_database
+    from trainguard.store import Training, bound, migrate, open_database
 
     db = open_database(f"sqlite:///{db_path}")
-    database.initialize(db)
-    try:
-        db.connect()
-        migrate(db)
-        with db.atomic():
-            for start in range(0, len(rows), 400):
-                Training.insert_many(rows[start : start + 400]).execute()
-        if events:
+    with bound(db):
+        try:
+            db.connect()
+            migrate(db)
             with db.atomic():
-                db.execute_sql(
-                    "INSERT INTO events (training_id, request_id, at, layer, kind, from_status, "
-                    "to_status, detail) SELECT id, request_id, submitted_at, 'cli', 'registered', "
-                    "NULL, 'SUBMITTED', NULL FROM trainings"
-                )
-    finally:
-        db.close()
-        database.initialize(None)
+                for start in range(0, len(rows), 400):
+                    Training.insert_many(rows[start : start + 400]).execute()
+            if events:
+                with db.atomic():
+                    db.execute_sql(
+                        "INSERT INTO events (training_id, request_id, at, layer, kind, from_status, "
+                        "to_status, detail) SELECT id, request_id, submitted_at, 'cli', 'registered', "
+                        "NULL, 'SUBMITTED', NULL FROM trainings"
+                    )
+        finally:
+            db.close()
 
 
 def query(db_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:

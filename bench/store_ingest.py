@@ -41,7 +41,7 @@ def raw_sqlite(path: Path, n: int) -> float:
     return n / elapsed
 
 
-def _insert(request_id: str) -> None:
+def _insert(conn: Any, request_id: str) -> None:
     Training.create(
         name="bench",
         training_type="portrait",

@@ -39,7 +39,7 @@ from trainguard.errors import ApiError
 from trainguard.fal import FalClient, FalRequestError
 from trainguard.logs import WARN, get_logger
 from trainguard.reconcile import AlreadyTracked, Reconciler, view_as_dict
-from trainguard.store import STATUSES, Store, Training, fal_user_ids
+from trainguard.store import STATUSES, Store, fal_user_ids
 
 log = get_logger(component="admin")
 
@@ -244,18 +244,15 @@ class AdminApi:
     async def list_trainings(self, request: Request) -> tuple[int, Any]:
         q = request.query
         _only(q, {p["name"] for p in request.route.query})
-        where = []
-        if "status" in q:
-            if q["status"] not in STATUSES:
-                raise ApiError(400, "bad_request", f"status: one of {', '.join(STATUSES)}")
-            where.append(Training.status == q["status"])
-        if "name" in q:
-            where.append(Training.name == q["name"])
+        if "status" in q and q["status"] not in STATUSES:
+            raise ApiError(400, "bad_request", f"status: one of {', '.join(STATUSES)}")
         limit = _int(q.get("limit", "50"), "limit", 1, MAX_PAGE)
         offset = _int(q.get("offset", "0"), "offset", 0, 10**9)
         store = self.services.store
         assert store is not None
-        views = await store.trainings(*where, limit=limit + 1, offset=offset)
+        views = await store.trainings(
+            status=q.get("status"), name=q.get("name"), limit=limit + 1, offset=offset
+        )
         items = [view_as_dict(v) for v in views[:limit]]
         return 200, {"items": items, "next_offset": offset + limit if len(views) > limit else None}
 

@@ -222,12 +222,11 @@ def _print_training(view: TrainingView, as_json: bool) -> None:
 
 # -- check -------------------------------------------------------------------------------
 async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, Any]]:
-    from trainguard.store import Training, fal_user_ids, open_store
+    from trainguard.store import fal_user_ids, open_store
 
     async with open_store(settings.database["url"]) as store:
-        where = (Training.status == status,) if status else ()
-        views = await store.trainings(*where)
-        files = await store.read(_artifacts_by_request)
+        views = await store.trainings(status=status or None)
+        files = await store.artifacts.by_request()
         users = await store.read(fal_user_ids)
     return [
         {
@@ -237,27 +236,6 @@ async def _load_rows(settings: Settings, status: str | None) -> list[dict[str, A
         }
         for v in views
     ]
-
-
-def _artifacts_by_request() -> dict[str, list[dict[str, Any]]]:
-    """The artifact store's rows by request (on the database thread): whether each file is
-    on our disk, with its sha256; ``given_up``: the download will not be tried again."""
-    from trainguard.store import Artifact
-
-    files: dict[str, list[dict[str, Any]]] = {}
-    for a in Artifact.select().order_by(Artifact.request_id, Artifact.kind.desc()):
-        files.setdefault(a.request_id, []).append(
-            {
-                "kind": a.kind,
-                "stored": a.stored_at is not None,
-                "sha256": a.sha256,
-                "size": a.size,
-                "path": a.path,
-                "last_error": a.last_error,
-                "given_up": a.stored_at is None and math.isinf(a.next_attempt_at),
-            }
-        )
-    return files
 
 
 def _files(artifacts: Sequence[dict[str, Any]]) -> str:

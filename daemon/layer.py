@@ -17,7 +17,6 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
-import peewee
 import structlog
 import trio
 
@@ -25,7 +24,7 @@ from trainguard import fal
 from trainguard.clock import Clock
 from trainguard.config import Settings
 from trainguard.reconcile import Change, Reconciler
-from trainguard.store import UNFINISHED, Store, Training, TrainingView
+from trainguard.store import DueKind, Store, TrainingView
 
 #: How long a layer with nothing due sleeps before looking at the database again, so that a
 #: training registered by another process (the CLI) is noticed.
@@ -126,16 +125,15 @@ async def check_training(ctx: LayerContext, training: TrainingView, layer: str) 
 
 async def run_due(
     ctx: LayerContext,
-    column: peewee.Field,
+    kind: DueKind,
     handle: Callable[[TrainingView], Awaitable[Any]],
     *,
-    where: tuple[peewee.Expression, ...] = (Training.status.in_(UNFINISHED),),
     concurrency: int = 8,
     batch: int = 500,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Forever: handle every training whose time in ``column`` has come, then sleep until the
-    next one is due. The schedule lives in the database; reconcile moves it."""
+    """Forever: handle every training whose ``kind`` time has come (``Store.due``), then sleep
+    until the next one is due. The schedule lives in the database; reconcile moves it."""
     limiter = trio.CapacityLimiter(concurrency)
 
     errors = 0
@@ -153,7 +151,7 @@ async def run_due(
     task_status.started()
     while True:
         now = ctx.clock.now()
-        due = await ctx.store.trainings(column <= now, *where, order=(column,), limit=batch)
+        due = await ctx.store.due(kind, now, batch)
         if due:
             errors = 0
             async with trio.open_nursery() as nursery:
@@ -165,7 +163,7 @@ async def run_due(
                 ctx.passed()
             continue
         ctx.heartbeat()
-        nxt = await ctx.store.earliest(column, *where)
+        nxt = await ctx.store.next_due(kind)
         if nxt is None:
             wait = ctx.idle_seconds
         else:  # gather what falls due within a short window into one pass (shared queries

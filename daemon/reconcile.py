@@ -54,6 +54,7 @@ from trainguard.observe import (
     read_webhook,
 )
 from trainguard.store import (
+    Connection,
     Event,
     Outbox,
     Store,
@@ -220,7 +221,7 @@ class Reconciler:
         now = self.clock.now()
         keep = int(self.settings.webhook["rejected_kept"])
 
-        def record() -> tuple[int, bool, int]:
+        def record(conn: Connection) -> tuple[int, bool, int]:
             receipt_id, duplicate = self._record_receipt(
                 body, dict(headers), verification, request_id, dedupe_key, reject_reason, now
             )
@@ -261,6 +262,7 @@ class Reconciler:
 
     def _receive_webhook(
         self,
+        conn: Connection,
         body: bytes,
         headers: dict[str, str],
         verification: str,
@@ -276,8 +278,8 @@ class Reconciler:
         if duplicate or verification not in ("verified", "skipped"):
             return receipt_id, duplicate, None
         try:
-            with self.store.db.atomic():  # a savepoint: a failed apply keeps the receipt
-                return receipt_id, False, self._apply_receipt(receipt_id, None, now)
+            with conn.atomic():  # a savepoint: a failed apply keeps the receipt
+                return receipt_id, False, self._apply_receipt(conn, receipt_id, None, now)
         # boundary: any failure of one apply leaves the stored receipt for a retry
         except Exception as exc:
             log.error("webhook stored but not applied; it will be retried", error=repr(exc))
@@ -309,7 +311,7 @@ class Reconciler:
     def _lock_sql(self) -> str:
         if self._lock_sql_cache is None:
             sql, _ = Training.select().where(Training.request_id == "").sql()
-            self._lock_sql_cache = sql + (" FOR UPDATE" if self.store.supports_for_update else "")
+            self._lock_sql_cache = sql + self.store.dialect.lock_suffix
         return self._lock_sql_cache
 
     def _policy(self) -> Policy:
@@ -318,7 +320,7 @@ class Reconciler:
             self._policy_cache = (self.settings, Policy.of(self.settings, self.rng))
         return self._policy_cache[1]
 
-    def _apply(self, obs: Observation, now: float) -> Change:
+    def _apply(self, conn: Connection, obs: Observation, now: float) -> Change:
         row = self._lock(obs.request_id)
         if row is None:
             return Change(obs.request_id, obs.layer, "unknown")
@@ -381,7 +383,7 @@ class Reconciler:
         )
 
     def _register(
-        self, values: dict[str, Any], layer: str, now: float
+        self, conn: Connection, values: dict[str, Any], layer: str, now: float
     ) -> tuple[TrainingView, list[Change]]:
         if Training.select().where(Training.request_id == values["request_id"]).exists():
             raise AlreadyTracked(f"training {values['request_id']} is already tracked")
@@ -409,7 +411,7 @@ class Reconciler:
             .order_by(WebhookReceipt.id)
         )
         for receipt in pending:  # webhooks that came before the training was known
-            changes.append(self._apply_receipt(receipt.id, None, now))
+            changes.append(self._apply_receipt(conn, receipt.id, None, now))
         row = Training.get_by_id(row.id)
         return TrainingView.of(row), changes
 
@@ -509,7 +511,7 @@ class Reconciler:
         webhook = self.settings.webhook
         cutoff = self.clock.now() - float(webhook["unknown_receipt_seconds"])
 
-        def prune() -> dict[str, int]:
+        def prune(conn: Connection) -> dict[str, int]:
             return {
                 "unknown_training": self._evict_unknown(
                     cutoff, int(webhook["unknown_receipts_kept"])
@@ -523,6 +525,7 @@ class Reconciler:
 
     def _apply_receipt(
         self,
+        conn: Connection,
         receipt_id: int,
         verification: str | None,
         now: float,
@@ -551,7 +554,7 @@ class Reconciler:
             receipt.outcome = f"malformed: {exc}"
             receipt.save()
             return Change(receipt.request_id or "", "webhook", "none")
-        change = self._apply(obs, now)
+        change = self._apply(conn, obs, now)
         if change.kind == "unknown":
             receipt.outcome = "unknown_training"  # stays unprocessed until the training appears
             receipt.save()

@@ -1,17 +1,24 @@
-"""Peewee models, database opening, migrations and the one-writer access path.
+"""Peewee models, migrations, the one-writer access path and the named operations.
 
-All SQLite specifics live here (pragmas, `BEGIN IMMEDIATE`); the rest of the daemon sees a
-`Store` with two doors:
+Layers, plugins and tools never build queries: they call named operations of a ``Store``
+(``due``, ``pending_receipts``, ``finished_incomplete``, ``store.outbox.due_heads``, ...).
+What differs between SQL databases is in ``trainguard.dialect``. A ``Store`` has two doors,
+both handing ``fn`` this store's ``Connection`` first (like datasette's
+``execute_write_fn``):
 
-* ``await store.write(fn, *args)``: ``fn`` runs on the database thread inside a savepoint of
-  a group-commit batch. A writer task collects up to ``batch_max`` pending writes and commits
-  them in ONE transaction (synchronous=FULL), then answers each caller; a caller that is
-  answered knows its data is on disk. One failing ``fn`` rolls back only its own savepoint.
-* ``await store.read(fn, *args)``: ``fn`` runs on the database thread between batches.
+* ``await store.write(fn, *args)``: ``fn(conn, *args)`` runs on the database thread inside a
+  savepoint of a group-commit batch. A writer task collects up to ``batch_max`` pending
+  writes and commits them in ONE transaction (synchronous=FULL), then answers each caller; a
+  caller that is answered knows its data is on disk. One failing ``fn`` rolls back only its
+  own savepoint.
+* ``await store.read(fn, *args)``: ``fn(conn, *args)`` runs on the database thread between
+  batches.
 
 Both go through one ``trio.CapacityLimiter(1)`` over one shared connection, so transactions
 never interleave and never span two thread hand-offs (a measured pitfall: an ``atomic()`` left
-open on a worker thread is silently joined by a later unrelated call).
+open on a worker thread is silently joined by a later unrelated call). The models are plain
+module-level classes; during a store's call they are bound to that store's database (a
+context variable), so several stores can be open in one process.
 """
 
 from __future__ import annotations
@@ -19,46 +26,73 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import AsyncIterator, Callable, Iterable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import peewee
 import playhouse.migrate
-import structlog
 import trio
 
+from trainguard.dialect import Dialect, dialect_for
 from trainguard.errors import StoreClosed, TransactionRolledBack
 
 T = TypeVar("T")
-
-log = structlog.get_logger("trainguard.store")
 
 SCHEMA_VERSION = 4
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
 
-database = peewee.DatabaseProxy()
-
-#: How long a statement waits for another process's write lock before "database is locked".
-BUSY_TIMEOUT_MS = 10_000
 #: A commit running longer than this means the writer is stuck (a lock held elsewhere).
 STALL_SECONDS = 1.0
 
+#: The database of the Store whose call runs in this context (see ``bound``).
+_current: ContextVar[peewee.Database | None] = ContextVar("trainguard_store", default=None)
 
-def _transaction_lost(connection: Any) -> bool:
-    """Whether the transaction of a batch is gone: rolled back by SQLite (sqlite3 reports no
-    open transaction any more) or aborted in PostgreSQL (psycopg 3: IDLE or INERROR), where a
-    COMMIT would silently roll back."""
-    open_now = getattr(connection, "in_transaction", None)  # sqlite3.Connection
-    if isinstance(open_now, bool):
-        return not open_now
-    info = getattr(connection, "info", None)  # psycopg.Connection
-    status = getattr(getattr(info, "transaction_status", None), "name", None)
-    return status in ("IDLE", "INERROR")
+
+class _BoundDatabase(peewee.DatabaseProxy):
+    """The models' database: whichever Store's call is running on this thread (context).
+
+    ``Store`` sets it around every function it runs on its database thread, so the models
+    stay plain module-level classes (``Training.select()``) while several stores, each with
+    its own database, live in one process. Outside a store's call it is unbound.
+    """
+
+    __slots__ = ()
+
+    def __init__(self) -> None:
+        object.__setattr__(self, "_callbacks", [])
+
+    @property
+    def obj(self) -> peewee.Database | None:
+        return _current.get()
+
+    def initialize(self, obj: Any) -> None:
+        raise TypeError("a Store binds its database to each call; use store.bound(db)")
+
+
+database = _BoundDatabase()
+
+
+@contextmanager
+def bound(db: peewee.Database) -> Iterator[None]:
+    """Run the block with the models bound to ``db`` (a Store does this for each call)."""
+    token = _current.set(db)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+class BytesField(peewee.BlobField):
+    """A BLOB stored from ``bytes`` on every backend (peewee's BlobField picks its adapter
+    from the one database a proxy was initialized with; a store's models have several)."""
+
+    def _db_hook(self, database: peewee.Database | None) -> None:
+        self._constructor = bytes
 
 
 class BaseModel(peewee.Model):
@@ -126,7 +160,7 @@ class WebhookReceipt(BaseModel):
 
     request_id = peewee.CharField(null=True, index=True)
     dedupe_key = peewee.CharField(null=True, unique=True)
-    body = peewee.BlobField()  # a refused request: only its first REFUSED_BODY_KEPT bytes
+    body = BytesField()  # a refused request: only its first REFUSED_BODY_KEPT bytes
     headers_json = peewee.TextField()
     verification = peewee.CharField()  # verified | unverified | skipped | rejected
     reject_reason = peewee.TextField(null=True)
@@ -330,54 +364,14 @@ class _Write:
 
 def open_database(url: str) -> peewee.Database:
     """A peewee database for a URL: ``sqlite:///PATH`` (``sqlite:///:memory:``) or PostgreSQL."""
-    if url.startswith("sqlite:///"):
-        path = url.removeprefix("sqlite:///")  # "var/x.db" is relative, "/srv/x.db" absolute
-        if path != ":memory:":
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        return peewee.SqliteDatabase(
-            path,
-            thread_safe=False,  # one connection, shared by the database thread slot
-            check_same_thread=False,
-            lock_type="IMMEDIATE",  # take the write lock at BEGIN: no upgrade deadlocks
-            pragmas={
-                "auto_vacuum": 2,  # INCREMENTAL; takes effect only before the first table
-                "journal_mode": "wal",
-                "synchronous": 2,  # FULL: a commit that answers a webhook is on disk
-                "busy_timeout": BUSY_TIMEOUT_MS,
-                "foreign_keys": 1,
-            },
-        )
-    from playhouse.db_url import connect
-
-    return connect(url, thread_safe=False)
+    return dialect_for(url).open(url)
 
 
-def _incremental_vacuum_on(db: peewee.Database) -> None:
-    """SQLite gives freed pages back to the file system only with auto_vacuum, which a new
-    database gets before its first table (see ``open_database``); an older one needs one
-    VACUUM to switch (once; it rewrites the file). Then ``Store.reclaim_space`` gives pages back."""
-    if not isinstance(db, peewee.SqliteDatabase) or db.database == ":memory:":
-        return
-    if db.execute_sql("PRAGMA auto_vacuum").fetchone()[0] == 2:
-        return
-    log.warning("switching the SQLite database to incremental auto_vacuum (one VACUUM)")
-    db.execute_sql("PRAGMA auto_vacuum = INCREMENTAL")
-    try:
-        db.execute_sql("VACUUM")
-    except peewee.OperationalError as exc:  # a full disk, a lock: run as is, try next start
-        log.warning("VACUUM failed; freed space is kept in the file for now", error=str(exc))
-
-
-def _reclaim_space(db: peewee.Database, pages: int) -> int:
-    """Between batches (no transaction open): give up to ``pages`` free pages of a SQLite file
-    back to the file system. ``executescript`` steps the pragma to its end (one ``execute``
-    frees a single page)."""
-    if not isinstance(db, peewee.SqliteDatabase):
-        return 0
-    free = int(db.execute_sql("PRAGMA freelist_count").fetchone()[0])
-    if free:
-        db.connection().executescript(f"PRAGMA incremental_vacuum({int(pages)});")
-    return free
+def _upsert(model: type[BaseModel], values: dict[str, Any]) -> None:
+    """Insert a row or update the one with the same primary key (portable: ON CONFLICT)."""
+    key = model._meta.primary_key
+    update = {model._meta.fields[k]: v for k, v in values.items() if k != key.name}
+    model.insert(values).on_conflict(conflict_target=[key], update=update).execute()
 
 
 def migrate(db: peewee.Database) -> int:
@@ -393,12 +387,368 @@ def migrate(db: peewee.Database) -> int:
         for version, step in MIGRATIONS:
             if version > before:
                 step(db)
-        Meta.replace(key="schema_version", value=str(SCHEMA_VERSION)).execute()
+        _upsert(Meta, {"key": "schema_version", "value": str(SCHEMA_VERSION)})
     return before
 
 
+class Connection:
+    """What a function run by ``store.read`` / ``store.write`` gets as its first argument:
+    this store's database (the models are bound to it for the call)."""
+
+    __slots__ = ("db", "dialect")
+
+    def __init__(self, db: peewee.Database, dialect: Dialect) -> None:
+        self.db = db
+        self.dialect = dialect
+
+    def atomic(self) -> Any:
+        """A transaction, or a savepoint inside one, of this store's database."""
+        return self.db.atomic()
+
+    def execute(self, sql: str, params: Sequence[Any] = ()) -> Any:
+        """Run plain SQL (in this dialect's parameter style); the driver's cursor."""
+        return self.db.execute_sql(sql, params)
+
+
+#: The due times a layer sweeps (``Store.due``): each names a column of trainings and which
+#: trainings it counts for.
+DueKind = Literal["next_check", "delayed_check", "deadline"]
+
+#: Fallbacks FAL has said its last word on: never asked again.
+FINAL_FALLBACKS = ("fal_failure", "expired")
+
+
+def _due_where(kind: DueKind) -> tuple[peewee.Field, peewee.Expression]:
+    """The column of a due kind and which trainings it counts for: the poller's status
+    checks and the emergency deadline for unfinished ones, the delayed check for every
+    training but a cancelled one (it also verifies a finished result)."""
+    if kind == "next_check":
+        return Training.next_check_at, Training.status.in_(UNFINISHED)
+    if kind == "deadline":
+        return Training.deadline_at, Training.status.in_(UNFINISHED)
+    if kind == "delayed_check":
+        return Training.delayed_check_at, Training.status != "CANCELLED"
+    raise ValueError(f"unknown due kind {kind!r}")
+
+
+def _views(query: peewee.ModelSelect) -> list[TrainingView]:
+    return [TrainingView.of(row) for row in query]
+
+
+@dataclass(frozen=True)
+class OutboxMessage:
+    """One outbox entry as a consumer sends it."""
+
+    id: int
+    message_id: str
+    request_id: str
+    event: str
+    body: str
+    attempts: int
+    last_error: str | None
+
+    @classmethod
+    def of(cls, row: Outbox) -> OutboxMessage:
+        return cls(
+            row.id,
+            row.message_id,
+            row.request_id,
+            row.event,
+            row.payload_json,
+            row.attempts,
+            row.last_error,
+        )
+
+
+def _outbox_pending(consumer: str) -> peewee.Expression:
+    return (
+        (Outbox.consumer == consumer)
+        & Outbox.delivered_at.is_null()
+        & Outbox.abandoned_at.is_null()
+    )
+
+
+def _outbox_heads(consumer: str) -> peewee.ModelSelect:
+    """The oldest pending entry of each training: the only one that may be sent."""
+    return (
+        Outbox.select(peewee.fn.MIN(Outbox.id))
+        .where(_outbox_pending(consumer))
+        .group_by(Outbox.request_id)
+    )
+
+
+class OutboxTable:
+    """Named operations on the outbox: per consumer, events written in the transitions'
+    transactions, sent in order per training (the oldest pending entry, the head, first)."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def stopped_since_delivered(self, consumer: str, reason: str) -> bool:
+        """Whether entries were abandoned with ``reason`` and nothing was delivered since."""
+
+        def get(conn: Connection) -> bool:
+            gone_at = (
+                Outbox.select(peewee.fn.MAX(Outbox.abandoned_at))
+                .where(Outbox.consumer == consumer, Outbox.last_error == reason)
+                .scalar()
+            )
+            if gone_at is None:
+                return False
+            delivered_since = Outbox.select().where(
+                Outbox.consumer == consumer, Outbox.delivered_at >= gone_at
+            )
+            return not delivered_since.exists()
+
+        return await self._store.read(get)
+
+    async def due_heads(
+        self, consumer: str, now: float, busy: Sequence[str], limit: int
+    ) -> list[OutboxMessage]:
+        """The oldest due heads, ``limit`` at most, of trainings not in ``busy``."""
+
+        def get(conn: Connection) -> list[OutboxMessage]:
+            query = (
+                Outbox.select()
+                .where(
+                    Outbox.id.in_(_outbox_heads(consumer)),
+                    Outbox.next_attempt_at <= now,
+                    Outbox.request_id.not_in(list(busy)),
+                )
+                .order_by(Outbox.id)
+                .limit(limit)
+            )
+            return [OutboxMessage.of(row) for row in query]
+
+        return await self._store.read(get)
+
+    async def stats(
+        self, consumer: str, busy: Sequence[str]
+    ) -> tuple[int, float | None, float | None]:
+        """(pending entries, the oldest one's creation time, when the next head of a
+        training not in ``busy`` is due)."""
+
+        def get(conn: Connection) -> tuple[int, float | None, float | None]:
+            backlog, oldest = (
+                Outbox.select(peewee.fn.COUNT(Outbox.id), peewee.fn.MIN(Outbox.created_at))
+                .where(_outbox_pending(consumer))
+                .tuples()
+                .get()
+            )
+            next_due = (
+                Outbox.select(peewee.fn.MIN(Outbox.next_attempt_at))
+                .where(Outbox.id.in_(_outbox_heads(consumer)), Outbox.request_id.not_in(list(busy)))
+                .scalar()
+            )
+            return backlog, oldest, next_due
+
+        return await self._store.read(get)
+
+    async def delivered(self, entry_id: int, now: float) -> None:
+        def set_delivered(conn: Connection) -> None:
+            Outbox.update(delivered_at=now, attempts=Outbox.attempts + 1, last_error=None).where(
+                Outbox.id == entry_id
+            ).execute()
+
+        await self._store.write(set_delivered)
+
+    async def failed(self, entry_id: int, error: str, next_attempt_at: float | None) -> None:
+        """One more failed attempt; retried at ``next_attempt_at`` (None: as it was)."""
+
+        def set_failed(conn: Connection) -> None:
+            values: dict[Any, Any] = {
+                Outbox.attempts: Outbox.attempts + 1,
+                Outbox.last_error: error,
+            }
+            if next_attempt_at is not None:
+                values[Outbox.next_attempt_at] = next_attempt_at
+            Outbox.update(values).where(Outbox.id == entry_id).execute()
+
+        await self._store.write(set_failed)
+
+    async def abandon_created_before(
+        self, consumer: str, cutoff: float, now: float, reason: Callable[[str | None], str]
+    ) -> list[OutboxMessage]:
+        """Abandon every pending entry created before ``cutoff``, each with
+        ``reason(its last error)``; returns them as they were."""
+
+        def abandon(conn: Connection) -> list[OutboxMessage]:
+            query = (
+                Outbox.select()
+                .where(_outbox_pending(consumer), Outbox.created_at < cutoff)
+                .order_by(Outbox.id)
+            )
+            expired = []
+            for row in query:
+                Outbox.update(abandoned_at=now, last_error=reason(row.last_error)).where(
+                    Outbox.id == row.id
+                ).execute()
+                expired.append(OutboxMessage.of(row))
+            return expired
+
+        return await self._store.write(abandon)
+
+    async def abandon_pending(self, consumer: str, now: float, reason: str) -> int:
+        """Abandon every pending entry with ``reason``; returns how many."""
+
+        def abandon(conn: Connection) -> int:
+            query = Outbox.update(abandoned_at=now, last_error=reason)
+            return int(query.where(_outbox_pending(consumer)).execute())
+
+        return await self._store.write(abandon)
+
+
+@dataclass(frozen=True)
+class ArtifactRow:
+    """A file of a result to download (with its training's name, for the logs)."""
+
+    id: int
+    request_id: str
+    kind: str
+    url: str
+    path: str | None
+    expected_size: int | None
+    attempts: int
+    training_name: str | None
+
+
+def _without_artifact(kind: str, column: peewee.Field) -> peewee.Expression:
+    """A training whose ``column`` holds a URL with no artifact row of ``kind`` yet."""
+    has = Artifact.select(Artifact.request_id).where(Artifact.kind == kind)
+    return column.is_null(False) & Training.request_id.not_in(has)
+
+
+def _create_artifact(conn: Connection, row: dict[str, Any]) -> bool:
+    """Insert one planned row; True when the database refused it (then it is stored given
+    up, with the reason)."""
+    try:
+        with conn.atomic():
+            Artifact.insert(row).on_conflict_ignore().execute()
+    except Exception as exc:  # boundary: one row the database refuses is given up alone
+        given_up = {
+            "request_id": row["request_id"],
+            "kind": row["kind"],
+            "url": row["url"],
+            "next_attempt_at": math.inf,
+            "last_error": f"not queued: {type(exc).__name__}: {exc}"[:2000],
+        }
+        Artifact.insert(given_up).on_conflict_ignore().execute()
+        return True
+    return False
+
+
+class ArtifactsTable:
+    """Named operations on the artifact store's rows: one per file of a real result."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def results_without_rows(self, limit: int) -> list[TrainingView]:
+        """Real COMPLETED results with a LoRA or config URL that has no artifact row yet."""
+
+        def get(conn: Connection) -> list[TrainingView]:
+            query = Training.select().where(
+                Training.status == "COMPLETED",
+                ~Training.is_fallback,
+                _without_artifact("lora", Training.lora_url)
+                | _without_artifact("config", Training.config_url),
+            )
+            return _views(query.order_by(Training.id).limit(limit))
+
+        return await self._store.read(get)
+
+    async def create(self, rows: list[dict[str, Any]], now: float) -> int:
+        """Insert the planned rows (due ``now`` unless a row says otherwise); returns how
+        many the database refused. One row it refuses spoils only itself: it is stored given
+        up with the reason instead, so the batch goes on and the file is visible as failed."""
+
+        def create(conn: Connection) -> int:
+            values = [{"next_attempt_at": now, "last_error": None, **row} for row in rows]
+            try:
+                with conn.atomic():  # a savepoint: the fast path, all rows at once
+                    Artifact.insert_many(values).on_conflict_ignore().execute()
+            except Exception:  # boundary: a refused batch is retried row by row
+                return sum(_create_artifact(conn, row) for row in values)
+            return 0
+
+        return await self._store.write(create)
+
+    async def due(self, now: float, limit: int) -> list[ArtifactRow]:
+        """Files not stored yet whose next attempt has come, the longest due first."""
+
+        def get(conn: Connection) -> list[ArtifactRow]:
+            query = (
+                Artifact.select(Artifact, Training.name.alias("training_name"))
+                .join(
+                    Training,
+                    peewee.JOIN.LEFT_OUTER,
+                    on=(Artifact.request_id == Training.request_id),
+                )
+                .where(Artifact.stored_at.is_null(), Artifact.next_attempt_at <= now)
+                .order_by(Artifact.next_attempt_at)
+                .limit(limit)
+            )
+            return [
+                ArtifactRow(
+                    a.id,
+                    a.request_id,
+                    a.kind,
+                    a.url,
+                    a.path,
+                    a.expected_size,
+                    a.attempts,
+                    a.training_name,
+                )
+                for a in query.objects()
+            ]
+
+        return await self._store.read(get)
+
+    async def next_due(self) -> float | None:
+        """When the next file not stored yet is due (None: none)."""
+
+        def get(conn: Connection) -> float | None:
+            query = Artifact.select(peewee.fn.MIN(Artifact.next_attempt_at))
+            return query.where(Artifact.stored_at.is_null()).scalar()
+
+        return await self._store.read(get)
+
+    async def update(self, artifact_id: int, **values: Any) -> None:
+        """Set columns of one row (``size``, ``sha256``, ``stored_at``, ``attempts``,
+        ``next_attempt_at``, ``last_error``)."""
+
+        def update(conn: Connection) -> None:
+            Artifact.update(**values).where(Artifact.id == artifact_id).execute()
+
+        await self._store.write(update)
+
+    async def by_request(self) -> dict[str, list[dict[str, Any]]]:
+        """Every row by request: whether each file is on our disk, with its sha256;
+        ``given_up``: the download will not be tried again."""
+        return await self._store.read(artifacts_by_request)
+
+
+def artifacts_by_request(conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    """See ``ArtifactsTable.by_request`` (this runs on the database thread)."""
+    files: dict[str, list[dict[str, Any]]] = {}
+    for a in Artifact.select().order_by(Artifact.request_id, Artifact.kind.desc()):
+        files.setdefault(a.request_id, []).append(
+            {
+                "kind": a.kind,
+                "stored": a.stored_at is not None,
+                "sha256": a.sha256,
+                "size": a.size,
+                "path": a.path,
+                "last_error": a.last_error,
+                "given_up": a.stored_at is None and math.isinf(a.next_attempt_at),
+            }
+        )
+    return files
+
+
 class Store:
-    """The database behind one limiter, with a group-commit writer (see module doc)."""
+    """One database behind one limiter, with a group-commit writer (see module doc).
+    Several stores may be open in one process, each on its own database."""
 
     def __init__(
         self,
@@ -420,26 +770,21 @@ class Store:
         self._writer_running = False
         self._committing_since: float | None = None
         self._last_batch_failed = False
-        self.db = open_database(url)
+        self.dialect = dialect_for(url)
+        self.db = self.dialect.open(url)
+        self.conn = Connection(self.db, self.dialect)
+        self.outbox = OutboxTable(self)
+        self.artifacts = ArtifactsTable(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _open(self) -> None:
-        if database.obj is not None and not database.obj.is_closed():
-            raise RuntimeError("another Store is open in this process; close it first")
-        database.initialize(self.db)
         self.db.connect(reuse_if_open=True)
         migrate(self.db)
-        _incremental_vacuum_on(self.db)
+        self.dialect.prepare(self.db)
 
     def _close(self) -> None:
         if not self.db.is_closed():
             self.db.close()
-        if database.obj is self.db:
-            database.initialize(None)
-
-    @property
-    def supports_for_update(self) -> bool:
-        return bool(self.db.for_update)
 
     async def _writer(
         self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
@@ -496,7 +841,7 @@ class Store:
                     try:
                         with self.db.atomic():  # a savepoint: one failure spoils only itself
                             try:
-                                value = item.fn(*item.args)
+                                value = item.fn(self.conn, *item.args)
                             # boundary: a write function's error goes to its writer
                             except Exception as exc:
                                 error = exc
@@ -504,7 +849,7 @@ class Store:
                         results.append((True, value))
                     except Exception as exc:  # boundary: one write's failure spoils only itself
                         results.append((False, error or exc))
-                    if _transaction_lost(self.db.connection()):
+                    if self.dialect.transaction_lost(self.db.connection()):
                         lost = TransactionRolledBack(
                             "the database rolled the write batch back: nothing of it is stored"
                             + (f" ({error!r})" if error else "")
@@ -529,7 +874,7 @@ class Store:
 
     # -- the two doors ---------------------------------------------------------------------
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` in a durable transaction; return its value once committed."""
+        """Run ``fn(conn, *args)`` in a durable transaction; return its value once committed."""
         if not self._writer_running:
             await trio.lowlevel.checkpoint()  # during shutdown, let cancellation win
             raise StoreClosed("the store is not open for writing")
@@ -541,19 +886,24 @@ class Store:
         return item.value
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run ``fn(*args)`` on the database thread between write batches."""
-        return await self._call(fn, *args)
+        """Run ``fn(conn, *args)`` on the database thread between write batches."""
+        return await self._call(fn, self.conn, *args)
+
+    def _bound_call(self, fn: Callable[..., T], *args: Any) -> T:
+        with bound(self.db):
+            return fn(*args)
 
     async def _call(self, fn: Callable[..., T], *args: Any) -> T:
-        """``fn(*args)`` on the database thread slot (or inline, see ``inline``)."""
+        """``fn(*args)`` on the database thread slot (or inline, see ``inline``), with the
+        models bound to this store's database."""
         if self.inline:
             async with self._limiter:
-                return fn(*args)
-        return await trio.to_thread.run_sync(lambda: fn(*args), limiter=self._limiter)
+                return self._bound_call(fn, *args)
+        return await trio.to_thread.run_sync(self._bound_call, fn, *args, limiter=self._limiter)
 
-    # -- queries the layers share ----------------------------------------------------------
+    # -- named reads of trainings ----------------------------------------------------------
     async def training(self, request_id: str) -> TrainingView | None:
-        def get() -> TrainingView | None:
+        def get(conn: Connection) -> TrainingView | None:
             row = Training.get_or_none(Training.request_id == request_id)
             return TrainingView.of(row) if row else None
 
@@ -561,35 +911,129 @@ class Store:
 
     async def trainings(
         self,
-        *where: peewee.Expression,
-        order: Iterable[peewee.Node] = (),
+        *,
+        status: str | None = None,
+        name: str | None = None,
+        submitted_before: float | None = None,
+        order: Literal["id", "submitted_at"] = "id",
         limit: int | None = None,
         offset: int = 0,
     ) -> list[TrainingView]:
-        """Trainings matching every expression, as snapshots."""
+        """Trainings matching every filter given (``submitted_before``: submitted at or
+        before that time), ordered by ``order`` then id, as snapshots."""
 
-        def get() -> list[TrainingView]:
+        def get(conn: Connection) -> list[TrainingView]:
             query = Training.select()
-            if where:
-                query = query.where(*where)
-            query = query.order_by(*order, Training.id)
+            if status is not None:
+                query = query.where(Training.status == status)
+            if name is not None:
+                query = query.where(Training.name == name)
+            if submitted_before is not None:
+                query = query.where(Training.submitted_at <= submitted_before)
+            if order == "submitted_at":
+                query = query.order_by(Training.submitted_at, Training.id)
+            else:
+                query = query.order_by(Training.id)
             if limit is not None:
                 query = query.limit(limit).offset(offset)
-            return [TrainingView.of(row) for row in query]
+            return _views(query)
 
         return await self.read(get)
 
-    async def earliest(self, column: peewee.Field, *where: peewee.Expression) -> float | None:
-        """The smallest value of a time column among matching trainings (the next thing due)."""
+    async def due(self, kind: DueKind, now: float, limit: int) -> list[TrainingView]:
+        """Trainings whose ``kind`` time has come (at or before ``now``), the earliest
+        first, ``limit`` at most (see ``DueKind``)."""
+        column, counts = _due_where(kind)
 
-        def get() -> float | None:
-            query = Training.select(peewee.fn.MIN(column)).where(column.is_null(False), *where)
-            return query.scalar()
+        def get(conn: Connection) -> list[TrainingView]:
+            query = Training.select().where(column <= now, counts)
+            return _views(query.order_by(column, Training.id).limit(limit))
+
+        return await self.read(get)
+
+    async def next_due(self, kind: DueKind) -> float | None:
+        """The earliest ``kind`` time among the trainings it counts for (None: none)."""
+        column, counts = _due_where(kind)
+
+        def get(conn: Connection) -> float | None:
+            return (
+                Training.select(peewee.fn.MIN(column)).where(column.is_null(False), counts).scalar()
+            )
+
+        return await self.read(get)
+
+    async def unfinished_page(self, after: int, limit: int) -> list[TrainingView]:
+        """Unfinished trainings with an id above ``after``, by id, ``limit`` at most (a
+        sweep over all of them, page by page)."""
+
+        def get(conn: Connection) -> list[TrainingView]:
+            query = Training.select().where(Training.status.in_(UNFINISHED), Training.id > after)
+            return _views(query.order_by(Training.id).limit(limit))
+
+        return await self.read(get)
+
+    async def finished_incomplete(self, limit: int) -> list[TrainingView]:
+        """Finished trainings worth asking FAL again, the longest unchecked first: a
+        fallback FAL may still replace (not one in ``FINAL_FALLBACKS``), or a COMPLETED one
+        without a trigger phrase, without both LoRA URL and finetune id, or (a real result)
+        with a LoRA URL but no config URL."""
+
+        def get(conn: Connection) -> list[TrainingView]:
+            replaceable = Training.is_fallback & ~Training.fallback_kind.in_(FINAL_FALLBACKS)
+            missing = (
+                Training.trigger_phrase.is_null()
+                | (Training.lora_url.is_null() & Training.finetune_id.is_null())
+                | (
+                    ~Training.is_fallback
+                    & Training.config_url.is_null()
+                    & Training.lora_url.is_null(False)
+                )
+            )
+            query = Training.select().where(
+                Training.status.in_(("COMPLETED", "FAILED")),
+                replaceable | ((Training.status == "COMPLETED") & missing),
+            )
+            return _views(query.order_by(Training.last_checked_at, Training.id).limit(limit))
+
+        return await self.read(get)
+
+    async def lora_unchecked(self, limit: int) -> list[TrainingView]:
+        """Real COMPLETED results whose LoRA URL was never probed or did not answer last
+        time, the longest unprobed first."""
+
+        def get(conn: Connection) -> list[TrainingView]:
+            query = Training.select().where(
+                Training.status == "COMPLETED",
+                ~Training.is_fallback,
+                Training.lora_url.is_null(False),
+                Training.lora_checked_at.is_null() | (Training.lora_available == False),  # noqa: E712
+            )
+            return _views(query.order_by(Training.lora_checked_at, Training.id).limit(limit))
+
+        return await self.read(get)
+
+    async def pending_receipts(self) -> list[int]:
+        """Ids of stored webhooks of KNOWN trainings never applied (verified or needing no
+        verification, unprocessed, no outcome), oldest first. One for a training nobody
+        registered is not among them: it waits for its registration or its eviction."""
+
+        def get(conn: Connection) -> list[int]:
+            query = (
+                WebhookReceipt.select(WebhookReceipt.id)
+                .where(
+                    WebhookReceipt.processed_at.is_null(),
+                    WebhookReceipt.outcome.is_null(),
+                    WebhookReceipt.verification.in_(("verified", "skipped")),
+                    WebhookReceipt.request_id.in_(Training.select(Training.request_id)),
+                )
+                .order_by(WebhookReceipt.id)
+            )
+            return [r.id for r in query]
 
         return await self.read(get)
 
     async def status_counts(self) -> dict[str, int]:
-        def get() -> dict[str, int]:
+        def get(conn: Connection) -> dict[str, int]:
             query = Training.select(Training.status, peewee.fn.COUNT(Training.id)).group_by(
                 Training.status
             )
@@ -598,7 +1042,7 @@ class Store:
         return await self.read(get)
 
     async def events(self, request_id: str) -> list[dict[str, Any]]:
-        def get() -> list[dict[str, Any]]:
+        def get(conn: Connection) -> list[dict[str, Any]]:
             query = Event.select().where(Event.request_id == request_id).order_by(Event.id)
             return [
                 {
@@ -615,30 +1059,30 @@ class Store:
         return await self.read(get)
 
     async def schedule(self, name: str) -> float | None:
-        def get() -> float | None:
+        def get(conn: Connection) -> float | None:
             row = Schedule.get_or_none(Schedule.name == name)
             return row.next_at if row else None
 
         return await self.read(get)
 
     async def set_schedule(self, name: str, next_at: float) -> None:
-        await self.write(lambda: Schedule.replace(name=name, next_at=next_at).execute())
+        await self.write(lambda conn: _upsert(Schedule, {"name": name, "next_at": next_at}))
 
     async def reclaim_space(self, pages: int = 2000) -> int:
         """Give free pages back to the file system (SQLite incremental vacuum, up to
         ``pages`` of them); returns how many pages were free before."""
-        return await self.read(_reclaim_space, self.db, pages)
+        return await self.read(lambda conn: self.dialect.reclaim_space(self.db, pages))
 
     async def writable(self) -> bool:
         """Whether a durable write goes through right now (for /readyz)."""
         try:
-            await self.write(lambda: Meta.select().count())
+            await self.write(lambda conn: Meta.select().count())
         except Exception:  # boundary: /readyz answers whatever the database does
             return False
         return True
 
 
-def fal_user_ids(request_id: str | None = None) -> dict[str, str]:
+def fal_user_ids(conn: Connection, request_id: str | None = None) -> dict[str, str]:
     """Per request id (all, or only ``request_id``), the ``X-Fal-Webhook-User-Id`` (the fal
     account) of its latest verified webhook receipt. Run it on the database thread."""
     latest = WebhookReceipt.select(peewee.fn.MAX(WebhookReceipt.id)).where(

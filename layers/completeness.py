@@ -15,10 +15,9 @@ from trainguard import fal, logs
 from trainguard.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Kind, Observation
-from trainguard.store import Training, TrainingView
+from trainguard.store import TrainingView
 
 SCHEDULE = "completeness"
-FINAL_FALLBACKS = ("fal_failure", "expired")
 
 
 class CompletenessLayer:
@@ -45,36 +44,10 @@ class CompletenessLayer:
 
     async def sweep(self, ctx: LayerContext) -> None:
         batch = int(ctx.options["batch"])
-        ask = await ctx.store.trainings(
-            Training.status.in_(("COMPLETED", "FAILED")),
-            (
-                (Training.is_fallback & ~Training.fallback_kind.in_(FINAL_FALLBACKS))
-                | (
-                    (Training.status == "COMPLETED")
-                    & (
-                        Training.trigger_phrase.is_null()
-                        | (Training.lora_url.is_null() & Training.finetune_id.is_null())
-                        | (
-                            ~Training.is_fallback
-                            & Training.config_url.is_null()
-                            & Training.lora_url.is_null(False)
-                        )
-                    )
-                )
-            ),
-            order=(Training.last_checked_at,),
-            limit=batch,
-        )
+        ask = await ctx.store.finished_incomplete(batch)
         probe: list[TrainingView] = []
         if ctx.options["check_lora_url"]:
-            probe = await ctx.store.trainings(
-                Training.status == "COMPLETED",
-                ~Training.is_fallback,
-                Training.lora_url.is_null(False),
-                Training.lora_checked_at.is_null() | (Training.lora_available == False),  # noqa: E712
-                order=(Training.lora_checked_at,),
-                limit=batch,
-            )
+            probe = await ctx.store.lora_unchecked(batch)
         outcomes = {"asked": len(ask), "probed": len(probe), "upgraded": 0, "filled": 0}
         limiter = trio.CapacityLimiter(8)
 

@@ -11,7 +11,6 @@ import trio
 
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import Training
 
 
 class DelayedLayer:
@@ -21,9 +20,8 @@ class DelayedLayer:
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         await run_due(
             ctx,
-            Training.delayed_check_at,
+            "delayed_check",
             lambda training: check_training(ctx, training, self.name),
-            where=(Training.status != "CANCELLED",),
             task_status=task_status,
         )
 

@@ -15,7 +15,7 @@ import trio
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change, Kind, Observation
-from trainguard.store import Training, TrainingView
+from trainguard.store import TrainingView
 
 
 def _final(change: Change) -> bool:
@@ -37,7 +37,7 @@ class EmergencyLayer:
                     Observation(training.request_id, self.name, Kind.DEADLINE)
                 )
 
-        await run_due(ctx, Training.deadline_at, last_chance, task_status=task_status)
+        await run_due(ctx, "deadline", last_chance, task_status=task_status)
 
 
 @hookimpl

@@ -12,7 +12,6 @@ import trio
 
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import Training
 
 
 class PollerLayer:
@@ -22,7 +21,7 @@ class PollerLayer:
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         await run_due(
             ctx,
-            Training.next_check_at,
+            "next_check",
             lambda training: check_training(ctx, training, self.name),
             concurrency=int(ctx.options["concurrency"]),
             task_status=task_status,

@@ -18,7 +18,7 @@ from trainguard import fal, logs
 from trainguard.layer import LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change
-from trainguard.store import UNFINISHED, Training, TrainingView, WebhookReceipt
+from trainguard.store import UNFINISHED, TrainingView
 
 PROGRESS_EVERY_SECONDS = 5.0
 EXTEND_START_SECONDS = 30.0
@@ -41,23 +41,6 @@ async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
     return await check_training(ctx, training, StartupLayer.name)
 
 
-def _pending_receipts() -> list[int]:
-    """Stored webhooks of KNOWN trainings that were never applied (a crash between store and
-    apply). One for a training nobody registered waits for its registration, which applies
-    it, or for its eviction: replaying those here would hold READY for nothing."""
-    query = (
-        WebhookReceipt.select(WebhookReceipt.id)
-        .where(
-            WebhookReceipt.processed_at.is_null(),
-            WebhookReceipt.outcome.is_null(),
-            WebhookReceipt.verification.in_(("verified", "skipped")),
-            WebhookReceipt.request_id.in_(Training.select(Training.request_id)),
-        )
-        .order_by(WebhookReceipt.id)
-    )
-    return [r.id for r in query]
-
-
 class StartupLayer:
     name = "startup"
     order = 20
@@ -65,7 +48,10 @@ class StartupLayer:
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         started = trio.current_time()
         outcomes: Counter[str] = Counter()
-        receipts = await ctx.store.read(_pending_receipts)
+        # Stored webhooks of KNOWN trainings never applied (a crash between store and apply).
+        # One for a training nobody registered waits for its registration, which applies it,
+        # or for its eviction: replaying those here would hold READY for nothing.
+        receipts = await ctx.store.pending_receipts()
         for receipt_id in receipts:
             change = await ctx.reconciler.apply_receipt(receipt_id)
             outcomes[f"receipt_{change.kind}"] += 1
@@ -106,9 +92,7 @@ class StartupLayer:
             receive.close()
             async with send:
                 after = 0
-                while page := await ctx.store.trainings(
-                    Training.status.in_(UNFINISHED), Training.id > after, limit=PAGE
-                ):
+                while page := await ctx.store.unfinished_page(after, PAGE):
                     for training in page:
                         await send.send(training)
                     after = page[-1].id

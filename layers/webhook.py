@@ -442,7 +442,9 @@ class _Handler:
                 ctx.heartbeat()
 
 
-def _stored_pending(cutoff: float) -> list[tuple[int, str, dict[str, str], bytes, float]]:
+def _stored_pending(
+    conn: Any, cutoff: float
+) -> list[tuple[int, str, dict[str, str], bytes, float]]:
     query = (
         WebhookReceipt.select()
         .where(

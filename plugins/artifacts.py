@@ -35,25 +35,22 @@ import secrets
 from collections.abc import Mapping
 from contextlib import aclosing
 from dataclasses import dataclass, fields
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
 import httpx
-import peewee
 import trio
 
 from trainguard.config import ConfigError
 from trainguard.errors import DownloadError, GiveUp
 from trainguard.logs import WARN
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import Artifact, Training, database
 
 if TYPE_CHECKING:
     from trainguard.config import Settings
     from trainguard.layer import LayerContext
-    from trainguard.store import TrainingView
+    from trainguard.store import ArtifactRow, TrainingView
 
 NAME = "artifacts"
 CHUNK_BYTES = 1024 * 1024
@@ -262,66 +259,6 @@ def _make_root(directory: str) -> Path:
     return root
 
 
-# -- database --------------------------------------------------------------------------------
-def _missing(kind: str, column: peewee.Field) -> peewee.Expression:
-    """A training whose ``column`` holds a URL with no artifact row of ``kind`` yet."""
-    has = Artifact.select(Artifact.request_id).where(Artifact.kind == kind)
-    return column.is_null(False) & Training.request_id.not_in(has)
-
-
-# The functions below run on the database thread (``store.read`` / ``store.write``).
-def _create(rows: list[dict[str, Any]], now: float) -> int:
-    """Insert the planned rows (due ``now`` unless a row says otherwise); returns how many
-    the database refused. One row it refuses spoils only itself: it is stored given up with
-    the reason instead, so the batch goes on and the file is visible as failed."""
-    values = [{"next_attempt_at": now, "last_error": None, **row} for row in rows]
-    try:
-        with database.atomic():  # a savepoint: the fast path, all rows at once
-            Artifact.insert_many(values).on_conflict_ignore().execute()
-    except Exception:  # boundary: a refused batch is retried row by row
-        return sum(_create_one(row) for row in values)
-    return 0
-
-
-def _create_one(row: dict[str, Any]) -> bool:
-    """Insert one planned row; True when the database refused it (then it is stored given
-    up, with the reason)."""
-    try:
-        with database.atomic():
-            Artifact.insert(row).on_conflict_ignore().execute()
-    except Exception as exc:  # boundary: one row the database refuses is given up alone
-        given_up = {
-            "request_id": row["request_id"],
-            "kind": row["kind"],
-            "url": row["url"],
-            "next_attempt_at": math.inf,
-            "last_error": f"not queued: {type(exc).__name__}: {exc}"[:2000],
-        }
-        Artifact.insert(given_up).on_conflict_ignore().execute()
-        return True
-    return False
-
-
-def _due(now: float, limit: int) -> list[Artifact]:
-    query = (
-        Artifact.select(Artifact, Training.name.alias("training_name"))
-        .join(Training, peewee.JOIN.LEFT_OUTER, on=(Artifact.request_id == Training.request_id))
-        .where(Artifact.stored_at.is_null(), Artifact.next_attempt_at <= now)
-        .order_by(Artifact.next_attempt_at)
-        .limit(limit)
-    )
-    return list(query.objects())
-
-
-def _next_due() -> float | None:
-    query = Artifact.select(peewee.fn.MIN(Artifact.next_attempt_at))
-    return query.where(Artifact.stored_at.is_null()).scalar()
-
-
-def _update(artifact_id: int, **values: Any) -> None:
-    Artifact.update(**values).where(Artifact.id == artifact_id).execute()
-
-
 # -- the layer ------------------------------------------------------------------------------
 class ArtifactsLayer:
     """Downloads the files of real results into the artifact store (see the module doc)."""
@@ -375,7 +312,7 @@ class ArtifactsLayer:
     async def _idle(self, ctx: LayerContext, interval: float) -> None:
         """Until the next row is due (at once when rows are left over from a full batch),
         ``interval`` at most, or a wake."""
-        due = await ctx.store.read(_next_due)
+        due = await ctx.store.artifacts.next_due()
         wait = interval if due is None else min(interval, due - ctx.clock.now())
         if wait > 0:
             with trio.move_on_after(wait):
@@ -385,19 +322,14 @@ class ArtifactsLayer:
         self, ctx: LayerContext, client: httpx.AsyncClient, root: Path, options: Options
     ) -> None:
         """Create the rows of new results, then download what is due."""
-        found = await ctx.store.trainings(
-            Training.status == "COMPLETED",
-            ~Training.is_fallback,
-            _missing("lora", Training.lora_url) | _missing("config", Training.config_url),
-            limit=options.batch,
-        )
+        found = await ctx.store.artifacts.results_without_rows(options.batch)
         rows = [row for view in found for row in planned_files(ctx.settings, view, root)]
         if rows:
-            refused = await ctx.store.write(_create, rows, ctx.clock.now())
+            refused = await ctx.store.artifacts.create(rows, ctx.clock.now())
             ctx.log.info("result files queued for download", trainings=len(found))
             if refused:
                 ctx.log.warning(f"{WARN} result files the database refused", files=refused)
-        due = await ctx.store.read(_due, ctx.clock.now(), options.batch)
+        due = await ctx.store.artifacts.due(ctx.clock.now(), options.batch)
         limiter = trio.CapacityLimiter(options.concurrency)
         async with trio.open_nursery() as nursery:
             for artifact in due:
@@ -407,7 +339,7 @@ class ArtifactsLayer:
         self,
         ctx: LayerContext,
         client: httpx.AsyncClient,
-        artifact: Artifact,
+        artifact: ArtifactRow,
         limiter: trio.CapacityLimiter,
         options: Options,
     ) -> None:
@@ -435,17 +367,14 @@ class ArtifactsLayer:
                 await self._failed(ctx, log, artifact, attempts, self._describe(exc), retry_at)
             else:
                 now = ctx.clock.now()
-                await ctx.store.write(
-                    partial(
-                        _update,
-                        artifact.id,
-                        size=size,
-                        sha256=sha256,
-                        stored_at=now,
-                        attempts=attempts,
-                        next_attempt_at=now,
-                        last_error=None,
-                    ),
+                await ctx.store.artifacts.update(
+                    artifact.id,
+                    size=size,
+                    sha256=sha256,
+                    stored_at=now,
+                    attempts=attempts,
+                    next_attempt_at=now,
+                    last_error=None,
                 )
                 if ctx.metrics is not None:
                     ctx.metrics.artifact_bytes.inc(size)
@@ -456,15 +385,13 @@ class ArtifactsLayer:
         self,
         ctx: LayerContext,
         log: Any,
-        artifact: Artifact,
+        artifact: ArtifactRow,
         attempts: int,
         error: str,
         retry_at: float,
     ) -> None:
-        await ctx.store.write(
-            partial(
-                _update, artifact.id, attempts=attempts, last_error=error, next_attempt_at=retry_at
-            ),
+        await ctx.store.artifacts.update(
+            artifact.id, attempts=attempts, last_error=error, next_attempt_at=retry_at
         )
         if ctx.metrics is not None:
             ctx.metrics.artifact_failures.inc()

@@ -43,7 +43,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import httpx
-import peewee
 import trio
 
 from trainguard.config import ConfigError, Settings
@@ -51,7 +50,7 @@ from trainguard.layer import LayerContext
 from trainguard.logs import WARN
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import view_as_dict
-from trainguard.store import Outbox, TrainingView
+from trainguard.store import OutboxMessage, TrainingView
 
 CONSUMER = "delivery"
 SECRET_ENV = "TRAINGUARD_DELIVERY_SECRET"
@@ -133,29 +132,6 @@ def sign(key: bytes, message_id: str, timestamp: int, body: str) -> str:
     return "v1," + base64.b64encode(mac.digest()).decode()
 
 
-@dataclass(frozen=True)
-class _Message:
-    id: int
-    message_id: str
-    request_id: str
-    event: str
-    body: str
-    attempts: int
-
-
-def _pending() -> peewee.Expression:
-    return (
-        (Outbox.consumer == CONSUMER)
-        & Outbox.delivered_at.is_null()
-        & Outbox.abandoned_at.is_null()
-    )
-
-
-def _heads() -> peewee.ModelSelect:
-    """The oldest pending entry of each training: the only one that may be sent."""
-    return Outbox.select(peewee.fn.MIN(Outbox.id)).where(_pending()).group_by(Outbox.request_id)
-
-
 # -- the sender layer --------------------------------------------------------------------
 class DeliveryLayer:
     """POSTs the ``delivery`` outbox to the bot (see the module doc)."""
@@ -192,7 +168,8 @@ class DeliveryLayer:
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         self.check_options(ctx.options)
         key = load_secret()
-        self._gone = await ctx.store.read(self._stopped_before)
+        # Whether this URL answered 410 and nothing was delivered since (survives restarts).
+        self._gone = await ctx.store.outbox.stopped_since_delivered(CONSUMER, self.gone_reason)
         self._in_flight.clear()
         limiter = trio.CapacityLimiter(SEND_CONCURRENCY)
         async with (
@@ -208,7 +185,7 @@ class DeliveryLayer:
                 await self._expire(ctx, now)
                 if self._gone:
                     ctx.metrics.delivery_attempts_failed.inc(
-                        await ctx.store.write(self._abandon_pending, now)
+                        await ctx.store.outbox.abandon_pending(CONSUMER, now, self.gone_reason)
                     )
                 else:
                     await self._send_due(ctx, senders, limiter, client, key, now)
@@ -237,7 +214,7 @@ class DeliveryLayer:
             return
         self._settled.clear()
         busy = sorted(self._in_flight)
-        for message in await ctx.store.read(self._due, now, busy, room):
+        for message in await ctx.store.outbox.due_heads(CONSUMER, now, busy, room):
             # A head read while its training's previous message was being settled is stale.
             if message.request_id in self._in_flight or message.id in self._settled:
                 continue
@@ -250,7 +227,7 @@ class DeliveryLayer:
         limiter: trio.CapacityLimiter,
         client: httpx.AsyncClient,
         key: bytes,
-        message: _Message,
+        message: OutboxMessage,
     ) -> None:
         try:
             async with limiter:
@@ -263,7 +240,9 @@ class DeliveryLayer:
         ctx.heartbeat()
         if gone and not self._gone:
             self._gone = True
-            abandoned = await ctx.store.write(self._abandon_pending, ctx.clock.now())
+            abandoned = await ctx.store.outbox.abandon_pending(
+                CONSUMER, ctx.clock.now(), self.gone_reason
+            )
             ctx.metrics.delivery_attempts_failed.inc(abandoned)
             self._say_gone(ctx, abandoned)
         self.wake()  # this training's next event, or a free slot for another's
@@ -283,7 +262,7 @@ class DeliveryLayer:
                 return response.status_code
 
     async def _deliver(
-        self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, message: _Message
+        self, ctx: LayerContext, client: httpx.AsyncClient, key: bytes, message: OutboxMessage
     ) -> bool:
         """One attempt at one message, its outcome stored; True on 410 Gone."""
         timestamp = int(ctx.clock.now())
@@ -304,19 +283,19 @@ class DeliveryLayer:
             error = f"no complete answer within {self.timeout:g} s"
         else:
             if 200 <= status < 300:
-                await ctx.store.write(self._delivered, message.id, ctx.clock.now())
+                await ctx.store.outbox.delivered(message.id, ctx.clock.now())
                 ctx.metrics.delivery_delivered.inc()
                 log.info("delivered to the bot", attempts=message.attempts + 1)
                 return False
             error = f"HTTP {status}"
             if status == 410:
-                await ctx.store.write(self._failed, message.id, self.gone_reason, None)
+                await ctx.store.outbox.failed(message.id, self.gone_reason, None)
                 ctx.metrics.delivery_attempts_failed.inc()
                 return True
         attempts = message.attempts + 1
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (attempts - 1))
         delay *= random.uniform(0.5, 1.0)
-        await ctx.store.write(self._failed, message.id, error, ctx.clock.now() + delay)
+        await ctx.store.outbox.failed(message.id, error, ctx.clock.now() + delay)
         ctx.metrics.delivery_attempts_failed.inc()
         log.info(
             "delivery failed; will retry", error=error, attempts=attempts, retry_in=round(delay, 2)
@@ -324,18 +303,28 @@ class DeliveryLayer:
         return False
 
     async def _expire(self, ctx: LayerContext, now: float) -> None:
-        for fields in await ctx.store.write(self._abandon_expired, now):
+        def reason(last_error: str | None) -> str:
+            return f"not acknowledged within {self.max_age:g} s; last: {last_error}"
+
+        expired = await ctx.store.outbox.abandon_created_before(
+            CONSUMER, now - self.max_age, now, reason
+        )
+        for o in expired:
             ctx.metrics.delivery_attempts_failed.inc()
             ctx.log.error(
                 f"{WARN} delivery abandoned: not acknowledged within max_age_seconds",
                 max_age_seconds=self.max_age,
-                **fields,
+                request_id=o.request_id,
+                type=o.event,
+                message_id=o.message_id,
+                attempts=o.attempts,
+                last_error=o.last_error,
             )
 
     async def _gauges(self, ctx: LayerContext) -> float | None:
         """Set the backlog gauges; return when the next head not in flight is due (None: none;
         a sender wakes the layer when it is done)."""
-        backlog, oldest, next_due = await ctx.store.read(self._stats, sorted(self._in_flight))
+        backlog, oldest, next_due = await ctx.store.outbox.stats(CONSUMER, sorted(self._in_flight))
         ctx.metrics.delivery_backlog.set(backlog)
         ctx.metrics.delivery_oldest_age.set(ctx.clock.now() - oldest if oldest else 0)
         return next_due
@@ -349,92 +338,3 @@ class DeliveryLayer:
                 url=self.url,
                 abandoned=abandoned,
             )
-
-    # ---- on the database thread -------------------------------------------------------------
-    def _stopped_before(self) -> bool:
-        """Whether this URL answered 410 and nothing was delivered since (survives restarts)."""
-        gone_at = (
-            Outbox.select(peewee.fn.MAX(Outbox.abandoned_at))
-            .where(Outbox.consumer == CONSUMER, Outbox.last_error == self.gone_reason)
-            .scalar()
-        )
-        if gone_at is None:
-            return False
-        delivered_since = Outbox.select().where(
-            Outbox.consumer == CONSUMER, Outbox.delivered_at >= gone_at
-        )
-        return not delivered_since.exists()
-
-    @staticmethod
-    def _due(now: float, busy: list[str], limit: int) -> list[_Message]:
-        """The oldest due heads, ``limit`` at most, of trainings not in ``busy``."""
-        query = (
-            Outbox.select()
-            .where(
-                Outbox.id.in_(_heads()),
-                Outbox.next_attempt_at <= now,
-                Outbox.request_id.not_in(busy),
-            )
-            .order_by(Outbox.id)
-            .limit(limit)
-        )
-        return [
-            _Message(o.id, o.message_id, o.request_id, o.event, o.payload_json, o.attempts)
-            for o in query
-        ]
-
-    @staticmethod
-    def _stats(busy: list[str]) -> tuple[int, float | None, float | None]:
-        backlog, oldest = (
-            Outbox.select(peewee.fn.COUNT(Outbox.id), peewee.fn.MIN(Outbox.created_at))
-            .where(_pending())
-            .tuples()
-            .get()
-        )
-        next_due = (
-            Outbox.select(peewee.fn.MIN(Outbox.next_attempt_at))
-            .where(Outbox.id.in_(_heads()), Outbox.request_id.not_in(busy))
-            .scalar()
-        )
-        return backlog, oldest, next_due
-
-    @staticmethod
-    def _delivered(row_id: int, now: float) -> None:
-        Outbox.update(delivered_at=now, attempts=Outbox.attempts + 1, last_error=None).where(
-            Outbox.id == row_id
-        ).execute()
-
-    @staticmethod
-    def _failed(row_id: int, error: str, next_attempt_at: float | None) -> None:
-        values: dict[Any, Any] = {Outbox.attempts: Outbox.attempts + 1, Outbox.last_error: error}
-        if next_attempt_at is not None:
-            values[Outbox.next_attempt_at] = next_attempt_at
-        Outbox.update(values).where(Outbox.id == row_id).execute()
-
-    def _abandon_expired(self, now: float) -> list[dict[str, Any]]:
-        query = (
-            Outbox.select()
-            .where(_pending(), Outbox.created_at < now - self.max_age)
-            .order_by(Outbox.id)
-        )
-        expired = []
-        for o in query:
-            Outbox.update(
-                abandoned_at=now,
-                last_error=f"not acknowledged within {self.max_age:g} s; last: {o.last_error}",
-            ).where(Outbox.id == o.id).execute()
-            expired.append(
-                {
-                    "request_id": o.request_id,
-                    "type": o.event,
-                    "message_id": o.message_id,
-                    "attempts": o.attempts,
-                    "last_error": o.last_error,
-                }
-            )
-        return expired
-
-    def _abandon_pending(self, now: float) -> int:
-        return int(
-            Outbox.update(abandoned_at=now, last_error=self.gone_reason).where(_pending()).execute()
-        )

@@ -38,6 +38,7 @@ from trainguard.reconcile import Reconciler
 from trainguard.signing import HEADER_SIGNATURE
 from trainguard.store import (
     TERMINAL,
+    Connection,
     Event,
     Store,
     Training,
@@ -481,7 +482,7 @@ async def compare_with_truth(
     against the fallback rules and, given the simulator's delivery log, every webhook
     against the stored receipts."""
 
-    def read() -> tuple[dict[str, TrainingView], _History, list[StoredReceipt]]:
+    def read(conn: Connection) -> tuple[dict[str, TrainingView], _History, list[StoredReceipt]]:
         views = {t.request_id: TrainingView.of(t) for t in Training.select()}
         return views, _history(), _receipts() if deliveries is not None else []
 

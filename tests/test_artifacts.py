@@ -64,7 +64,7 @@ async def artifacts(daemon: Daemon, request_id: str) -> dict[str, dict[str, Any]
     """The artifact rows of a training, by kind."""
     assert daemon.store is not None
 
-    def get() -> dict[str, dict[str, Any]]:
+    def get(conn: Any) -> dict[str, dict[str, Any]]:
         query = Artifact.select().where(Artifact.request_id == request_id).dicts()
         return {row["kind"]: row for row in query}
 
@@ -517,7 +517,7 @@ async def test_a_file_size_beyond_max_bytes_is_refused_for_that_file_alone(
     """Regression (issue 9, item 1): a ``file_size`` above 2^63 made every pass's batch insert
     raise (a crash loop), so no later result got its files. Now the size is judged where it
     enters: over ``max_bytes`` refuses that file alone, recorded and visible in ``check``."""
-    from trainguard.cli import _artifacts_by_request
+    from trainguard.store import artifacts_by_request
 
     server = MediaServer()
     await server.serve(nursery)
@@ -539,7 +539,7 @@ async def test_a_file_size_beyond_max_bytes_is_refused_for_that_file_alone(
     assert lora["next_attempt_at"] == math.inf
     assert "file_size" in lora["last_error"] and "max_bytes" in lora["last_error"]
     assert daemon.store is not None
-    shown = {f["kind"]: f for f in (await daemon.store.read(_artifacts_by_request))["bad"]}
+    shown = {f["kind"]: f for f in (await daemon.store.read(artifacts_by_request))["bad"]}
     assert shown["lora"]["given_up"] and "max_bytes" in shown["lora"]["last_error"]
     assert sample(daemon, "trainguard_layer_errors_total", layer="artifacts") == 0
     assert sample(daemon, "trainguard_layer_up", layer="artifacts") == 1

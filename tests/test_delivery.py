@@ -121,7 +121,7 @@ async def finish(r: Reconciler, rid: str, *kinds: Kind) -> None:
 
 async def outbox(daemon: Daemon) -> list[dict[str, Any]]:
     assert daemon.store is not None
-    return await daemon.store.read(lambda: list(Outbox.select().order_by(Outbox.id).dicts()))
+    return await daemon.store.read(lambda conn: list(Outbox.select().order_by(Outbox.id).dicts()))
 
 
 def metric(daemon: Daemon, name: str) -> float:

@@ -64,7 +64,7 @@ async def test_startup_never_replays_receipts_of_unknown_trainings(
     reconciler = Reconciler(store, settings)
     await reconciler.register(name="n", training_type="portrait", request_id="known", layer="t")
 
-    def plant() -> None:
+    def plant(conn: Any) -> None:
         rows = [
             {
                 "request_id": f"stranger-{i}",
@@ -111,6 +111,8 @@ async def test_startup_never_replays_receipts_of_unknown_trainings(
     view = await store.training("known")
     assert view is not None and view.status == "COMPLETED"
     left = await store.read(
-        lambda: WebhookReceipt.select().where(WebhookReceipt.outcome == "unknown_training").count()
+        lambda conn: (
+            WebhookReceipt.select().where(WebhookReceipt.outcome == "unknown_training").count()
+        )
     )
     assert left == 20_000  # untouched: evicted by the webhook layer's prune, not replayed

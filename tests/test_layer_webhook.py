@@ -133,7 +133,7 @@ class Harness:
         return [e["kind"] for e in await self.store.events(request_id)]
 
     async def receipts(self, request_id: str | None = None) -> list[dict[str, Any]]:
-        def get() -> list[dict[str, Any]]:
+        def get(conn: Any) -> list[dict[str, Any]]:
             query = WebhookReceipt.select().order_by(WebhookReceipt.id)
             if request_id is not None:
                 query = query.where(WebhookReceipt.request_id == request_id)
@@ -975,9 +975,9 @@ async def test_a_locked_database_gets_503_keeps_the_listener_and_shows_on_readyz
     ``/readyz`` answers 503 while the writer is stuck."""
     import sqlite3
 
-    from trainguard import store as store_mod
+    from trainguard import dialect
 
-    monkeypatch.setattr(store_mod, "BUSY_TIMEOUT_MS", 300)
+    monkeypatch.setattr(dialect, "BUSY_TIMEOUT_MS", 300)
     monkeypatch.setattr(layer, "RETRY_SECONDS", 0.1)
     h = await launch()
     assert h.daemon.ops_address is not None
@@ -1125,7 +1125,7 @@ async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
     for body in bodies:
         assert (await h.post(body, _other_key(h, body, rid))).status_code == 401
 
-    def kept() -> list[tuple[int, int | None, str | None]]:
+    def kept(conn: Any) -> list[tuple[int, int | None, str | None]]:
         query = WebhookReceipt.select().order_by(WebhookReceipt.id)
         return [(len(bytes(r.body)), r.body_size, r.body_sha256) for r in query]
 
@@ -1163,10 +1163,10 @@ async def test_one_stored_receipt_that_cannot_be_applied_never_holds_back_the_ot
     failing: set[str] = set()
     real_apply = Reconciler._apply
 
-    def apply(self: Reconciler, obs: Any, now: float) -> Any:
+    def apply(self: Reconciler, conn: Any, obs: Any, now: float) -> Any:
         if obs.request_id in failing:
             raise ValueError("cannot store this output")
-        return real_apply(self, obs, now)
+        return real_apply(self, conn, obs, now)
 
     monkeypatch.setattr(Reconciler, "_apply", apply)
     h = await launch()
@@ -1193,7 +1193,7 @@ async def test_a_refused_request_keeps_only_fals_four_headers(launch: Launch) ->
     junk = {f"X-Fal-Webhook-Junk-{i}": "j" * 200 for i in range(40)}
     assert (await h.post(body, {**_other_key(h, body, rid), **junk})).status_code == 401
 
-    def kept_headers() -> list[dict[str, str]]:
+    def kept_headers(conn: Any) -> list[dict[str, str]]:
         return [json.loads(r.headers_json) for r in WebhookReceipt.select()]
 
     (headers,) = await h.store.read(kept_headers)

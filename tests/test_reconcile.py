@@ -339,7 +339,9 @@ async def test_rejected_receipts_are_bounded(settings_factory: Any) -> None:
         from trainguard.store import WebhookReceipt
 
         kept = await st_.read(
-            lambda: [bytes(w.body) for w in WebhookReceipt.select().order_by(WebhookReceipt.id)]
+            lambda conn: [
+                bytes(w.body) for w in WebhookReceipt.select().order_by(WebhookReceipt.id)
+            ]
         )
     assert kept == [b"x7", b"x8", b"x9"]
 
@@ -483,7 +485,9 @@ async def test_outbox_entries_are_written_with_the_finishing_transition(
         ("COMPLETED", "training.upgraded", "completeness"),
     ]
     rows = await store.read(
-        lambda: [(o.consumer, o.event, o.message_id) for o in Outbox.select().order_by(Outbox.id)]
+        lambda conn: [
+            (o.consumer, o.event, o.message_id) for o in Outbox.select().order_by(Outbox.id)
+        ]
     )
     assert [(c, e) for c, e, _ in rows] == [
         ("bot", "training.fallback"),

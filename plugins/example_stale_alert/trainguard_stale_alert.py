@@ -33,7 +33,7 @@ from trainguard.config import ConfigError
 from trainguard.layer import LayerContext
 from trainguard.logs import WARN
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import Training, TrainingView
+from trainguard.store import TrainingView
 
 NAME = "stale_alert"
 #: The options of ``[layers.stale_alert]`` and their defaults (``enabled`` is trainguard's).
@@ -95,9 +95,9 @@ class StaleAlertLayer:
         while True:
             now = ctx.clock.now()  # wall time on trio's clock, as the daemon stores it
             stale = await ctx.store.trainings(
-                Training.status == "IN_QUEUE",
-                Training.submitted_at <= now - options["queue_warning_seconds"],
-                order=(Training.submitted_at,),
+                status="IN_QUEUE",
+                submitted_before=now - options["queue_warning_seconds"],
+                order="submitted_at",
             )
             for training in stale:
                 ctx.log.bind(request_id=training.request_id, name=training.name).warning(
