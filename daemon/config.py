@@ -20,20 +20,22 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 from trainguard.errors import ConfigError
+from trainguard.names import BUILTIN_LAYERS, FALLBACK_HOSTS
 
-BUILTIN_LAYERS = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
-
-#: Fallback URL hosts name the layer, as the original system did, under the reserved
-#: `.invalid` top-level domain so that nothing can ever be fetched from them.
-FALLBACK_HOSTS = {
-    "webhook": "webhook-handler",
-    "poller": "status-checker",
-    "delayed": "training-manager",
-    "startup": "startup-checker",
-    "completeness": "completeness-check",
-    "emergency": "emergency",
-}
-
+__all__ = [
+    "BUILTIN_LAYERS",
+    "LAYER_SCHEMA",
+    "SCHEMA",
+    "ConfigError",
+    "LayerSettings",
+    "Option",
+    "Settings",
+    "TrainingType",
+    "load",
+    "loads",
+    "parse",
+    "validate_options",
+]
 
 #: The password in a URL's user info (``scheme://user:PASSWORD@host``) or in a libpq-style
 #: ``password=`` query parameter.
@@ -62,13 +64,55 @@ def redact_url(url: str) -> str:
 
 
 @dataclass(frozen=True)
-class Key:
-    """One configuration key: its type(s), default and an optional value check."""
+class Option:
+    """One declared option: its type(s), default, bounds and an optional value check.
 
-    types: tuple[type, ...]
+    Core config (``SCHEMA``) and every layer's ``[layers.NAME]`` options (``Layer.options``)
+    are declared alike and validated by the same code, so their errors read alike: one line,
+    starting with the option's dotted name (``layers.my_layer.interval_seconds: ...``).
+    ``types`` is a type or a tuple of them; ``float`` also takes an integer (stored as a
+    float). A number with bounds (``above``: greater than; ``minimum`` / ``maximum``: at
+    least / at most) must also be finite, and a value out of them is refused with what it
+    must be: ``must be a finite number greater than 0, got 0``. ``check`` returns what is
+    wrong with a value of the right type, or None.
+    """
+
+    types: type | tuple[type, ...]
     default: Any
     check: Callable[[Any], str | None] | None = None
     doc: str = ""
+    above: float | None = None
+    minimum: float | None = None
+    maximum: float | None = None
+
+    @property
+    def accepted(self) -> tuple[type, ...]:
+        types = self.types if isinstance(self.types, tuple) else (self.types,)
+        return FLOAT if types == (float,) else types
+
+    @property
+    def bounded(self) -> bool:
+        return (self.above, self.minimum, self.maximum) != (None, None, None)
+
+    def describe(self) -> str:
+        """What a value must be: ``an integer greater than 0``, ``a finite number``, ..."""
+        if not self.bounded:
+            return _type_name(self.accepted)
+        kind = "an integer" if self.accepted == (int,) else "a finite number"
+        limits = [
+            *([f"greater than {self.above:g}"] if self.above is not None else []),
+            *([f"at least {self.minimum:g}"] if self.minimum is not None else []),
+            *([f"at most {self.maximum:g}"] if self.maximum is not None else []),
+        ]
+        return f"{kind} {' and '.join(limits)}"
+
+    def within(self, value: float) -> bool:
+        return (
+            math.isfinite(value)
+            and (self.above is None or value > self.above)
+            and (self.minimum is None or value >= self.minimum)
+            and (self.maximum is None or value <= self.maximum)
+        )
 
 
 def _positive(value: float) -> str | None:
@@ -218,78 +262,78 @@ DEFAULT_JWKS_URLS = (
     "https://rest.fal.ai/.well-known/jwks.json",
 )
 
-# Section -> key -> Key. Layers and training types are tables of tables, declared below.
-SCHEMA: dict[str, dict[str, Key]] = {
-    "database": {"url": Key((str,), None, _db_url)},
+# Section -> key -> Option. Layers and training types are tables of tables, declared below.
+SCHEMA: dict[str, dict[str, Option]] = {
+    "database": {"url": Option((str,), None, _db_url)},
     "fal": {
-        "queue_url": Key((str,), "https://queue.fal.run", _http_url),
-        "jwks_url": Key((str, list), list(DEFAULT_JWKS_URLS), _http_urls),
-        "max_requests_per_second": Key(FLOAT, 10.0, _positive),
-        "timeout_seconds": Key(FLOAT, 30.0, _positive),
-        "retries": Key((int,), 2, _non_negative),
-        "backup_queue_url": Key((str,), "https://queue.falrun.com", _optional_http_url),
-        "result_error_attempts": Key((int,), 5, _positive),
+        "queue_url": Option((str,), "https://queue.fal.run", _http_url),
+        "jwks_url": Option((str, list), list(DEFAULT_JWKS_URLS), _http_urls),
+        "max_requests_per_second": Option(FLOAT, 10.0, _positive),
+        "timeout_seconds": Option(FLOAT, 30.0, _positive),
+        "retries": Option((int,), 2, _non_negative),
+        "backup_queue_url": Option((str,), "https://queue.falrun.com", _optional_http_url),
+        "result_error_attempts": Option((int,), 5, _positive),
     },
     "webhook": {
-        "listen": Key((str,), "127.0.0.1:8700", _listen),
-        "public_url": Key((str,), "http://127.0.0.1:8700/fal/webhook", _http_url),
-        "verify_signatures": Key((bool,), True),
-        "max_body_bytes": Key((int,), 1024 * 1024, _positive),
-        "timestamp_tolerance_seconds": Key(FLOAT, 300.0, _positive),
-        "jwks_cache_seconds": Key(FLOAT, 86400.0, _positive),
-        "rejected_kept": Key((int,), 1000, _non_negative),
-        "allowed_user_ids": Key((list,), [], _strings),
-        "rejected_kept_bytes": Key((int,), 4 * 1024 * 1024, _non_negative),
-        "unknown_receipt_seconds": Key(FLOAT, 300.0, _positive),
-        "unknown_receipts_kept": Key((int,), 1000, _non_negative),
-        "unverified_kept": Key((int,), 10000, _non_negative),
-        "unverified_kept_bytes": Key((int,), 64 * 1024 * 1024, _non_negative),
-        "max_connections": Key((int,), 1024, _positive),
+        "listen": Option((str,), "127.0.0.1:8700", _listen),
+        "public_url": Option((str,), "http://127.0.0.1:8700/fal/webhook", _http_url),
+        "verify_signatures": Option((bool,), True),
+        "max_body_bytes": Option((int,), 1024 * 1024, _positive),
+        "timestamp_tolerance_seconds": Option(FLOAT, 300.0, _positive),
+        "jwks_cache_seconds": Option(FLOAT, 86400.0, _positive),
+        "rejected_kept": Option((int,), 1000, _non_negative),
+        "allowed_user_ids": Option((list,), [], _strings),
+        "rejected_kept_bytes": Option((int,), 4 * 1024 * 1024, _non_negative),
+        "unknown_receipt_seconds": Option(FLOAT, 300.0, _positive),
+        "unknown_receipts_kept": Option((int,), 1000, _non_negative),
+        "unverified_kept": Option((int,), 10000, _non_negative),
+        "unverified_kept_bytes": Option((int,), 64 * 1024 * 1024, _non_negative),
+        "max_connections": Option((int,), 1024, _positive),
     },
     "metrics": {
-        "listen": Key((str,), "127.0.0.1:9700", _listen),
-        "max_connections": Key((int,), 64, _positive),
-        "allowed_hosts": Key((list,), [], _host_names),
+        "listen": Option((str,), "127.0.0.1:9700", _listen),
+        "max_connections": Option((int,), 64, _positive),
+        "allowed_hosts": Option((list,), [], _host_names),
     },
-    "log": {"level": Key((str,), "info", _level)},
+    "log": {"level": Option((str,), "info", _level)},
     "fallback": {
-        "mode": Key((str,), "complete", _mode),
-        "trigger_phrase": Key((str,), "TOK", _non_empty),
+        "mode": Option((str,), "complete", _mode),
+        "trigger_phrase": Option((str,), "TOK", _non_empty),
     },
     "artifacts": {
-        "enabled": Key((bool,), True),
-        "dir": Key((str,), ""),
-        "max_bytes": Key((int,), 2 * 1024**3, _positive),
-        "timeout_seconds": Key(FLOAT, 300.0, _positive),
+        "enabled": Option((bool,), True),
+        "dir": Option((str,), ""),
+        "max_bytes": Option((int,), 2 * 1024**3, _positive),
+        "timeout_seconds": Option(FLOAT, 300.0, _positive),
     },
     "delivery": {
-        "enabled": Key((bool,), False),
-        "url": Key((str,), "", _optional_http_url),
-        "max_age_seconds": Key(FLOAT, 86400.0, _positive),
-        "timeout_seconds": Key(FLOAT, 10.0, _positive),
+        "enabled": Option((bool,), False),
+        "url": Option((str,), "", _optional_http_url),
+        "max_age_seconds": Option(FLOAT, 86400.0, _positive),
+        "timeout_seconds": Option(FLOAT, 10.0, _positive),
     },
 }
 
-LAYER_SCHEMA: dict[str, dict[str, Key]] = {
+LAYER_SCHEMA: dict[str, dict[str, Option]] = {
     "webhook": {},
     "poller": {
-        "first_check_after_seconds": Key(FLOAT, 90.0, _non_negative),
-        "interval_seconds": Key(FLOAT, 60.0, _positive),
-        "jitter": Key(FLOAT, 0.1, _fraction),
-        "concurrency": Key((int,), 8, _positive),
-        "max_backoff_seconds": Key(FLOAT, 900.0, _positive),
+        "first_check_after_seconds": Option(FLOAT, 90.0, _non_negative),
+        "interval_seconds": Option(FLOAT, 60.0, _positive),
+        "jitter": Option(FLOAT, 0.1, _fraction),
+        "concurrency": Option((int,), 8, _positive),
+        "max_backoff_seconds": Option(FLOAT, 900.0, _positive),
     },
     "delayed": {
-        "after_seconds": Key(FLOAT, 600.0, _non_negative),
-        "verify_after_seconds": Key(FLOAT, 60.0, _non_negative),
+        "after_seconds": Option(FLOAT, 600.0, _non_negative),
+        "verify_after_seconds": Option(FLOAT, 60.0, _non_negative),
     },
-    "startup": {"concurrency": Key((int,), 8, _positive)},
+    "startup": {"concurrency": Option((int,), 8, _positive)},
     "completeness": {
-        "interval_seconds": Key(FLOAT, 300.0, _positive),
-        "check_lora_url": Key((bool,), True),
-        "batch": Key((int,), 200, _positive),
+        "interval_seconds": Option(FLOAT, 300.0, _positive),
+        "check_lora_url": Option((bool,), True),
+        "batch": Option((int,), 200, _positive),
     },
-    "emergency": {"deadline_seconds": Key(FLOAT, 21600.0, _positive)},
+    "emergency": {"deadline_seconds": Option(FLOAT, 21600.0, _positive)},
 }
 
 DEFAULT_TRAINING_TYPES = {
@@ -317,12 +361,12 @@ DEFAULT_TRAINING_TYPES = {
     },
 }
 TRAINING_TYPE_SCHEMA = {
-    "endpoint": Key((str,), None, _non_empty),
-    "result_field": Key((str,), None, _non_empty),
-    "images_field": Key((str,), "images_data_url", _non_empty),
-    "trigger_field": Key((str,), "trigger_phrase", _non_empty),
-    "arguments": Key((dict,), {}, _arguments),
-    "required": Key((list,), [], _strings),
+    "endpoint": Option((str,), None, _non_empty),
+    "result_field": Option((str,), None, _non_empty),
+    "images_field": Option((str,), "images_data_url", _non_empty),
+    "trigger_field": Option((str,), "trigger_phrase", _non_empty),
+    "arguments": Option((dict,), {}, _arguments),
+    "required": Option((list,), [], _strings),
 }
 
 
@@ -420,7 +464,7 @@ def _type_name(types: tuple[type, ...]) -> str:
     return {str: "a string", bool: "true or false", int: "an integer"}.get(types[0], "a table")
 
 
-def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[str, Any]:
+def _validate_table(table: Any, schema: Mapping[str, Option], where: str) -> dict[str, Any]:
     if not isinstance(table, dict):
         raise ConfigError(f"[{where}] must be a table")
     unknown = sorted(set(table) - set(schema))
@@ -435,17 +479,26 @@ def _validate_table(table: Any, schema: Mapping[str, Key], where: str) -> dict[s
             continue
         value = table[key]
         # bool is an int in Python; a number key must not silently accept true/false.
-        if (isinstance(value, bool) and bool not in spec.types) or not isinstance(
-            value, spec.types
-        ):
-            raise ConfigError(f"{name}: must be {_type_name(spec.types)}, got {value!r}")
+        types = spec.accepted
+        if (isinstance(value, bool) and bool not in types) or not isinstance(value, types):
+            raise ConfigError(f"{name}: must be {spec.describe()}, got {value!r}")
+        if spec.bounded and not spec.within(value):
+            raise ConfigError(f"{name}: must be {spec.describe()}, got {value!r}")
         if spec.check is not None:
             problem = spec.check(value)
             if problem:
                 shown = redact_url(value) if isinstance(value, str) else value
                 raise ConfigError(f"{name}: {problem} (got {shown!r})")
-        out[key] = float(value) if spec.types == FLOAT else value
+        out[key] = float(value) if types == FLOAT else value
     return out
+
+
+def validate_options(
+    layer: str, declared: Mapping[str, Option], raw: Mapping[str, Any]
+) -> dict[str, Any]:
+    """The ``[layers.NAME]`` options ``raw`` (without ``enabled``) checked against what the
+    layer declares, defaults filled in; ``ConfigError`` naming ``layers.NAME.KEY`` if not."""
+    return _validate_table(dict(raw), declared, f"layers.{layer}")
 
 
 def state_directory() -> Path:
@@ -514,7 +567,9 @@ def parse(
         if not isinstance(enabled, bool):
             raise ConfigError(f"layers.{name}.enabled: must be true or false, got {enabled!r}")
         rest = {k: v for k, v in table.items() if k != "enabled"}
-        # Built-in layers are checked here; a plugin layer's options go to the plugin as given.
+        # The built-in layers' options are core policy (reconcile reads them): checked here.
+        # A plugin layer's table is kept as given; the daemon checks it against what the
+        # layer declares (``Layer.options``) at start and on reload.
         options = (
             _validate_table(rest, LAYER_SCHEMA[name], f"layers.{name}")
             if name in LAYER_SCHEMA

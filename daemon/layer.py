@@ -1,13 +1,23 @@
-"""What a guard layer is, what it gets, and the two patterns most layers share.
+"""What a guard layer or a plugin is, what it is handed, and the patterns most layers share.
 
-A layer is any object with a ``name`` and ``async def run(ctx, *, task_status)``. It calls
-``task_status.started()`` once it is really working (so "ready" means ready), beats its
-heartbeat while alive, and never writes a training itself: it hands what it observed to
-``ctx.reconciler``. Optional attributes: ``order`` (start order, lower first; default 50) and
-``heartbeat_timeout(options) -> float`` (how stale its heartbeat may get before the systemd
-watchdog stops being fed; 300 s when absent) and ``check_options(options) -> None`` (raises
-``ConfigError`` for a bad ``[layers.NAME]`` table; a reload (SIGHUP) with one is refused, as
-the layer's own check in ``run`` stops the start).
+A layer is any object with a ``name`` and ``async def run(ctx, *, task_status)`` (the
+:class:`Layer` protocol). It calls ``task_status.started()`` once it is really working (so
+"ready" means ready), beats its heartbeat while alive, and never writes a training itself: it
+hands what it observed to ``ctx.reconciler``. Optional attributes:
+
+* ``order``: start order, lower first (default 50);
+* ``options``: a mapping of option name to :class:`trainguard.config.Option`, the keys its
+  ``[layers.NAME]`` table may hold. trainguard validates the table against it at start
+  (before any layer starts) and on reload (SIGHUP refuses a bad table and keeps the running
+  config), with the same one-line errors as core config, and hands the layer the validated
+  options, defaults filled in, as ``ctx.options``. A layer without ``options`` gets its raw
+  table;
+* ``heartbeat_timeout(options) -> float``: how stale its heartbeat may get before the systemd
+  watchdog stops being fed (300 s when absent); it gets the validated options.
+
+A plugin's hooks get a :class:`PluginContext` (``context``): the settings, the validated
+options of its layers, and its own :class:`Stash`, where it keeps what its hooks share (no
+module globals: two daemons in one process, or two tests, never see each other's state).
 """
 
 from __future__ import annotations
@@ -15,14 +25,14 @@ from __future__ import annotations
 import math
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 import trio
 
 from trainguard import fal
 from trainguard.clock import Clock
-from trainguard.config import Settings
+from trainguard.config import Option, Settings, validate_options
 from trainguard.reconcile import Change, Reconciler
 from trainguard.store import DueKind, Store, TrainingView
 
@@ -31,12 +41,94 @@ from trainguard.store import DueKind, Store, TrainingView
 IDLE_RECHECK_SECONDS = 1.0
 GATHER_SECONDS = 0.5
 
+T = TypeVar("T")
+D = TypeVar("D")
+
 
 @runtime_checkable
 class Layer(Protocol):
+    """A guard layer (see the module doc for its optional ``order``, ``options`` and
+    ``heartbeat_timeout``)."""
+
     name: str
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None: ...
+
+
+def declared_options(layer: object) -> Mapping[str, Option] | None:
+    """The options ``layer`` declares, or None when it declares none (it gets its raw table)."""
+    declared = getattr(layer, "options", None)
+    return declared if isinstance(declared, Mapping) else None
+
+
+def layer_options(
+    layer: str, declared: Mapping[str, Option] | None, settings: Settings
+) -> Mapping[str, Any]:
+    """The options of ``layer`` in ``settings``: validated against ``declared`` (``ConfigError``
+    when they do not fit), else the raw table."""
+    raw = settings.layer(layer).options
+    return raw if declared is None else validate_options(layer, declared, raw)
+
+
+class StashKey(Generic[T]):
+    """A key of a :class:`Stash`; the value's type is the key's type parameter (pytest's
+    ``StashKey``). Create one per thing kept, at module level: ``STATE = StashKey[State]()``."""
+
+    __slots__ = ()
+
+
+class Stash:
+    """Where a plugin keeps what its hooks share, one per plugin per daemon (pytest's
+    ``Stash``): ``context.stash[KEY] = value``, ``context.stash.get(KEY, default)``."""
+
+    __slots__ = ("_items",)
+
+    def __init__(self) -> None:
+        self._items: dict[StashKey[Any], Any] = {}
+
+    def __setitem__(self, key: StashKey[T], value: T) -> None:
+        self._items[key] = value
+
+    def __getitem__(self, key: StashKey[T]) -> T:
+        return cast(T, self._items[key])
+
+    def get(self, key: StashKey[T], default: D) -> T | D:
+        return cast(T, self._items[key]) if key in self._items else default
+
+    def setdefault(self, key: StashKey[T], default: T) -> T:
+        return cast(T, self._items.setdefault(key, default))
+
+    def __delitem__(self, key: StashKey[T]) -> None:
+        del self._items[key]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._items
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+
+@dataclass
+class PluginContext:
+    """What every hook of one plugin is handed as ``context``: one per plugin, for the life of
+    its plugin manager (the daemon's)."""
+
+    plugin: str
+    """The plugin's name (a built-in module's ``builtin:...``, or its entry point's name)."""
+    settings: Settings | None = None
+    """The running configuration; a reload (SIGHUP) replaces it. None before the daemon has
+    collected the layers (the first hook a plugin hears is ``trainguard_layers``)."""
+    layers: dict[str, Mapping[str, Option] | None] = field(default_factory=dict)
+    """The layers this plugin offers, with the options each declares."""
+    stash: Stash = field(default_factory=Stash)
+
+    @property
+    def options(self) -> Mapping[str, Mapping[str, Any]]:
+        """The validated options of each layer this plugin offers, by layer name."""
+        if self.settings is None:
+            return {}
+        settings = self.settings
+        return {name: layer_options(name, d, settings) for name, d in self.layers.items()}
 
 
 @dataclass
@@ -60,6 +152,8 @@ class LayerContext:
     gather_seconds: float = GATHER_SECONDS
     #: systemd's notify socket (a ``daemon.sdnotify.Notifier``), when the daemon has one.
     notifier: Any = None
+    #: The options the layer declares (``Layer.options``); None: it gets its raw table.
+    declared: Mapping[str, Option] | None = None
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -67,7 +161,9 @@ class LayerContext:
 
     @property
     def options(self) -> Mapping[str, Any]:
-        return self.settings.layer(self.name).options
+        """The layer's ``[layers.NAME]`` options of the running config: validated against
+        what it declares, defaults filled in (the daemon refused a bad table before)."""
+        return layer_options(self.name, self.declared, self.settings)
 
     def heartbeat(self) -> None:
         self.last_beat = trio.current_time()

@@ -21,6 +21,8 @@ import structlog
 from structlog.contextvars import bound_contextvars
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
+from trainguard.names import CHECK, LAYER_TAGS, RECHECK, WARN, WEBHOOK
+
 __all__ = [
     "CHECK",
     "LAYER_TAGS",
@@ -33,19 +35,6 @@ __all__ = [
     "tag_for",
 ]
 
-WEBHOOK = "[WEBHOOK]"
-CHECK = "🔍"
-RECHECK = "🔄"
-WARN = "⚠️"
-
-LAYER_TAGS: dict[str, str] = {
-    "webhook": WEBHOOK,
-    "poller": CHECK,
-    "delayed": RECHECK,
-    "startup": CHECK,
-    "completeness": RECHECK,
-    "emergency": WARN,
-}
 
 #: Bind key/values into the log context of the current task for a ``with`` block.
 bound = bound_contextvars

@@ -19,6 +19,8 @@ from prometheus_client import (
 )
 from prometheus_client.exposition import CONTENT_TYPE_PLAIN_0_0_4
 
+from trainguard.names import BUILTIN_LAYERS
+
 __all__ = [
     "BUILTIN_LAYERS",
     "FAL_OPERATIONS",
@@ -29,7 +31,6 @@ __all__ = [
     "Metrics",
 ]
 
-BUILTIN_LAYERS = ("webhook", "poller", "delayed", "startup", "completeness", "emergency")
 WEBHOOK_OUTCOMES = (
     "accepted",
     "duplicate",

@@ -22,7 +22,6 @@ from functools import partial
 from typing import Any
 
 import httpx
-import pluggy
 import structlog
 import trio
 
@@ -32,11 +31,12 @@ from trainguard.clock import Clock
 from trainguard.config import ConfigError, Settings
 from trainguard.errors import LayerStartError, StartError
 from trainguard.fal import FalClient, RateLimiter
-from trainguard.layer import Layer, LayerContext
+from trainguard.layer import Layer, LayerContext, declared_options, layer_options
 from trainguard.metrics import Metrics
 from trainguard.plugins.manager import (
     HookRunner,
     LayerEntry,
+    PluginManager,
     build_manager,
     collect_layers,
     outbox_collector,
@@ -74,7 +74,7 @@ class Daemon:
         self,
         settings: Settings,
         *,
-        pm: pluggy.PluginManager | None = None,
+        pm: PluginManager | None = None,
         clock: Clock | None = None,
         notifier: Notifier | None = None,
         fal_transport: httpx.AsyncBaseTransport | None = None,
@@ -141,6 +141,12 @@ class Daemon:
     async def _run(self, task_status: trio.TaskStatus[Daemon]) -> None:
         s = self.settings
         self.notifier.status("starting")
+        for entry in self._entries:  # before anything starts: a bad [layers.NAME] table
+            name = entry.layer.name
+            try:
+                layer_options(name, declared_options(entry.layer), s)
+            except ConfigError as exc:
+                raise LayerStartError(f"layer {name} failed to start: {_describe(exc)}") from exc
         async with open_store(s.database["url"], on_commit=self.metrics.db_commit) as store:
             self.store = store
             self.db_ok = True
@@ -212,6 +218,7 @@ class Daemon:
             metrics=self.metrics,
             clock=self.clock,
             notifier=self.notifier,
+            declared=declared_options(layer),
         )
         timeout_fn = getattr(layer, "heartbeat_timeout", None)
         timeout = timeout_fn(ctx.options) if callable(timeout_fn) else DEFAULT_HEARTBEAT_TIMEOUT
@@ -354,7 +361,7 @@ class Daemon:
         try:
             new = config.load(self.config_path)
             self._select_layers(new)  # unknown layer names are refused here
-            self._check_layer_options(new)  # a plugin's own options, as its run() does at start
+            self._check_layer_options(new)  # every layer's declared options, as at start
         except ConfigError as exc:
             log.error(f"{logs.WARN} reload refused: the running config is kept", error=str(exc))
             self.notifier.ready("reload refused; running config kept")
@@ -389,24 +396,14 @@ class Daemon:
         return True
 
     def _check_layer_options(self, settings: Settings) -> None:
-        """Ask every enabled layer with a ``check_options(options)`` to check its table of
-        ``settings``; a ConfigError (any error, named as one) says what is wrong."""
+        """Check every enabled layer's ``[layers.NAME]`` table of ``settings`` against the
+        options it declares; a ``ConfigError`` names the first bad key."""
         for entry in self._select_layers(settings):
-            check = getattr(entry.layer, "check_options", None)
-            if not callable(check):
-                continue
-            try:
-                check(settings.layer(entry.layer.name).options)
-            except ConfigError:
-                raise
-            except Exception as exc:  # boundary: a plugin's own option check
-                raise ConfigError(
-                    f"layers.{entry.layer.name}: its options could not be checked "
-                    f"({_describe(exc)})"
-                ) from exc
+            layer_options(entry.layer.name, declared_options(entry.layer), settings)
 
     def _apply(self, settings: Settings) -> None:
         self.settings = settings
+        self.pm.configure(settings)
         if self.reconciler is not None:
             self.reconciler.settings = settings
         for running in self.layers.values():

@@ -12,6 +12,7 @@ from __future__ import annotations
 import trio
 
 from trainguard import fal, logs
+from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Kind, Observation
@@ -23,6 +24,8 @@ SCHEDULE = "completeness"
 class CompletenessLayer:
     name = "completeness"
     order = 70
+    #: ``[layers.completeness]``, declared with core config (checked as the file is read).
+    options = LAYER_SCHEMA["completeness"]
 
     def heartbeat_timeout(self, options: dict[str, float]) -> float:
         return 300.0 + float(options["interval_seconds"])

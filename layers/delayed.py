@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import trio
 
+from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
 
@@ -16,6 +17,8 @@ from trainguard.plugins.hookspecs import hookimpl
 class DelayedLayer:
     name = "delayed"
     order = 50
+    #: ``[layers.delayed]``, declared with core config: reconcile reads these options too.
+    options = LAYER_SCHEMA["delayed"]
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         await run_due(

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import trio
 
+from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change, Kind, Observation
@@ -25,6 +26,8 @@ def _final(change: Change) -> bool:
 class EmergencyLayer:
     name = "emergency"
     order = 60
+    #: ``[layers.emergency]``, declared with core config: reconcile reads these options too.
+    options = LAYER_SCHEMA["emergency"]
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         async def last_chance(training: TrainingView) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import trio
 
+from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
 
@@ -17,6 +18,8 @@ from trainguard.plugins.hookspecs import hookimpl
 class PollerLayer:
     name = "poller"
     order = 40
+    #: ``[layers.poller]``, declared with core config: reconcile reads these options too.
+    options = LAYER_SCHEMA["poller"]
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         await run_due(

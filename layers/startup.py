@@ -15,6 +15,7 @@ from collections import Counter
 import trio
 
 from trainguard import fal, logs
+from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change
@@ -44,6 +45,8 @@ async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
 class StartupLayer:
     name = "startup"
     order = 20
+    #: ``[layers.startup]``, declared with core config (checked as the file is read).
+    options = LAYER_SCHEMA["startup"]
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         started = trio.current_time()

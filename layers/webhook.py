@@ -37,6 +37,7 @@ import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
 from trainguard import http, logs, signing
+from trainguard.config import LAYER_SCHEMA
 from trainguard.errors import KeyServerDown, MalformedWebhook, Refusal, UnverifiedFull
 from trainguard.layer import LayerContext
 from trainguard.observe import read_webhook
@@ -153,6 +154,8 @@ class JwksCache:
 class WebhookLayer:
     name = "webhook"
     order = 10
+    #: ``[layers.webhook]`` takes only ``enabled``: the listener is configured in ``[webhook]``.
+    options = LAYER_SCHEMA["webhook"]
 
     def __init__(self) -> None:
         self.address: tuple[str, int] | None = None

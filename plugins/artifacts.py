@@ -42,7 +42,7 @@ from urllib.parse import unquote, urlsplit
 import httpx
 import trio
 
-from trainguard.config import ConfigError
+from trainguard.api import Option, PluginContext, StashKey, validate_options
 from trainguard.errors import DownloadError, GiveUp
 from trainguard.logs import WARN
 from trainguard.plugins.hookspecs import hookimpl
@@ -59,8 +59,8 @@ DEFAULT_NAMES = {"lora": "lora.safetensors", "config": "config.json"}
 MAX_NAME = 120
 _UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
-#: Artifacts layers whose ``run`` is active; the hook wakes them.
-_RUNNING: set[ArtifactsLayer] = set()
+#: The plugin's layer, in its stash (``trainguard_layers``); the hook wakes it.
+LAYER: StashKey[ArtifactsLayer] = StashKey()
 
 
 @dataclass(frozen=True)
@@ -82,32 +82,18 @@ class Options:
 
     @classmethod
     def parse(cls, raw: Mapping[str, Any]) -> Options:
-        """Check the raw table (trainguard passes a plugin's options unvalidated)."""
-        known = {f.name: f for f in fields(cls)}
-        unknown = sorted(set(raw) - set(known))
-        if unknown:
-            names = ", ".join(known)
-            raise ConfigError(f"layers.{NAME}.{unknown[0]}: unknown key (known keys: {names})")
-        values: dict[str, Any] = {}
-        for key, value in raw.items():
-            integer = isinstance(known[key].default, int)
-            valid = (
-                not isinstance(value, bool)
-                and isinstance(value, int if integer else int | float)
-                and 0 < value < math.inf
-            )
-            if not valid:
-                kind = "an integer" if integer else "a finite number"
-                raise ConfigError(
-                    f"layers.{NAME}.{key}: must be {kind} greater than 0, got {value!r}"
-                )
-            values[key] = value if integer else float(value)
-        return cls(**values)
+        """Check a raw ``[layers.artifacts]`` table against :data:`OPTIONS`, as the daemon does."""
+        return cls(**validate_options(NAME, OPTIONS, raw))
 
     def backoff(self, attempts: int, rng: random.Random) -> float:
         """Seconds until the next attempt after ``attempts`` failures (jitter: 50-100 %)."""
         delay = min(self.retry_max_seconds, self.retry_first_seconds * 2 ** min(attempts - 1, 40))
         return delay * rng.uniform(0.5, 1.0)
+
+
+#: ``[layers.artifacts]`` as the layer declares it: each field of :class:`Options`, a number
+#: greater than 0 of the field's type, the field's default.
+OPTIONS = {f.name: Option(type(f.default), f.default, above=0) for f in fields(Options)}
 
 
 # -- names and paths ------------------------------------------------------------------------
@@ -265,27 +251,23 @@ class ArtifactsLayer:
 
     name = NAME
     order = 75
+    options = OPTIONS
 
     def __init__(self, download_timeout: float) -> None:
         self.download_timeout = download_timeout
         self._wake = trio.Event()
         self._rng = random.Random()
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        """Refuse a bad ``[layers.artifacts]`` table (a reload with one is refused)."""
-        Options.parse(options)
-
     def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
         """It beats after every file (each bounded by ``[artifacts] timeout_seconds``) and
         every pass (at least every ``interval_seconds``)."""
-        return 300.0 + Options.parse(options).interval_seconds + self.download_timeout
+        return 300.0 + Options(**options).interval_seconds + self.download_timeout
 
     def wake(self) -> None:
         """Run the next pass now."""
         self._wake.set()
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        Options.parse(ctx.options)  # before started(): bad options stop the daemon
         settings = ctx.settings.artifacts  # read at start: a reload leaves [artifacts] as is
         if not settings["enabled"]:
             task_status.started()
@@ -297,17 +279,13 @@ class ArtifactsLayer:
             follow_redirects=True,
             headers={"User-Agent": "trainguard"},
         ) as client:
-            _RUNNING.add(self)
-            try:
-                task_status.started()
-                while True:
-                    self._wake = trio.Event()
-                    options = Options.parse(ctx.options)  # a reload (SIGHUP) may change them
-                    await self._pass(ctx, client, root, options)
-                    ctx.passed()
-                    await self._idle(ctx, options.interval_seconds)
-            finally:
-                _RUNNING.discard(self)
+            task_status.started()
+            while True:
+                self._wake = trio.Event()
+                options = Options(**ctx.options)  # a reload (SIGHUP) may change them
+                await self._pass(ctx, client, root, options)
+                ctx.passed()
+                await self._idle(ctx, options.interval_seconds)
 
     async def _idle(self, ctx: LayerContext, interval: float) -> None:
         """Until the next row is due (at once when rows are left over from a full batch),
@@ -413,14 +391,16 @@ class ArtifactsLayer:
 
 
 @hookimpl
-def trainguard_layers(settings: Settings) -> list[ArtifactsLayer]:
-    return [ArtifactsLayer(float(settings.artifacts["timeout_seconds"]))]
+def trainguard_layers(settings: Settings, context: PluginContext) -> list[ArtifactsLayer]:
+    layer = context.stash[LAYER] = ArtifactsLayer(float(settings.artifacts["timeout_seconds"]))
+    return [layer]
 
 
 @hookimpl
-def trainguard_training_finished(training: TrainingView) -> None:
-    """Wake the layer for a real result with files; its own pass does the work."""
+def trainguard_training_finished(training: TrainingView, context: PluginContext) -> None:
+    """Wake the layer for a real result with files; its own pass does the work (a layer not
+    running yet, or any more, just looks at once when it next runs)."""
     real = training.status == "COMPLETED" and not training.is_fallback
-    if real and (training.lora_url or training.config_url):
-        for layer in tuple(_RUNNING):
-            layer.wake()
+    layer = context.stash.get(LAYER, None)
+    if real and (training.lora_url or training.config_url) and layer is not None:
+        layer.wake()

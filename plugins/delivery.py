@@ -23,10 +23,12 @@ A built-in plugin that uses nothing but the public hooks, the way a team would w
   are abandoned with the reason ``410 Gone from URL`` (which also keeps it stopped across
   restarts) until the configured URL changes.
 
-``trainguard_outbox`` gets no settings. The plugin learns them from ``trainguard_layers``,
-which the daemon calls once, at construction, before any transition; they are kept in
-``_process`` (one daemon per process, as there is one Store per process). A process that
-finishes trainings without collecting the layers first writes no delivery entries.
+The hooks share the sender through the plugin's context: ``trainguard_layers``, which the
+daemon calls once, at construction, before any transition, keeps it in ``context.stash``
+(one per plugin manager, so two daemons in one process never share it); the other hooks
+find it there. ``trainguard_outbox`` finds its context with ``current_context()`` rather
+than an argument, so that it can also be called directly: without a daemon's context (or
+before the layers are collected) it writes no delivery entries.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ from typing import Any
 import httpx
 import trio
 
+from trainguard.api import Option, PluginContext, StashKey, current_context
 from trainguard.config import ConfigError, Settings
 from trainguard.layer import LayerContext
 from trainguard.logs import WARN
@@ -67,35 +70,31 @@ MAX_ANSWER_BYTES = 4096  # of the bot's answer (only its status matters)
 
 
 # -- what the hooks share ----------------------------------------------------------------
-@dataclass
-class _Process:
-    """This process's ``[delivery] enabled`` and its sender, learned from trainguard_layers."""
-
-    enabled: bool = False
-    sender: DeliveryLayer | None = None
-
-
-_process = _Process()
+#: The sender layer, in the plugin's stash while ``[delivery] enabled`` (else absent).
+SENDER: StashKey[DeliveryLayer] = StashKey()
 
 
 @hookimpl
-def trainguard_layers(settings: Settings) -> list[DeliveryLayer]:
-    _process.enabled = bool(settings.delivery["enabled"])
-    _process.sender = DeliveryLayer(settings.delivery) if _process.enabled else None
-    return [_process.sender] if _process.sender is not None else []
+def trainguard_layers(settings: Settings, context: PluginContext) -> list[DeliveryLayer]:
+    if not settings.delivery["enabled"]:
+        return []
+    sender = context.stash[SENDER] = DeliveryLayer(settings.delivery)
+    return [sender]
 
 
 @hookimpl
 def trainguard_outbox(training: TrainingView, event: str) -> list[dict[str, Any]] | None:
-    if not _process.enabled:
+    context = current_context()
+    if context is None or SENDER not in context.stash:
         return None
     return [{"consumer": CONSUMER, "payload": payload(training, event)}]
 
 
 @hookimpl
-def trainguard_training_finished() -> None:
-    if _process.sender is not None:
-        _process.sender.wake()
+def trainguard_training_finished(context: PluginContext) -> None:
+    sender = context.stash.get(SENDER, None)
+    if sender is not None:
+        sender.wake()
 
 
 # -- the message -------------------------------------------------------------------------
@@ -138,6 +137,8 @@ class DeliveryLayer:
 
     name = "delivery"
     order = 80
+    #: ``[layers.delivery]`` takes only ``enabled``: delivery is configured in ``[delivery]``.
+    options: Mapping[str, Option] = {}
 
     def __init__(self, delivery: Mapping[str, Any]) -> None:
         self.url = str(delivery["url"])
@@ -157,16 +158,7 @@ class DeliveryLayer:
         """Look at the outbox now (a transition was just committed)."""
         self._wake.set()
 
-    def check_options(self, options: Mapping[str, Any]) -> None:
-        """``[layers.delivery]`` takes only ``enabled``: delivery is configured in [delivery]."""
-        if options:
-            raise ConfigError(
-                f"layers.delivery.{sorted(options)[0]}: unknown key "
-                "(delivery is configured in [delivery])"
-            )
-
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        self.check_options(ctx.options)
         key = load_secret()
         # Whether this URL answered 410 and nothing was delivered since (survives restarts).
         self._gone = await ctx.store.outbox.stopped_since_delivered(CONSUMER, self.gone_reason)

@@ -9,19 +9,22 @@ The rules every layer follows:
 * Observe, never write. A layer reads ``ctx.store``. When it learns something about a
   training it hands that to ``ctx.reconciler``, the one writer. This layer only reports,
   so it hands nothing over.
-* Call ``task_status.started()`` once the layer is ready. An error raised before that (bad
-  options, say) stops the daemon at start. An error raised after it makes the supervisor
-  restart this layer alone.
+* Declare your options (``options`` below). trainguard checks ``[layers.stale_alert]``
+  against them at start and on reload (SIGHUP), with the same one-line errors as its own
+  config, and hands the layer the checked values, defaults filled in, as ``ctx.options``.
+* Call ``task_status.started()`` once the layer is ready. An error raised before that stops
+  the daemon at start. An error raised after it makes the supervisor restart this layer alone.
 * Beat the heartbeat: ``ctx.passed()`` after each pass, ``ctx.heartbeat()`` during a long
   one. The systemd watchdog is fed only while every heartbeat is fresh.
 
 The plugin also implements the ``trainguard_fallback_applied`` hook to show how a plugin
-follows trainings. The entry point in pyproject.toml names ``plugin`` below.
+follows trainings. Everything comes from ``trainguard.api``, the one public module, and
+the store is asked by named operations (``ctx.store.trainings(status=...)``), never with
+a query of its own. The entry point in pyproject.toml names ``plugin`` below.
 """
 
 from __future__ import annotations
 
-import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -29,43 +32,33 @@ import structlog
 import trio
 from prometheus_client import Gauge
 
-from trainguard.config import ConfigError
-from trainguard.layer import LayerContext
-from trainguard.logs import WARN
-from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import TrainingView
+from trainguard.api import (
+    WARN,
+    LayerContext,
+    Option,
+    PluginContext,
+    TrainingView,
+    hookimpl,
+    validate_options,
+)
 
 NAME = "stale_alert"
-#: The options of ``[layers.stale_alert]`` and their defaults (``enabled`` is trainguard's).
-DEFAULTS: dict[str, float] = {"interval_seconds": 60.0, "queue_warning_seconds": 900.0}
+#: The options of ``[layers.stale_alert]`` (``enabled`` is trainguard's).
+OPTIONS = {
+    "interval_seconds": Option(float, 60.0, above=0, doc="How often to look."),
+    "queue_warning_seconds": Option(
+        float, 900.0, above=0, doc="How long in the queue is too long."
+    ),
+}
+DEFAULTS: dict[str, float] = {key: option.default for key, option in OPTIONS.items()}
 
 log = structlog.get_logger(f"trainguard.plugins.{NAME}")
 
 
 def parse_options(options: Mapping[str, Any]) -> dict[str, float]:
-    """Return the options with defaults filled in.
-
-    trainguard passes a plugin's table as it is, so the plugin checks it. A bad value raises
-    ``ConfigError`` naming the key.
-    """
-    unknown = sorted(set(options) - set(DEFAULTS))
-    if unknown:
-        known = ", ".join(DEFAULTS)
-        raise ConfigError(f"layers.{NAME}.{unknown[0]}: unknown key (known keys: {known})")
-    parsed: dict[str, float] = {}
-    for key, default in DEFAULTS.items():
-        value = options.get(key, default)
-        # bool is an int in Python: `interval_seconds = true` must not pass as 1.
-        if (
-            isinstance(value, bool)
-            or not isinstance(value, int | float)
-            or not 0 < value < math.inf
-        ):
-            raise ConfigError(
-                f"layers.{NAME}.{key}: must be a finite number greater than 0, got {value!r}"
-            )
-        parsed[key] = float(value)
-    return parsed
+    """The options checked as trainguard checks them, defaults filled in (for tests: the
+    daemon does this itself). A bad value raises ``ConfigError`` naming the key."""
+    return validate_options(NAME, OPTIONS, options)
 
 
 class StaleAlertLayer:
@@ -73,16 +66,17 @@ class StaleAlertLayer:
 
     name = NAME
     order = 90  # start order (lower first): after the built-ins, none of which it needs
+    options = OPTIONS
 
     def __init__(self) -> None:
         self.gauge: Gauge | None = None
 
     def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
         """How stale the heartbeat may get. It beats once a pass, so allow two missed passes."""
-        return 2 * parse_options(options)["interval_seconds"] + 60
+        return 2 * options["interval_seconds"] + 60
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
-        options = parse_options(ctx.options)  # before started(): bad options stop the daemon
+        options = ctx.options  # checked against OPTIONS before any layer started
         # After a crash the supervisor calls run() again with the same registry, which
         # rejects a second metric with the same name. Register the gauge only once.
         if self.gauge is None:
@@ -123,10 +117,13 @@ class StaleAlertPlugin:
         return [StaleAlertLayer()]
 
     @hookimpl
-    def trainguard_fallback_applied(self, training: TrainingView, layer: str, reason: str) -> None:
+    def trainguard_fallback_applied(
+        self, training: TrainingView, layer: str, reason: str, context: PluginContext
+    ) -> None:
         """Runs after the fallback is committed. A hook may also be ``async def``: the daemon
         awaits it, with a timeout. An error in a hook is logged and counted, and never undoes
-        the transition."""
+        the transition. ``context`` holds this plugin's settings, validated options and a
+        ``stash`` for state its hooks share."""
         self.fallbacks_heard += 1
         log.info(
             "fallback heard",
@@ -135,6 +132,7 @@ class StaleAlertPlugin:
             by_layer=layer,
             reason=reason,
             fallbacks_heard=self.fallbacks_heard,
+            queue_warning_seconds=context.options[NAME]["queue_warning_seconds"],
         )
 
 
