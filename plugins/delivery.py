@@ -40,7 +40,6 @@ import hmac
 import os
 import random
 from collections.abc import Mapping
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
