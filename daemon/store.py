@@ -96,6 +96,12 @@ class BytesField(peewee.BlobField):
 
 
 class BaseModel(peewee.Model):
+    """Column types hold on both backends: ``TextField``, never ``CharField`` (PostgreSQL's
+    ``VARCHAR(255)`` refuses what SQLite keeps: a 256-character id, a long outcome or name);
+    ``DoubleField``, never ``FloatField`` (peewee's FLOAT is PostgreSQL's 4-byte ``REAL``,
+    which rounds an epoch time to 128 s). On SQLite both declare the same affinity, so an
+    existing file needs no migration."""
+
     class Meta:
         database = database
 
@@ -103,7 +109,7 @@ class BaseModel(peewee.Model):
 class Meta(BaseModel):
     """Key/value facts about the database itself (the schema version)."""
 
-    key = peewee.CharField(primary_key=True)
+    key = peewee.TextField(primary_key=True)
     value = peewee.TextField()
 
     class Meta:
@@ -113,41 +119,41 @@ class Meta(BaseModel):
 class Training(BaseModel):
     """One row per FAL request: the one true state of a training."""
 
-    name = peewee.CharField()
-    training_type = peewee.CharField()
-    endpoint = peewee.CharField()
-    request_id = peewee.CharField(unique=True)
+    name = peewee.TextField()
+    training_type = peewee.TextField()
+    endpoint = peewee.TextField()
+    request_id = peewee.TextField(unique=True)
     status_url = peewee.TextField(null=True)
     response_url = peewee.TextField(null=True)
     cancel_url = peewee.TextField(null=True)
     input_json = peewee.TextField(null=True)
-    status = peewee.CharField(default="SUBMITTED", index=True)
+    status = peewee.TextField(default="SUBMITTED", index=True)
     progress = peewee.IntegerField(default=0)
     trigger_phrase = peewee.TextField(null=True)
     lora_url = peewee.TextField(null=True)
     config_url = peewee.TextField(null=True)
     finetune_id = peewee.TextField(null=True)
     result_json = peewee.TextField(null=True)
-    result_layer = peewee.CharField(null=True)
+    result_layer = peewee.TextField(null=True)
     is_fallback = peewee.BooleanField(default=False)
-    fallback_layer = peewee.CharField(null=True)
+    fallback_layer = peewee.TextField(null=True)
     fallback_reason = peewee.TextField(null=True)
-    fallback_kind = peewee.CharField(null=True)
+    fallback_kind = peewee.TextField(null=True)
     failure_detail = peewee.TextField(null=True)
-    submitted_at = peewee.FloatField()
-    started_at = peewee.FloatField(null=True)
-    fal_completed_at = peewee.FloatField(null=True)
-    completed_at = peewee.FloatField(null=True)
-    last_checked_at = peewee.FloatField(null=True)
-    next_check_at = peewee.FloatField(null=True, index=True)
-    delayed_check_at = peewee.FloatField(null=True, index=True)
-    deadline_at = peewee.FloatField(null=True, index=True)
+    submitted_at = peewee.DoubleField()
+    started_at = peewee.DoubleField(null=True)
+    fal_completed_at = peewee.DoubleField(null=True)
+    completed_at = peewee.DoubleField(null=True)
+    last_checked_at = peewee.DoubleField(null=True)
+    next_check_at = peewee.DoubleField(null=True, index=True)
+    delayed_check_at = peewee.DoubleField(null=True, index=True)
+    deadline_at = peewee.DoubleField(null=True, index=True)
     attempts = peewee.IntegerField(default=0)
     last_error = peewee.TextField(null=True)
-    lora_checked_at = peewee.FloatField(null=True)
+    lora_checked_at = peewee.DoubleField(null=True)
     lora_available = peewee.BooleanField(null=True)
-    updated_at = peewee.FloatField()
-    cancel_requested_at = peewee.FloatField(null=True)
+    updated_at = peewee.DoubleField()
+    cancel_requested_at = peewee.DoubleField(null=True)
     result_errors = peewee.IntegerField(default=0)  # untyped 5xx on the result after COMPLETED
 
     class Meta:
@@ -158,17 +164,17 @@ class Training(BaseModel):
 class WebhookReceipt(BaseModel):
     """A webhook as it arrived: raw bytes first, meaning later (by reconcile)."""
 
-    request_id = peewee.CharField(null=True, index=True)
-    dedupe_key = peewee.CharField(null=True, unique=True)
+    request_id = peewee.TextField(null=True, index=True)
+    dedupe_key = peewee.TextField(null=True, unique=True)
     body = BytesField()  # a refused request: only its first REFUSED_BODY_KEPT bytes
     headers_json = peewee.TextField()
-    verification = peewee.CharField()  # verified | unverified | skipped | rejected
+    verification = peewee.TextField()  # verified | unverified | skipped | rejected
     reject_reason = peewee.TextField(null=True)
-    received_at = peewee.FloatField()
-    processed_at = peewee.FloatField(null=True, index=True)
-    outcome = peewee.CharField(null=True, index=True)
+    received_at = peewee.DoubleField()
+    processed_at = peewee.DoubleField(null=True, index=True)
+    outcome = peewee.TextField(null=True, index=True)
     body_size = peewee.IntegerField(null=True)  # the whole body's length (schema 4 on)
-    body_sha256 = peewee.CharField(null=True)  # the whole body's digest (schema 4 on)
+    body_sha256 = peewee.TextField(null=True)  # the whole body's digest (schema 4 on)
 
     class Meta:
         table_name = "webhook_receipts"
@@ -180,12 +186,12 @@ class Event(BaseModel):
     """Every transition, fallback, upgrade and error of a training (the history)."""
 
     training = peewee.ForeignKeyField(Training, null=True, backref="events", on_delete="CASCADE")
-    request_id = peewee.CharField(index=True)
-    at = peewee.FloatField()
-    layer = peewee.CharField()
-    kind = peewee.CharField()
-    from_status = peewee.CharField(null=True)
-    to_status = peewee.CharField(null=True)
+    request_id = peewee.TextField(index=True)
+    at = peewee.DoubleField()
+    layer = peewee.TextField()
+    kind = peewee.TextField()
+    from_status = peewee.TextField(null=True)
+    to_status = peewee.TextField(null=True)
     detail = peewee.TextField(null=True)
 
     class Meta:
@@ -195,8 +201,8 @@ class Event(BaseModel):
 class Schedule(BaseModel):
     """When a periodic layer runs next: a time in the database, never an in-memory sleep."""
 
-    name = peewee.CharField(primary_key=True)
-    next_at = peewee.FloatField()
+    name = peewee.TextField(primary_key=True)
+    next_at = peewee.DoubleField()
 
     class Meta:
         table_name = "schedules"
@@ -205,16 +211,16 @@ class Schedule(BaseModel):
 class Outbox(BaseModel):
     """Events for a consumer (the bot's delivery), written in the transition's transaction."""
 
-    consumer = peewee.CharField(index=True)
-    message_id = peewee.CharField(unique=True)  # stable across retries (webhook-id)
-    request_id = peewee.CharField(index=True)
-    event = peewee.CharField()
+    consumer = peewee.TextField(index=True)
+    message_id = peewee.TextField(unique=True)  # stable across retries (webhook-id)
+    request_id = peewee.TextField(index=True)
+    event = peewee.TextField()
     payload_json = peewee.TextField()
-    created_at = peewee.FloatField()
-    next_attempt_at = peewee.FloatField(index=True)
+    created_at = peewee.DoubleField()
+    next_attempt_at = peewee.DoubleField(index=True)
     attempts = peewee.IntegerField(default=0)
-    delivered_at = peewee.FloatField(null=True, index=True)
-    abandoned_at = peewee.FloatField(null=True)
+    delivered_at = peewee.DoubleField(null=True, index=True)
+    abandoned_at = peewee.DoubleField(null=True)
     last_error = peewee.TextField(null=True)
 
     class Meta:
@@ -224,16 +230,16 @@ class Outbox(BaseModel):
 class Artifact(BaseModel):
     """A file of a real result kept on our own disk (FAL deletes its media after ~a week)."""
 
-    request_id = peewee.CharField(index=True)
-    kind = peewee.CharField()  # "lora" | "config"
+    request_id = peewee.TextField(index=True)
+    kind = peewee.TextField()  # "lora" | "config"
     url = peewee.TextField()
     path = peewee.TextField(null=True)
     expected_size = peewee.IntegerField(null=True)
     size = peewee.IntegerField(null=True)
-    sha256 = peewee.CharField(null=True)
-    stored_at = peewee.FloatField(null=True)
+    sha256 = peewee.TextField(null=True)
+    stored_at = peewee.DoubleField(null=True)
     attempts = peewee.IntegerField(default=0)
-    next_attempt_at = peewee.FloatField(index=True)
+    next_attempt_at = peewee.DoubleField(index=True)
     last_error = peewee.TextField(null=True)
 
     class Meta:

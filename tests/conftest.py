@@ -32,10 +32,11 @@ def plain_log_tracebacks() -> None:
 
 
 def make_settings(
-    db_path: Path, overrides: dict[str, Any] | None = None, **env: str
+    db: Path | str, overrides: dict[str, Any] | None = None, **env: str
 ) -> config.Settings:
-    """Settings on a temporary SQLite file, with tables of ``overrides`` merged in."""
-    data: dict[str, Any] = {"database": {"url": f"sqlite:///{db_path}"}}
+    """Settings on a temporary database (a SQLite file's path, or a database URL), with
+    tables of ``overrides`` merged in."""
+    data: dict[str, Any] = {"database": {"url": db if isinstance(db, str) else f"sqlite:///{db}"}}
     for table, values in (overrides or {}).items():
         if isinstance(values, dict) and isinstance(data.get(table), dict):
             data[table].update(values)
@@ -44,10 +45,20 @@ def make_settings(
     return config.parse(data, env=env)
 
 
+@pytest.fixture(params=["sqlite", pytest.param("postgresql", marks=pytest.mark.postgresql)])
+def database_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """Each test that takes it runs twice: on a SQLite file and on a fresh PostgreSQL
+    database of the session's throwaway server."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'trainguard.db'}"
+    server: PostgresServer = request.getfixturevalue("postgres_server")
+    return server.database()
+
+
 @pytest.fixture
-def settings_factory(tmp_path: Path) -> Callable[..., config.Settings]:
+def settings_factory(database_url: str) -> Callable[..., config.Settings]:
     def factory(overrides: dict[str, Any] | None = None, **env: str) -> config.Settings:
-        return make_settings(tmp_path / "trainguard.db", overrides, **env)
+        return make_settings(database_url, overrides, **env)
 
     return factory
 
@@ -88,10 +99,12 @@ def daemon_settings(
     layers: dict[str, dict[str, Any]] | None = None,
     only: tuple[str, ...] | None = None,
     extra: dict[str, Any] | None = None,
+    url: str | None = None,
 ) -> config.Settings:
     """Settings for an in-process daemon against ``sim``: fast timings, free loopback ports.
 
-    ``only`` turns every other built-in layer off; ``layers`` overrides layer options.
+    ``only`` turns every other built-in layer off; ``layers`` overrides layer options; the
+    database is the SQLite file ``db_path`` unless ``url`` names another (``database_url``).
     """
     from trainguard.testing.demo import free_port
 
@@ -103,7 +116,7 @@ def daemon_settings(
         for name in (*config.BUILTIN_LAYERS, "artifacts"):
             tables.setdefault(name, {})["enabled"] = name in only
     data: dict[str, Any] = {
-        "database": {"url": f"sqlite:///{db_path}"},
+        "database": {"url": url or f"sqlite:///{db_path}"},
         "fal": {
             "queue_url": sim.base_url,
             "backup_queue_url": "",  # tests talk only to loopback

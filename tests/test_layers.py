@@ -72,13 +72,14 @@ async def finished(daemon: Daemon, ids: list[str]) -> list[TrainingView]:
 async def run_alone(
     nursery: trio.Nursery,
     tmp_path: Path,
+    url: str,
     sim: Simulator,
     only: tuple[str, ...],
     n: int = 3,
     layers: dict[str, dict[str, Any]] | None = None,
     **kw: Any,
 ) -> tuple[Daemon, list[TrainingView]]:
-    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=only, layers=layers)
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=only, layers=layers, url=url)
     daemon = await start(nursery, settings)
     assert daemon.fal is not None and daemon.reconciler is not None
     ids = await submit(settings, daemon.fal, daemon.reconciler, n, **kw)
@@ -90,8 +91,10 @@ async def run_alone(
     return daemon, await finished(daemon, ids)
 
 
-async def test_webhook_alone(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> None:
-    daemon, views = await run_alone(nursery, tmp_path, sim, ("webhook",))
+async def test_webhook_alone(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
+) -> None:
+    daemon, views = await run_alone(nursery, tmp_path, database_url, sim, ("webhook",))
     assert {(v.status, v.result_layer, v.is_fallback) for v in views} == {
         ("COMPLETED", "webhook", False)
     }
@@ -102,26 +105,26 @@ async def test_webhook_alone(nursery: trio.Nursery, tmp_path: Path, sim: Simulat
 
 
 async def test_poller_alone_recovers_dropped_webhooks(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     sim.faults.drop_webhook = 1.0
-    _, views = await run_alone(nursery, tmp_path, sim, ("poller",))
+    _, views = await run_alone(nursery, tmp_path, database_url, sim, ("poller",))
     assert {(v.status, v.result_layer) for v in views} == {("COMPLETED", "poller")}
     assert all(v.progress == 100 and v.config_url for v in views)
 
 
 async def test_delayed_alone_works_without_the_poller(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     sim.faults.drop_webhook = 1.0
-    _, views = await run_alone(nursery, tmp_path, sim, ("delayed",))
+    _, views = await run_alone(nursery, tmp_path, database_url, sim, ("delayed",))
     assert {(v.status, v.result_layer) for v in views} == {("COMPLETED", "delayed")}
 
 
 async def test_startup_alone_recovers_what_finished_while_down(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
-    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("startup",))
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, url=database_url, only=("startup",))
     async with actions.fal_client(settings) as fal, open_store(settings.database["url"]) as store:
         ids = await submit(settings, fal, Reconciler(store, settings), 3)
     await trio.sleep(1.0)  # they finish at FAL while no daemon runs; their webhooks find no one
@@ -132,11 +135,12 @@ async def test_startup_alone_recovers_what_finished_while_down(
 
 
 async def test_emergency_alone_applies_a_marked_fallback(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     _, views = await run_alone(
         nursery,
         tmp_path,
+        database_url,
         sim,
         ("emergency",),
         n=1,
@@ -151,12 +155,18 @@ async def test_emergency_alone_applies_a_marked_fallback(
 
 
 async def test_completeness_upgrades_a_fallback_and_probes_the_lora(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     # payload_error spoils the webhook only: the webhook layer applies a fallback, and the
     # completeness layer later finds the real result at FAL and upgrades it.
     daemon, views = await run_alone(
-        nursery, tmp_path, sim, ("webhook", "completeness"), n=1, outcome="payload_error"
+        nursery,
+        tmp_path,
+        database_url,
+        sim,
+        ("webhook", "completeness"),
+        n=1,
+        outcome="payload_error",
     )
     (v,) = views
     assert daemon.store is not None
@@ -175,9 +185,15 @@ async def test_completeness_upgrades_a_fallback_and_probes_the_lora(
     )
 
 
-async def test_fallback_mode_fail(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> None:
+async def test_fallback_mode_fail(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
+) -> None:
     settings = daemon_settings(
-        tmp_path / "db.sqlite", sim, only=("webhook",), extra={"fallback": {"mode": "fail"}}
+        tmp_path / "db.sqlite",
+        sim,
+        url=database_url,
+        only=("webhook",),
+        extra={"fallback": {"mode": "fail"}},
     )
     daemon = await start(nursery, settings)
     assert daemon.fal is not None and daemon.reconciler is not None
@@ -197,13 +213,13 @@ async def test_fallback_mode_fail(nursery: trio.Nursery, tmp_path: Path, sim: Si
 
 
 async def test_all_layers_under_a_fault_mix(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     sim.faults.drop_webhook = 0.3
     sim.faults.duplicate_webhook = 0.2
     sim.faults.bad_signature = 0.1
     sim.faults.api_error_rate = 0.1
-    settings = daemon_settings(tmp_path / "db.sqlite", sim)
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, url=database_url)
     daemon = await start(nursery, settings)
     assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
     ids = []
@@ -229,11 +245,11 @@ def _calls(sim: Simulator, route: str) -> int:
 
 @pytest.mark.parametrize("wording", ["in_progress", "not_completed", "not_found", "bare_422"])
 async def test_startup_concludes_no_failure_from_any_not_ready_answer(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, wording: str
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, wording: str, database_url: str
 ) -> None:
     sim.faults.not_ready_answer = wording
     sim.faults.drop_webhook = 1.0
-    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("startup",))
+    settings = daemon_settings(tmp_path / "db.sqlite", sim, url=database_url, only=("startup",))
     async with actions.fal_client(settings) as fal, open_store(settings.database["url"]) as store:
         reconciler = Reconciler(store, settings)
         done = await submit(settings, fal, reconciler, 1)
@@ -266,7 +282,7 @@ async def test_startup_concludes_no_failure_from_any_not_ready_answer(
 
 @pytest.mark.parametrize("outcome", ["error500", "typed_error", "fail"])
 async def test_a_finished_requests_error_fails_it_at_once_not_at_the_deadline(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, outcome: str
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, outcome: str, database_url: str
 ) -> None:
     sim.faults.drop_webhook = 1.0
     # Four of them: about half show the error on the COMPLETED status (seeded), the others
@@ -274,6 +290,7 @@ async def test_a_finished_requests_error_fails_it_at_once_not_at_the_deadline(
     _, views = await run_alone(
         nursery,
         tmp_path,
+        database_url,
         sim,
         ("poller", "emergency"),
         n=4,
@@ -294,13 +311,14 @@ async def test_a_finished_requests_error_fails_it_at_once_not_at_the_deadline(
 
 
 async def test_untyped_5xx_on_a_finished_result_is_retried_a_bounded_number_of_times(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     sim.faults.drop_webhook = 1.0
     sim.faults.result_gateway_error = 1.0
     settings = daemon_settings(
         tmp_path / "db.sqlite",
         sim,
+        url=database_url,
         only=("poller", "emergency"),
         extra={"fal": {"result_error_attempts": 3, "retries": 0}},
     )
@@ -323,10 +341,12 @@ async def test_untyped_5xx_on_a_finished_result_is_retried_a_bounded_number_of_t
 
 
 async def test_a_cancel_is_watched_to_its_real_end(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     sim.config.run_seconds = 2.0
-    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook", "poller"))
+    settings = daemon_settings(
+        tmp_path / "db.sqlite", sim, url=database_url, only=("webhook", "poller")
+    )
     daemon = await start(nursery, settings)
     assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
     store, fal, reconciler = daemon.store, daemon.fal, daemon.reconciler
@@ -374,13 +394,15 @@ async def test_a_cancel_is_watched_to_its_real_end(
 
 
 async def test_a_cancel_whose_answer_was_lost_is_still_recorded_and_ends_cancelled(
-    nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
 ) -> None:
     """Seen in the chaos run: FAL removed a queued request on a cancel whose answer never
     came back (a timeout), so the retried cancel answers 404. The cancel must still be
     recorded and the training end CANCELLED (through the status), not run to the deadline."""
     sim.config.queue_seconds = 30.0
-    settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook", "poller"))
+    settings = daemon_settings(
+        tmp_path / "db.sqlite", sim, url=database_url, only=("webhook", "poller")
+    )
     daemon = await start(nursery, settings)
     assert daemon.fal is not None and daemon.reconciler is not None and daemon.store is not None
     store, fal, reconciler = daemon.store, daemon.fal, daemon.reconciler

@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import peewee
 import pytest
@@ -44,18 +45,20 @@ async def test_schema_version_recorded_and_data_survives_reopen(tmp_path: Path) 
         assert view is not None and view.name == "n"
 
 
-async def test_newer_schema_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+async def test_newer_schema_is_refused(database_url: str) -> None:
+    url = database_url
     async with open_store(url) as s:
-        await s.write(lambda conn: Meta.replace(key="schema_version", value="999").execute())
+        await s.write(
+            lambda conn: Meta.update(value="999").where(Meta.key == "schema_version").execute()
+        )
     with pytest.raises(RuntimeError, match="newer than this trainguard"):
         async with open_store(url):
             pass
 
 
-async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
+async def test_group_commit_batches_concurrent_writes(database_url: str) -> None:
     batches: list[int] = []
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+    url = database_url
     async with open_store(url, on_commit=batches.append) as s:
         async with trio.open_nursery() as nursery:
             for i in range(300):
@@ -67,8 +70,8 @@ async def test_group_commit_batches_concurrent_writes(tmp_path: Path) -> None:
     assert max(batches) <= 100
 
 
-async def test_one_failing_write_spoils_only_itself(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+async def test_one_failing_write_spoils_only_itself(database_url: str) -> None:
+    url = database_url
     async with open_store(url) as s:
         await s.write(_insert, "dup")
         results: dict[str, object] = {}
@@ -87,8 +90,8 @@ async def test_one_failing_write_spoils_only_itself(tmp_path: Path) -> None:
         assert await s.training("a") is not None and await s.training("b") is not None
 
 
-async def test_write_after_close_is_refused(tmp_path: Path) -> None:
-    url = f"sqlite:///{tmp_path / 'db.sqlite'}"
+async def test_write_after_close_is_refused(database_url: str) -> None:
+    url = database_url
     async with open_store(url) as s:
         kept: Store = s
     with pytest.raises(StoreClosed):
@@ -445,3 +448,40 @@ async def test_due_kinds_own_their_column_and_which_trainings_count(store: Store
     assert [v.request_id for v in await store.due("next_check", 10.0, 1)] == ["early"]
     assert await store.next_due("next_check") == 1.0
     assert await store.next_due("delayed_check") == 1.0
+
+
+async def test_values_keep_their_length_and_precision_on_every_backend(store: Store) -> None:
+    """No backend cuts a long text or rounds a time (PostgreSQL's VARCHAR(255) and 4-byte
+    REAL would: peewee's CharField and FloatField)."""
+    long_id, when = "r" * 1000, 1_795_000_123.456789
+
+    def put(conn: Connection) -> None:
+        Training.create(
+            name="n" * 5000,
+            training_type="portrait",
+            endpoint="fal-ai/x",
+            request_id=long_id,
+            submitted_at=when,
+            updated_at=when,
+        )
+
+    await store.write(put)
+    view = await store.training(long_id)
+    assert view is not None and view.name == "n" * 5000 and view.submitted_at == when
+
+
+@pytest.mark.postgresql
+async def test_a_sqlite_and_a_postgresql_store_in_one_process(
+    tmp_path: Path, postgres_server: Any
+) -> None:
+    async with (
+        open_store(f"sqlite:///{tmp_path / 'a.sqlite'}") as a,
+        open_store(postgres_server.database()) as b,
+    ):
+        async with trio.open_nursery() as nursery:
+            for i in range(20):
+                nursery.start_soon(a.write, _insert, f"a{i}")
+                nursery.start_soon(b.write, _insert, f"b{i}")
+        assert {v.request_id for v in await a.trainings()} == {f"a{i}" for i in range(20)}
+        assert {v.request_id for v in await b.trainings()} == {f"b{i}" for i in range(20)}
+        assert (a.dialect.name, b.dialect.name) == ("sqlite", "postgresql")
