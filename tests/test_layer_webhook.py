@@ -9,6 +9,7 @@ the simulator's key, and the daemon fetches the simulator's JWKS, as it would FA
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
@@ -270,6 +271,34 @@ async def test_fal_gets_its_200_before_the_plugin_hooks_run(launch: Launch) -> N
         await hook.returned.wait()
     assert hook.finished == [f"{rid} COMPLETED webhook"]
     assert h.counted("accepted") == 1
+
+
+async def test_a_webhook_is_parsed_and_hashed_once_on_its_way_in(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 10): the receipt was read back and its body parsed again inside the
+    transaction that wrote it, and the body hashed twice. Now the listener's parse is the
+    one (a stored receipt's parse is not reached), and the dedupe key comes from the one
+    digest."""
+    from trainguard import reconcile
+
+    def parse_again(body: bytes) -> Any:
+        raise AssertionError("a fresh webhook's body was parsed a second time")
+
+    monkeypatch.setattr(reconcile, "parse_webhook", parse_again)
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    headers = h.sign(body, rid)
+    assert (await h.post(body, headers)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+    def kept() -> list[tuple[str, str, str | None]]:
+        return [(r.body_sha256, r.dedupe_key, r.outcome) for r in WebhookReceipt.select()]
+
+    digest = hashlib.sha256(body).hexdigest()
+    key = hashlib.sha256(f"{headers[signing.HEADER_SIGNATURE]}\n{digest}".encode()).hexdigest()
+    assert await h.store.read(kept) == [(digest, key, "result")]
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -1156,7 +1185,6 @@ async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
     """Regression (issue 9, item 7): each refused request kept its whole body (up to 1 MiB),
     so garbage grew the database without bound. Now only the first 4 KiB and the digest of
     the whole body are kept, and the kept bytes are capped too."""
-    import hashlib
 
     from trainguard.inbox import REFUSED_BODY_KEPT
 
