@@ -16,20 +16,17 @@ counts, logs and calls the plugin hooks. The rules make overlapping layers safe:
 
 from __future__ import annotations
 
-import hashlib
 import json
-import math
 import random
 import uuid
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
-import peewee
 import structlog
 import trio
 
-from trainguard import fal, logs, signing
+from trainguard import fal, inbox, logs
 from trainguard.clock import Clock
 from trainguard.config import Settings
 from trainguard.decide import (
@@ -60,7 +57,6 @@ from trainguard.store import (
     Store,
     Training,
     TrainingView,
-    WebhookReceipt,
 )
 from trainguard.views import missing_fields, view_as_dict
 
@@ -91,20 +87,6 @@ __all__ = [
 
 log = structlog.get_logger("trainguard.reconcile")
 
-#: Of a refused request only this much body is kept (with the whole body's size and sha256).
-REFUSED_BODY_KEPT = 4096
-#: A request id longer than this is cut when a receipt is kept (FAL's are UUIDs).
-MAX_KEPT_ID_CHARS = 256
-_FAL_HEADERS = frozenset(
-    h.lower()
-    for h in (
-        signing.HEADER_REQUEST_ID,
-        signing.HEADER_USER_ID,
-        signing.HEADER_TIMESTAMP,
-        signing.HEADER_SIGNATURE,
-    )
-)
-
 
 @dataclass(frozen=True)
 class Change:
@@ -126,6 +108,14 @@ class Change:
 
 #: Called on the database thread: (training, event, layer) -> [{"consumer", "payload"}, ...].
 OutboxCollector = Callable[[TrainingView, str, str], list[dict[str, Any]]]
+
+
+def _receipt_outcome(change: Change, now: float) -> tuple[str, float | None]:
+    """What a receipt records once its observation was applied: the change's kind, processed
+    now; for an unknown training "unknown_training", unprocessed until it is registered."""
+    if change.kind == "unknown":
+        return "unknown_training", None
+    return change.kind, now
 
 
 # -- the reconciler ------------------------------------------------------------------------
@@ -162,7 +152,7 @@ class Reconciler:
     async def observe(self, obs: Observation) -> Change:
         now = self.clock.now()
         change = await self.store.write(self._apply, obs, now)
-        await self._after([change])
+        await self.announce([change])
         if change.kind == "recheck":
             self._poke()
         return change
@@ -202,7 +192,7 @@ class Reconciler:
             "submitted_at": submitted_at if submitted_at is not None else now,
         }
         view, changes = await self.store.write(self._register, row, layer, now)
-        await self._after(changes)
+        await self.announce(changes)
         self._poke()
         return view
 
@@ -215,20 +205,23 @@ class Reconciler:
         request_id: str | None,
         dedupe_key: str | None,
         reject_reason: str | None = None,
+        body_sha256: str | None = None,
     ) -> tuple[int, bool]:
-        """Store a webhook as it arrived, durably. Returns (receipt id, was a duplicate).
-        Refused requests pushed out of their bounds by this one are counted."""
-        now = self.clock.now()
-        keep = int(self.settings.webhook["rejected_kept"])
-
-        def record(conn: Connection) -> tuple[int, bool, int]:
-            receipt_id, duplicate = self._record_receipt(
-                body, dict(headers), verification, request_id, dedupe_key, reject_reason, now
-            )
-            refused = verification == "rejected" and not duplicate
-            return receipt_id, duplicate, self._prune_rejected(keep) if refused else 0
-
-        receipt_id, duplicate, dropped = await self.store.write(record)
+        """Store a webhook as it arrived, durably (``body_sha256``: its digest, when the
+        caller has it already). Returns (receipt id, was a duplicate). Refused requests
+        pushed out of their bounds by this one are counted."""
+        receipt_id, duplicate, dropped = await self.store.write(
+            inbox.record,
+            body,
+            dict(headers),
+            verification,
+            request_id,
+            dedupe_key,
+            reject_reason,
+            self.clock.now(),
+            self.settings.webhook,
+            body_sha256,
+        )
         if self.metrics is not None:
             self.metrics.receipts_dropped("rejected", dropped)
         return receipt_id, duplicate
@@ -237,53 +230,72 @@ class Reconciler:
         self,
         *,
         body: bytes,
+        body_sha256: str,
         headers: Mapping[str, str],
         verification: str,
-        request_id: str | None,
+        observation: Observation,
         dedupe_key: str,
     ) -> tuple[int, bool, Change | None]:
-        """Store a webhook and, when it is verified (or needs no verification), apply it in
-        the same commit: one durable write on the webhook path instead of two. Returns
-        (receipt id, was a duplicate, the change; None when nothing was applied now). If
-        applying fails, the stored receipt stays and is applied later."""
-        now = self.clock.now()
-        receipt_id, duplicate, change = await self.store.write(
+        """Store a webhook and, when it is verified (or needs no verification), apply
+        ``observation`` (what the listener parsed from ``body``) in the same commit: one
+        durable write on the webhook path. Returns (receipt id, was a duplicate, the change;
+        None when nothing was applied now). If applying fails, the stored receipt stays and
+        is applied later. The change is not announced here: the listener answers FAL first,
+        then calls ``announce``."""
+        return await self.store.write(
             self._receive_webhook,
             body,
+            body_sha256,
             dict(headers),
             verification,
-            request_id,
+            observation,
             dedupe_key,
-            now,
+            self.clock.now(),
         )
-        if change is not None:
-            await self._after([change])
-        return receipt_id, duplicate, change
 
     def _receive_webhook(
         self,
         conn: Connection,
         body: bytes,
+        body_sha256: str,
         headers: dict[str, str],
         verification: str,
-        request_id: str | None,
+        obs: Observation,
         dedupe_key: str,
         now: float,
     ) -> tuple[int, bool, Change | None]:
+        existing = inbox.duplicate(conn, dedupe_key)
+        if existing is not None:
+            return existing, True, None
         if verification == "unverified":
-            self._check_unverified_room(dedupe_key, len(body))
-        receipt_id, duplicate = self._record_receipt(
-            body, headers, verification, request_id, dedupe_key, None, now
+            inbox.check_unverified_room(conn, self.settings.webhook, len(body))
+        change: Change | None = None
+        outcome: str | None = None
+        processed_at: float | None = None
+        if verification in inbox.APPLICABLE:
+            try:  # applied before its receipt is written, so the INSERT carries the outcome
+                with conn.atomic():  # a savepoint: a failed apply keeps the receipt
+                    change = self._apply(conn, obs, now)
+            # boundary: any failure of one apply leaves the stored receipt for a retry
+            except Exception as exc:
+                log.error("webhook stored but not applied; it will be retried", error=repr(exc))
+            else:
+                outcome, processed_at = _receipt_outcome(change, now)
+        receipt_id = inbox.insert(
+            conn,
+            body,
+            body_sha256,
+            headers,
+            verification,
+            obs.request_id,
+            dedupe_key,
+            now,
+            processed_at=processed_at,
+            outcome=outcome,
         )
-        if duplicate or verification not in ("verified", "skipped"):
-            return receipt_id, duplicate, None
-        try:
-            with conn.atomic():  # a savepoint: a failed apply keeps the receipt
-                return receipt_id, False, self._apply_receipt(conn, receipt_id, None, now)
-        # boundary: any failure of one apply leaves the stored receipt for a retry
-        except Exception as exc:
-            log.error("webhook stored but not applied; it will be retried", error=repr(exc))
-            return receipt_id, False, None
+        if change is not None and change.kind == "unknown":
+            change = self._evicted(conn, change)
+        return receipt_id, False, change
 
     async def apply_receipt(
         self,
@@ -298,8 +310,15 @@ class Reconciler:
         change = await self.store.write(
             self._apply_receipt, receipt_id, verification, now, reject_reason
         )
-        await self._after([change])
+        await self.announce([change])
         return change
+
+    async def prune_receipts(self) -> dict[str, int]:
+        """Drop receipts past their bounds (``inbox.prune``), then give the space back
+        (SQLite). Returns what was dropped, by kind."""
+        dropped = await self.store.write(inbox.prune, self.settings.webhook, self.clock.now())
+        await self.store.reclaim_space()
+        return dropped
 
     # ---- what runs on the database thread -----------------------------------------------
     def _lock(self, request_id: str) -> Training | None:
@@ -400,128 +419,12 @@ class Reconciler:
             updated_at=now,
         )
         self._event(row, layer, "registered", None, "SUBMITTED", {"name": row.name}, now)
-        changes = []
-        pending = (
-            WebhookReceipt.select(WebhookReceipt.id)
-            .where(
-                WebhookReceipt.request_id == row.request_id,
-                WebhookReceipt.processed_at.is_null(),
-                WebhookReceipt.verification.in_(("verified", "skipped")),
-            )
-            .order_by(WebhookReceipt.id)
-        )
-        for receipt in pending:  # webhooks that came before the training was known
-            changes.append(self._apply_receipt(conn, receipt.id, None, now))
+        changes = [  # webhooks that came before the training was known
+            self._apply_receipt(conn, receipt_id, None, now)
+            for receipt_id in inbox.pending_for(conn, row.request_id)
+        ]
         row = Training.get_by_id(row.id)
         return TrainingView.of(row), changes
-
-    def _record_receipt(
-        self,
-        body: bytes,
-        headers: dict[str, str],
-        verification: str,
-        request_id: str | None,
-        dedupe_key: str | None,
-        reject_reason: str | None,
-        now: float,
-    ) -> tuple[int, bool]:
-        if dedupe_key is not None:
-            existing = WebhookReceipt.get_or_none(WebhookReceipt.dedupe_key == dedupe_key)
-            if existing is not None:
-                return existing.id, True
-        refused = verification == "rejected"
-        if refused:  # FAL's four headers only: any number of made-up others is no evidence
-            headers = {k: v for k, v in headers.items() if k in _FAL_HEADERS}
-        receipt = WebhookReceipt.create(
-            request_id=request_id[:MAX_KEPT_ID_CHARS] if request_id else request_id,
-            dedupe_key=dedupe_key,
-            body=body[:REFUSED_BODY_KEPT] if refused else body,  # forensics need no more
-            body_size=len(body),
-            body_sha256=hashlib.sha256(body).hexdigest(),
-            headers_json=json.dumps(headers, ensure_ascii=False),
-            verification=verification,
-            reject_reason=reject_reason,
-            received_at=now,
-            processed_at=now if refused else None,
-            outcome="rejected" if refused else None,
-        )
-        return receipt.id, False
-
-    def _check_unverified_room(self, dedupe_key: str, size: int) -> None:
-        """Raise UnverifiedFull when keeping one more unverified body of ``size`` bytes would
-        pass ``[webhook] unverified_kept`` or ``unverified_kept_bytes``: what came first is
-        kept, what comes beyond is refused for now (503, FAL retries), so a forged flood while
-        the key server is down cannot fill the disk. A copy already kept is a duplicate."""
-        if WebhookReceipt.select().where(WebhookReceipt.dedupe_key == dedupe_key).exists():
-            return
-        webhook = self.settings.webhook
-        waiting = WebhookReceipt.select(
-            peewee.fn.COUNT(WebhookReceipt.id),
-            peewee.fn.COALESCE(peewee.fn.SUM(WebhookReceipt.body_size), 0),
-        ).where(WebhookReceipt.verification == "unverified")
-        count, total = waiting.tuples().get()
-        if count + 1 > int(webhook["unverified_kept"]):
-            raise UnverifiedFull(f"{count} webhooks wait for FAL's keys already")
-        if total + size > int(webhook["unverified_kept_bytes"]):
-            raise UnverifiedFull(f"{total} bytes of webhooks wait for FAL's keys already")
-
-    def _prune_rejected(self, keep: int) -> int:
-        """Refused webhooks are kept for forensics: the newest ``keep`` of them, and of those
-        only as many as fit in ``rejected_kept_bytes`` (each is at most REFUSED_BODY_KEPT
-        bytes of body). Both walk the ``verification`` index. Returns how many were dropped."""
-        rejected = WebhookReceipt.verification == "rejected"
-        stale = (
-            WebhookReceipt.select(WebhookReceipt.id)
-            .where(rejected)
-            .order_by(WebhookReceipt.id.desc())
-            .offset(keep)
-        )
-        dropped = WebhookReceipt.delete().where(WebhookReceipt.id.in_(stale)).execute()
-        cap = int(self.settings.webhook["rejected_kept_bytes"])
-        size = peewee.fn.COALESCE(WebhookReceipt.body_size, 0)
-        kept = peewee.Case(None, [(size > REFUSED_BODY_KEPT, REFUSED_BODY_KEPT)], size)
-        total = peewee.fn.SUM(kept).over(order_by=[WebhookReceipt.id.desc()])
-        ranked = WebhookReceipt.select(WebhookReceipt.id, total.alias("total")).where(rejected)
-        ranked = ranked.alias("r")
-        over = peewee.Select([ranked], [peewee.SQL("r.id")]).where(peewee.SQL("r.total") > cap)
-        return dropped + WebhookReceipt.delete().where(WebhookReceipt.id.in_(over)).execute()
-
-    def _evict_unknown(self, cutoff: float, keep: int) -> int:
-        """Receipts for a training nobody registered: dropped once older than ``cutoff`` (the
-        time a webhook can beat its submit's commit) and beyond the newest ``keep``. Walks the
-        ``outcome`` index. Returns how many were dropped."""
-        unknown = (WebhookReceipt.outcome == "unknown_training") & (
-            WebhookReceipt.processed_at.is_null()
-        )
-        beyond = (
-            WebhookReceipt.select(WebhookReceipt.id)
-            .where(unknown)
-            .order_by(WebhookReceipt.id.desc())
-            .offset(keep)
-        )
-        expired = WebhookReceipt.delete().where(unknown, WebhookReceipt.received_at < cutoff)
-        return expired.execute() + (
-            WebhookReceipt.delete().where(WebhookReceipt.id.in_(beyond)).execute()
-        )
-
-    async def prune_receipts(self) -> dict[str, int]:
-        """Drop unknown-training receipts past ``[webhook] unknown_receipt_seconds`` or
-        beyond ``unknown_receipts_kept``, and refused ones beyond their bounds; then give the
-        space back (SQLite). Returns what was dropped, by kind."""
-        webhook = self.settings.webhook
-        cutoff = self.clock.now() - float(webhook["unknown_receipt_seconds"])
-
-        def prune(conn: Connection) -> dict[str, int]:
-            return {
-                "unknown_training": self._evict_unknown(
-                    cutoff, int(webhook["unknown_receipts_kept"])
-                ),
-                "rejected": self._prune_rejected(int(webhook["rejected_kept"])),
-            }
-
-        dropped = await self.store.write(prune)
-        await self.store.reclaim_space()
-        return dropped
 
     def _apply_receipt(
         self,
@@ -531,47 +434,40 @@ class Reconciler:
         now: float,
         reject_reason: str | None = None,
     ) -> Change:
-        receipt = WebhookReceipt.get_or_none(WebhookReceipt.id == receipt_id)
+        """A stored receipt: its one parse, then applied like a fresh webhook."""
+        receipt = inbox.get(conn, receipt_id)
         if receipt is None or receipt.processed_at is not None:
             return Change(receipt.request_id if receipt else "", "webhook", "none")
+        unchanged = Change(receipt.request_id or "", "webhook", "none")
         if verification is not None:
             receipt.verification = verification
         if receipt.verification == "rejected":
-            receipt.processed_at = now
-            receipt.outcome = "rejected"
-            receipt.reject_reason = reject_reason or receipt.reject_reason
-            receipt.dedupe_key = None  # kept for forensics like any refused webhook
-            receipt.save()
-            self._prune_rejected(int(self.settings.webhook["rejected_kept"]))
-            return Change(receipt.request_id or "", "webhook", "none")
-        if receipt.verification not in ("verified", "skipped"):
-            receipt.save()  # still waiting for the keys
-            return Change(receipt.request_id or "", "webhook", "none")
+            inbox.settle_rejected(conn, receipt, reject_reason, now, self.settings.webhook)
+            return unchanged
+        if receipt.verification not in inbox.APPLICABLE:
+            inbox.settle(conn, receipt, receipt.outcome, None)  # still waiting for the keys
+            return unchanged
         try:
             obs = parse_webhook(bytes(receipt.body))
         except MalformedWebhook as exc:
-            receipt.processed_at = now
-            receipt.outcome = f"malformed: {exc}"
-            receipt.save()
-            return Change(receipt.request_id or "", "webhook", "none")
+            inbox.settle(conn, receipt, f"malformed: {exc}", now)
+            return unchanged
         change = self._apply(conn, obs, now)
-        if change.kind == "unknown":
-            receipt.outcome = "unknown_training"  # stays unprocessed until the training appears
-            receipt.save()
-            keep = int(self.settings.webhook["unknown_receipts_kept"])
-            evicted = self._evict_unknown(-math.inf, keep)  # the count bound, at once
-            return replace(change, detail={**change.detail, "evicted": evicted})
-        receipt.processed_at = now
-        receipt.outcome = change.kind
-        receipt.save()
-        return change
+        inbox.settle(conn, receipt, *_receipt_outcome(change, now))
+        return self._evicted(conn, change) if change.kind == "unknown" else change
+
+    def _evicted(self, conn: Connection, change: Change) -> Change:
+        """A receipt of an unknown training was kept: the count bound applies at once."""
+        evicted = inbox.evict_unknown_beyond_count(conn, self.settings.webhook)
+        return replace(change, detail={**change.detail, "evicted": evicted})
 
     # ---- after the commit (trio side) ----------------------------------------------------
     def _poke(self) -> None:
         self.changed.set()
         self.changed = trio.Event()
 
-    async def _after(self, changes: Sequence[Change]) -> None:
+    async def announce(self, changes: Sequence[Change]) -> None:
+        """After the commit: count, log and call the plugin hooks for each change."""
         for change in changes:
             await self._announce(change)
 

@@ -13,6 +13,7 @@ import base64
 import binascii
 import hashlib
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography.exceptions import InvalidSignature
@@ -94,8 +95,11 @@ def parse_jwks(doc: dict[str, Any]) -> list[Ed25519PublicKey]:
 
 def signed_message(request_id: str, user_id: str, timestamp: str, body: bytes) -> bytes:
     """The exact bytes fal signs for a webhook."""
-    digest = hashlib.sha256(body).hexdigest()
-    return "\n".join([request_id, user_id, timestamp, digest]).encode("utf-8")
+    return _message(request_id, user_id, timestamp, hashlib.sha256(body).hexdigest())
+
+
+def _message(request_id: str, user_id: str, timestamp: str, body_sha256: str) -> bytes:
+    return "\n".join([request_id, user_id, timestamp, body_sha256]).encode("utf-8")
 
 
 def sign_webhook(
@@ -111,23 +115,35 @@ def sign_webhook(
     }
 
 
+@dataclass(frozen=True)
+class Envelope:
+    """The four ``X-Fal-Webhook-*`` header values of a webhook whose envelope was checked:
+    all present, the timestamp an integer within the tolerance of its arrival."""
+
+    request_id: str
+    user_id: str
+    timestamp: str
+    signature: str
+
+
 def check_envelope(
     headers: Mapping[str, str],
     now: float,
     tolerance: float = DEFAULT_TOLERANCE_SECONDS,
-) -> dict[str, str]:
+) -> Envelope:
     """The checks that need no key: the four headers present, the timestamp an integer
-    within ``tolerance`` seconds of ``now`` (either direction). Returns the header values
-    by canonical name; raises WebhookRejected (missing_header, stale)."""
+    within ``tolerance`` seconds of ``now`` (either direction). Header names match in any
+    casing. Raises WebhookRejected (missing_header, stale)."""
     lowered = {name.lower(): value for name, value in headers.items()}
-    values: dict[str, str] = {}
+    values: list[str] = []
     for name in REQUIRED_HEADERS:
         value = lowered.get(name.lower())
         if not value:
             raise WebhookRejected(f"header {name} is missing or empty", "missing_header")
-        values[name] = value
+        values.append(value)
+    envelope = Envelope(*values)
 
-    raw_timestamp = values[HEADER_TIMESTAMP]
+    raw_timestamp = envelope.timestamp
     if not (raw_timestamp.isascii() and raw_timestamp.isdigit()) or len(raw_timestamp) > 12:
         raise WebhookRejected(
             f"timestamp {raw_timestamp[:40]!r} is not a Unix time in seconds", "stale"
@@ -138,19 +154,43 @@ def check_envelope(
             f"timestamp {timestamp} is {now - timestamp:+.0f} s from now (limit {tolerance:g} s)",
             "stale",
         )
-    return values
+    return envelope
+
+
+def verify_signature(
+    envelope: Envelope, body_sha256: str, keys: Sequence[Ed25519PublicKey]
+) -> None:
+    """Return when some key verifies the signature of a checked envelope over a body of
+    digest ``body_sha256`` (hex), else raise WebhookRejected (bad_signature)."""
+    try:
+        signature = bytes.fromhex(envelope.signature)
+    except ValueError:
+        raise WebhookRejected("signature is not hex", "bad_signature") from None
+    message = _message(envelope.request_id, envelope.user_id, envelope.timestamp, body_sha256)
+    for key in keys:
+        try:
+            key.verify(signature, message)
+        except InvalidSignature:
+            continue
+        return
+    raise WebhookRejected(f"no key of {len(keys)} verifies the signature", "bad_signature")
+
+
+def check_user_id(user_id: str | None, allowed: Sequence[str]) -> None:
+    """Raise WebhookRejected (foreign_user) when ``allowed`` is not empty and ``user_id`` (the
+    ``X-Fal-Webhook-User-Id``) is not in it. fal signs every customer's webhooks with the same
+    keys, so only this header says whose they are: call it only once the signature
+    verified, so that an unsigned request learns nothing of the list."""
+    if allowed and user_id not in allowed:
+        raise WebhookRejected("the fal user id is not an allowed one", "foreign_user")
 
 
 def check_user(headers: Mapping[str, str], allowed: Sequence[str]) -> None:
-    """Raise WebhookRejected (foreign_user) when ``allowed`` is not empty and the
-    ``X-Fal-Webhook-User-Id`` is not in it. fal signs every customer's webhooks with the same
-    keys, so only this header says whose they are: call it only once the signature
-    verified, so that an unsigned request learns nothing of the list."""
+    """``check_user_id`` of the ``X-Fal-Webhook-User-Id`` among ``headers`` (any casing)."""
     if not allowed:
         return
     lowered = {name.lower(): value for name, value in headers.items()}
-    if lowered.get(HEADER_USER_ID.lower()) not in allowed:
-        raise WebhookRejected("the fal user id is not an allowed one", "foreign_user")
+    check_user_id(lowered.get(HEADER_USER_ID.lower()), allowed)
 
 
 def verify_webhook(
@@ -165,17 +205,5 @@ def verify_webhook(
     Header names match in any casing. Checks run in order: headers present, timestamp
     an integer within ``tolerance`` seconds of ``now`` (either direction), signature.
     """
-    values = check_envelope(headers, now, tolerance)
-    raw_timestamp = values[HEADER_TIMESTAMP]
-    try:
-        signature = bytes.fromhex(values[HEADER_SIGNATURE])
-    except ValueError:
-        raise WebhookRejected("signature is not hex", "bad_signature") from None
-    message = signed_message(values[HEADER_REQUEST_ID], values[HEADER_USER_ID], raw_timestamp, body)
-    for key in keys:
-        try:
-            key.verify(signature, message)
-        except InvalidSignature:
-            continue
-        return
-    raise WebhookRejected(f"no key of {len(keys)} verifies the signature", "bad_signature")
+    envelope = check_envelope(headers, now, tolerance)
+    verify_signature(envelope, hashlib.sha256(body).hexdigest(), keys)

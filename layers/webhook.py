@@ -4,8 +4,11 @@ In order: POST only -> body size limit, and the whole body within ``BODY_TIMEOUT
 -> the four ``X-Fal-Webhook-*`` headers (each once, of a sane length) -> timestamp within
 the tolerance -> ED25519 signature against FAL's JWKS (the keys of every ``[fal] jwks_url``
 host that answers, each cached at most ``jwks_cache_seconds``, refetched when no cached key
-verifies, fetched with a total time limit) -> the raw receipt stored durably (group commit,
-synchronous=FULL) -> 200. Then reconcile applies it.
+verifies, fetched with a total time limit) -> the body parsed (once: its observation goes
+on to reconcile) -> the raw receipt stored durably and, in the same transaction, applied by
+reconcile (group commit, synchronous=FULL) -> 200. Only once the answer is sent are the
+change's metrics counted, its logs written and the plugin hooks called
+(``trainguard_training_finished`` ...): a slow hook never holds up FAL's answer.
 
 If no key host answers, the receipt is still stored, marked unverified, answered 202,
 and verified and applied once the keys come back: an outage of FAL's key server loses no
@@ -36,13 +39,13 @@ import httpx
 import trio
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from trainguard import http, logs, signing
+from trainguard import http, inbox, logs, signing
 from trainguard.config import LAYER_SCHEMA
 from trainguard.errors import KeyServerDown, MalformedWebhook, Refusal, UnverifiedFull
 from trainguard.layer import LayerContext
 from trainguard.observe import read_webhook
 from trainguard.plugins.hookspecs import hookimpl
-from trainguard.store import WebhookReceipt
+from trainguard.reconcile import Change
 
 TAG = logs.WEBHOOK
 #: A refetch of the keys because none verified is tried at most this often.
@@ -223,9 +226,13 @@ class _Handler:
             return
         if body is None:  # the sender went away mid-body; it will deliver again
             return
-        status, outcome, reason = await self._accept(headers, problem, body)
+        status, outcome, reason, change = await self._accept(headers, problem, body)
         self.ctx.metrics.webhook(outcome)
-        await self._answer(send, status, reason)
+        try:
+            await self._answer(send, status, reason)
+        finally:  # once FAL has its answer: metrics, logs and plugin hooks take their time
+            if change is not None:
+                await self.ctx.reconciler.announce([change])
 
     async def _receive(self, scope: Scope, receive: Any) -> bytes | None:
         """The whole body (None if the client disconnected); raises Refusal."""
@@ -249,7 +256,12 @@ class _Handler:
         await http.respond(send, status, body, content_type="application/json", headers=headers)
 
     async def _keep_rejected(
-        self, body: bytes, headers: Mapping[str, str], code: str, reason: str
+        self,
+        body: bytes,
+        headers: Mapping[str, str],
+        code: str,
+        reason: str,
+        body_sha256: str | None = None,
     ) -> None:
         """Keep a refused request for forensics (bounded by ``rejected_kept``)."""
         request_id = headers.get(signing.HEADER_REQUEST_ID.lower())
@@ -269,6 +281,7 @@ class _Handler:
                     request_id=request_id,
                     dedupe_key=None,
                     reject_reason=f"{code}: {reason}",
+                    body_sha256=body_sha256,
                 )
         except Exception as exc:  # boundary: keeping a refused copy is best effort
             self.ctx.log.warning(f"{TAG} refused webhook not kept", error=_storage_error(exc))
@@ -277,18 +290,20 @@ class _Handler:
 
     async def _accept(
         self, headers: dict[str, str], problem: str | None, body: bytes
-    ) -> tuple[int, str, str]:
+    ) -> tuple[int, str, str, Change | None]:
+        """Check, store and apply one webhook: (status, outcome, reason, the change to
+        announce once FAL has its answer)."""
         ctx = self.ctx
         verify = bool(self.settings["verify_signatures"])
         tolerance = float(self.settings["timestamp_tolerance_seconds"])
         verification = "skipped"
+        digest = hashlib.sha256(body).hexdigest()  # the one hash of the body
         try:
             if problem is not None:
                 raise MalformedWebhook(problem)
-            header_id: str | None = None
+            envelope: signing.Envelope | None = None
             if verify:
-                signing.check_envelope(headers, ctx.clock.now(), tolerance)
-                header_id = headers[signing.HEADER_REQUEST_ID.lower()]
+                envelope = signing.check_envelope(headers, ctx.clock.now(), tolerance)
                 try:
                     keys = await self.jwks.keys()
                 except KeyServerDown as exc:
@@ -298,72 +313,80 @@ class _Handler:
                     verification = "unverified"
                 else:
                     try:
-                        signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
+                        signing.verify_signature(envelope, digest, keys)
                     except signing.WebhookRejected as rejected:
                         # Maybe FAL rotated its keys: refetch (rate-limited), then decide.
                         try:
                             keys = await self.jwks.keys(refresh=True)
                         except KeyServerDown:
                             raise rejected from None
-                        signing.verify_webhook(headers, body, keys, ctx.clock.now(), tolerance)
+                        signing.verify_signature(envelope, digest, keys)
                     verification = "verified"
-                    signing.check_user(headers, self.settings["allowed_user_ids"])
+                    signing.check_user_id(envelope.user_id, self.settings["allowed_user_ids"])
             parsed = read_webhook(body)  # the whole shape must be FAL's, or it is refused now
-            request_id, gateway_id = parsed.request_id, parsed.gateway_request_id
             # Which id FAL puts in the header after it retried a request is unsourced; the
             # signature covers the header, so either of the body's two ids is genuine.
-            if header_id is not None and header_id not in (request_id, gateway_id):
+            if envelope is not None and envelope.request_id not in (
+                parsed.request_id,
+                parsed.gateway_request_id,
+            ):
                 raise MalformedWebhook(
                     "the request id header matches neither request_id nor gateway_request_id"
                     " of the body"
                 )
         except signing.WebhookRejected as exc:
-            await self._keep_rejected(body, headers, exc.code, exc.reason)
-            return _REFUSED_STATUS.get(exc.code, 400), exc.code, exc.reason
+            await self._keep_rejected(body, headers, exc.code, exc.reason, digest)
+            return _REFUSED_STATUS.get(exc.code, 400), exc.code, exc.reason, None
         except MalformedWebhook as exc:
-            await self._keep_rejected(body, headers, "malformed", str(exc))
-            return 400, "malformed", str(exc)
+            await self._keep_rejected(body, headers, "malformed", str(exc), digest)
+            return 400, "malformed", str(exc), None
 
+        request_id = parsed.request_id
+        # Derived from the body's digest, not from the body again. Receipts stored before
+        # this key (sha256 of signature + "\n" + body) keep their old keys: a FAL retry
+        # that spans the upgrade is stored once more, and reconcile, being idempotent,
+        # applies no transition twice (the receipt's outcome is "none").
         signature = headers.get(signing.HEADER_SIGNATURE.lower(), "")
-        dedupe = hashlib.sha256(signature.encode() + b"\n" + body).hexdigest()
+        dedupe = hashlib.sha256(f"{signature}\n{digest}".encode()).hexdigest()
         try:
             # Not answered before it is durable; a write that outlasts the wait may still
             # commit, and FAL's retry of it is then a duplicate (200).
             with trio.fail_after(WRITE_WAIT_SECONDS):
                 _, duplicate, change = await ctx.reconciler.receive_webhook(
                     body=body,
+                    body_sha256=digest,
                     headers=headers,
                     verification=verification,
-                    request_id=request_id,
+                    observation=parsed.observation,
                     dedupe_key=dedupe,
                 )
         except UnverifiedFull as exc:  # FAL's retries come back once the keys do
             ctx.log.warning(f"{TAG} {logs.WARN} unverified webhook not kept", error=str(exc))
-            return 503, "unverified_full", "FAL's keys unreachable; retry later"
+            return 503, "unverified_full", "FAL's keys unreachable; retry later", None
         except Exception as exc:  # a locked or full database: transient, FAL retries a 503
             ctx.log.warning(
                 f"{TAG} {logs.WARN} webhook not stored; answered 503",
                 request_id=request_id,
                 error=_storage_error(exc),
             )
-            return 503, "unavailable", "storage unavailable; retry later"
+            return 503, "unavailable", "storage unavailable; retry later", None
         ctx.heartbeat()
         if duplicate:
             ctx.log.info(f"{TAG} duplicate webhook", request_id=request_id)
-            return 200, "duplicate", "duplicate"
+            return 200, "duplicate", "duplicate", None
         if verification == "unverified":
             self.wake.set()
-            return 202, "unverified", "stored; will verify when FAL's keys are reachable"
+            return 202, "unverified", "stored; will verify when FAL's keys are reachable", None
         if change is None:  # stored; applying failed and is retried by retry_stored
             self.wake.set()
-            return 200, "accepted", "stored"
+            return 200, "accepted", "stored", None
         if change.kind == "unknown":
             ctx.metrics.receipts_dropped("unknown_training", change.detail.get("evicted", 0))
             ctx.log.info(f"{TAG} webhook for an unknown training kept", request_id=request_id)
-            return 200, "unknown_training", "stored; training not known yet"
+            return 200, "unknown_training", "stored; training not known yet", None
         ctx.log.info(f"{TAG} webhook applied", request_id=request_id, change=change.kind)
         ctx.passed()
-        return 200, "accepted", "ok"
+        return 200, "accepted", "ok", change
 
     async def prune_stored(self) -> None:
         """Every ``PRUNE_SECONDS``: drop receipts past their bounds (unknown trainings past
@@ -403,7 +426,7 @@ class _Handler:
                 await self.wake.wait()
             self.wake = trio.Event()
             cutoff = ctx.clock.now() - RETRY_SECONDS
-            pending = await ctx.store.read(_stored_pending, cutoff)
+            pending = await ctx.store.read(inbox.stored_pending, cutoff)
             if not pending:
                 continue
             keys: list[Ed25519PublicKey] | None = None
@@ -443,26 +466,6 @@ class _Handler:
                     f"{TAG} stored webhook applied", verification=verification, change=change.kind
                 )
                 ctx.heartbeat()
-
-
-def _stored_pending(
-    conn: Any, cutoff: float
-) -> list[tuple[int, str, dict[str, str], bytes, float]]:
-    query = (
-        WebhookReceipt.select()
-        .where(
-            WebhookReceipt.processed_at.is_null(),
-            WebhookReceipt.outcome.is_null(),
-            WebhookReceipt.received_at <= cutoff,
-            WebhookReceipt.verification.in_(("unverified", "verified", "skipped")),
-        )
-        .order_by(WebhookReceipt.id)
-        .limit(500)
-    )
-    return [
-        (r.id, r.verification, json.loads(r.headers_json), bytes(r.body), r.received_at)
-        for r in query
-    ]
 
 
 def _storage_error(exc: BaseException) -> str:

@@ -9,11 +9,12 @@ the simulator's key, and the daemon fetches the simulator's JWKS, as it would FA
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,8 +33,9 @@ from trainguard import actions, http, signing
 from trainguard.layers import webhook as layer
 from trainguard.logs import WARN
 from trainguard.metrics import WEBHOOK_OUTCOMES
+from trainguard.plugins.hookspecs import hookimpl
 from trainguard.plugins.manager import build_manager
-from trainguard.store import Store, TrainingView, WebhookReceipt
+from trainguard.store import Connection, Store, TrainingView, WebhookReceipt
 from trainguard.supervisor import Daemon
 from trainguard.testing.simulator import Simulator
 
@@ -178,11 +180,13 @@ async def launch(nursery: trio.Nursery, tmp_path: Path, sim: Simulator) -> Async
     async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
 
         async def go(
-            webhook: dict[str, Any] | None = None, fal: dict[str, Any] | None = None
+            webhook: dict[str, Any] | None = None,
+            fal: dict[str, Any] | None = None,
+            plugins: Iterable[object] = (),
         ) -> Harness:
             extra = {"webhook": webhook or {}, "fal": fal or {}}
             settings = daemon_settings(tmp_path / "db.sqlite", sim, only=("webhook",), extra=extra)
-            daemon = Daemon(settings, pm=build_manager(entry_points=False))
+            daemon = Daemon(settings, pm=build_manager(entry_points=False, extra=plugins))
             await nursery.start(daemon.run)
             return Harness(daemon, sim, client, settings.webhook["public_url"])
 
@@ -229,6 +233,72 @@ async def test_duplicates_get_200_and_no_second_transition(launch: Launch) -> No
     assert (await h.kinds(rid)).count("result") == 1
     assert [r["outcome"] for r in await h.receipts(rid)] == ["result", "none"]
     assert (await h.training(rid)).status == "COMPLETED"
+
+
+class HeldHook:
+    """A plugin whose ``trainguard_training_finished`` waits until the test releases it."""
+
+    def __init__(self) -> None:
+        self.called = trio.Event()
+        self.release = trio.Event()
+        self.returned = trio.Event()
+        self.finished: list[str] = []
+
+    @hookimpl
+    async def trainguard_training_finished(self, training: TrainingView, layer: str) -> None:
+        self.called.set()
+        await self.release.wait()
+        self.finished.append(f"{training.request_id} {training.status} {layer}")
+        self.returned.set()
+
+
+async def test_fal_gets_its_200_before_the_plugin_hooks_run(launch: Launch) -> None:
+    """Regression (issue 10): the 200 waited for the post-commit hooks (up to 10 s each,
+    and past the 5 s write wait a committed webhook was even answered 503). Now the answer
+    goes out once the receipt and the transition are committed, and the hooks run after."""
+    hook = HeldHook()
+    h = await launch(plugins=[hook])
+    rid = await h.track()
+    with trio.fail_after(2):  # the hook holds on until released below
+        reply = await h.deliver(ok_body(rid), rid)
+    assert (reply.status_code, reply.json()) == (200, {"detail": "ok"})
+    assert (await h.training(rid)).status == "COMPLETED"  # committed before the answer
+    with trio.fail_after(2):
+        await hook.called.wait()  # the hook is called all the same, after the answer
+    assert hook.finished == []
+    hook.release.set()
+    with trio.fail_after(2):
+        await hook.returned.wait()
+    assert hook.finished == [f"{rid} COMPLETED webhook"]
+    assert h.counted("accepted") == 1
+
+
+async def test_a_webhook_is_parsed_and_hashed_once_on_its_way_in(
+    launch: Launch, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Regression (issue 10): the receipt was read back and its body parsed again inside the
+    transaction that wrote it, and the body hashed twice. Now the listener's parse is the
+    one (a stored receipt's parse is not reached), and the dedupe key comes from the one
+    digest."""
+    from trainguard import reconcile
+
+    def parse_again(body: bytes) -> Any:
+        raise AssertionError("a fresh webhook's body was parsed a second time")
+
+    monkeypatch.setattr(reconcile, "parse_webhook", parse_again)
+    h = await launch()
+    rid = await h.track()
+    body = ok_body(rid)
+    headers = h.sign(body, rid)
+    assert (await h.post(body, headers)).status_code == 200
+    assert (await h.training(rid)).status == "COMPLETED"
+
+    def kept(conn: Connection) -> list[tuple[str, str, str | None]]:
+        return [(r.body_sha256, r.dedupe_key, r.outcome) for r in WebhookReceipt.select()]
+
+    digest = hashlib.sha256(body).hexdigest()
+    key = hashlib.sha256(f"{headers[signing.HEADER_SIGNATURE]}\n{digest}".encode()).hexdigest()
+    assert await h.store.read(kept) == [(digest, key, "result")]
 
 
 # -- refusals -------------------------------------------------------------------------------
@@ -1115,9 +1185,8 @@ async def test_a_refused_body_is_kept_as_a_prefix_and_digest_within_a_byte_cap(
     """Regression (issue 9, item 7): each refused request kept its whole body (up to 1 MiB),
     so garbage grew the database without bound. Now only the first 4 KiB and the digest of
     the whole body are kept, and the kept bytes are capped too."""
-    import hashlib
 
-    from trainguard.reconcile import REFUSED_BODY_KEPT
+    from trainguard.inbox import REFUSED_BODY_KEPT
 
     h = await launch(webhook={"rejected_kept_bytes": 2 * REFUSED_BODY_KEPT + 100})
     rid = await h.track()
