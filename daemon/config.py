@@ -181,6 +181,13 @@ def _db_url(value: str) -> str | None:
     return None
 
 
+def _instance_id(value: str) -> str | None:
+    """Empty (one is made up at each start) or a plain name of at most 64 characters."""
+    if value and not re.fullmatch(r"[A-Za-z0-9._-]{1,64}", value):
+        return "must be empty or up to 64 letters, digits, '.', '_' or '-'"
+    return None
+
+
 def _level(value: str) -> str | None:
     levels = ("debug", "info", "warning", "error", "critical")
     return None if value.lower() in levels else f"must be one of {', '.join(levels)}"
@@ -312,6 +319,13 @@ SCHEMA: dict[str, dict[str, Option]] = {
         "max_age_seconds": Option(FLOAT, 86400.0, _positive),
         "timeout_seconds": Option(FLOAT, 10.0, _positive),
     },
+    # Several instances on one PostgreSQL database (issue 11); one instance on SQLite too.
+    "cluster": {
+        "instance_id": Option((str,), "", _instance_id),
+        "heartbeat_seconds": Option(FLOAT, 5.0, _positive),
+        "lease_seconds": Option(FLOAT, 15.0, _positive),
+        "claim_seconds": Option(FLOAT, 60.0, _positive),
+    },
 }
 
 LAYER_SCHEMA: dict[str, dict[str, Option]] = {
@@ -413,6 +427,7 @@ class Settings:
     fallback: Mapping[str, Any]
     artifacts: Mapping[str, Any]
     delivery: Mapping[str, Any]
+    cluster: Mapping[str, Any]
     url_templates: Mapping[str, str]
     training_types: Mapping[str, TrainingType]
     layers: Mapping[str, LayerSettings]
@@ -589,6 +604,7 @@ def parse(
         fallback=sections["fallback"],
         artifacts=sections["artifacts"],
         delivery=sections["delivery"],
+        cluster=sections["cluster"],
         url_templates=url_templates,
         training_types=training_types,
         layers=layers,

@@ -225,3 +225,20 @@ def test_any_text_is_either_valid_or_a_config_error(text: str) -> None:
         config.loads(text, env={})
     except ConfigError as exc:
         assert str(exc)
+
+
+def test_the_cluster_table_has_its_defaults_and_refuses_a_bad_instance_id() -> None:
+    settings = config.parse({}, env={})
+    assert dict(settings.cluster) == {
+        "instance_id": "",
+        "heartbeat_seconds": 5.0,
+        "lease_seconds": 15.0,
+        "claim_seconds": 60.0,
+    }
+    assert config.parse({"cluster": {"instance_id": "eu-1.a_b"}}, env={}).cluster[
+        "instance_id"
+    ] == ("eu-1.a_b")
+    with pytest.raises(ConfigError, match=r"^cluster\.instance_id: must be empty or up to 64"):
+        config.parse({"cluster": {"instance_id": "has space"}}, env={})
+    with pytest.raises(ConfigError, match=r"^cluster\.lease_seconds: "):
+        config.parse({"cluster": {"lease_seconds": 0}}, env={})
