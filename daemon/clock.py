@@ -8,14 +8,16 @@ heartbeats) stay on trio's clock, which follows the monotonic clock and never st
 
 Under a test clock (``trio.testing.MockClock``) wall time is derived from trio's clock
 instead, anchored on first use, so that an hour of schedules passes in milliseconds.
+``trio.testing`` is never imported here (it brings pytest along: 60 modules and their memory
+in a daemon that needs none of them): a MockClock can only run where it was imported.
 """
 
 from __future__ import annotations
 
+import sys
 import time
 
 import trio
-from trio.testing import MockClock
 
 
 class Clock:
@@ -25,9 +27,14 @@ class Clock:
         self._offset: float | None = None
 
     def now(self) -> float:
-        if not isinstance(trio.lowlevel.current_clock(), MockClock):
+        if not _mock_clock_runs():
             return time.time()
         current = trio.current_time()
         if self._offset is None:
             self._offset = time.time() - current
         return current + self._offset
+
+
+def _mock_clock_runs() -> bool:
+    testing = sys.modules.get("trio.testing")
+    return testing is not None and isinstance(trio.lowlevel.current_clock(), testing.MockClock)

@@ -91,3 +91,21 @@ def test_the_daemon_loads_neither_the_simulator_nor_the_demo(tmp_path: Path) -> 
     assert (
         "trainguard.testing.simulator" not in loaded and "trainguard.testing.demo" not in loaded
     ), loaded
+
+
+def test_the_daemon_loads_no_test_tooling(tmp_path: Path) -> None:
+    """`trio.testing` brings pytest along (about 60 modules and their memory): the daemon's
+    modules never import it, nor pytest itself."""
+    probe = (
+        "import sys\n"
+        "from trainguard import cli, supervisor\n"
+        "from trainguard.config import loads\n"
+        "from trainguard.plugins.manager import build_manager, collect_layers\n"
+        "collect_layers(build_manager(entry_points=False), loads(''))\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in ('pytest', '_pytest')\n"
+        "      or m.startswith('trio.testing')))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], cwd=tmp_path, capture_output=True, text=True, check=True
+    )
+    assert done.stdout.strip() == "[]", done.stdout
