@@ -118,6 +118,11 @@ def _receipt_outcome(change: Change, now: float) -> tuple[str, float | None]:
     return change.kind, now
 
 
+class _KeyTaken(Exception):
+    """A fresh webhook's dedupe key was taken by another instance after it was looked up:
+    raised to roll back what its apply did (see ``Reconciler._receive_webhook``)."""
+
+
 # -- the reconciler ------------------------------------------------------------------------
 HookCaller = Callable[..., Awaitable[None]]
 
@@ -269,6 +274,33 @@ class Reconciler:
             return existing, True, None
         if verification == "unverified":
             inbox.check_unverified_room(conn, self.settings.webhook, len(body))
+        try:
+            # A savepoint: when the INSERT finds the key taken (another instance kept the
+            # same webhook after we looked; on PostgreSQL the INSERT waits for its commit),
+            # what this apply did is undone and the webhook is a duplicate.
+            with conn.atomic():
+                receipt_id, change = self._apply_and_keep(
+                    conn, body, body_sha256, headers, verification, obs, dedupe_key, now
+                )
+        except _KeyTaken:
+            return inbox.taken(conn, dedupe_key), True, None
+        if change is not None and change.kind == "unknown":
+            change = self._evicted(conn, change)
+        return receipt_id, False, change
+
+    def _apply_and_keep(
+        self,
+        conn: Connection,
+        body: bytes,
+        body_sha256: str,
+        headers: dict[str, str],
+        verification: str,
+        obs: Observation,
+        dedupe_key: str,
+        now: float,
+    ) -> tuple[int, Change | None]:
+        """Apply a fresh webhook's observation (when it may be applied), then insert its
+        receipt carrying the outcome; raises _KeyTaken when the key is taken by then."""
         change: Change | None = None
         outcome: str | None = None
         processed_at: float | None = None
@@ -293,9 +325,9 @@ class Reconciler:
             processed_at=processed_at,
             outcome=outcome,
         )
-        if change is not None and change.kind == "unknown":
-            change = self._evicted(conn, change)
-        return receipt_id, False, change
+        if receipt_id is None:
+            raise _KeyTaken(dedupe_key)
+        return receipt_id, change
 
     async def apply_receipt(
         self,
