@@ -6,29 +6,24 @@ its own Reconciler, receiving the same webhook at once."""
 from __future__ import annotations
 
 import hashlib
-import json
+from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import trio
 
-from tests.conftest import make_settings
+from tests.conftest import daemon_settings, make_settings
+from tests.test_layer_webhook import Harness, ok_body
 from trainguard import inbox
 from trainguard.observe import read_webhook
+from trainguard.plugins.manager import build_manager
 from trainguard.reconcile import Change, Reconciler
 from trainguard.store import Connection, Event, Store, WebhookReceipt, open_store
+from trainguard.supervisor import Daemon
+from trainguard.testing.simulator import Simulator
 
 ROUNDS = 20
-LORA = "https://v3.fal.media/files/x/pytorch_lora_weights.safetensors"
-
-
-def ok_body(request_id: str) -> bytes:
-    output = {
-        "diffusers_lora_file": {"url": LORA, "file_size": 4096},
-        "config_file": {"url": "https://v3.fal.media/files/x/config.json"},
-    }
-    body = {"request_id": request_id, "gateway_request_id": request_id, "status": "OK"}
-    return json.dumps({**body, "payload": output}).encode()
 
 
 def kept(conn: Connection, request_id: str) -> tuple[int, list[str]]:
@@ -138,3 +133,38 @@ async def test_a_duplicate_found_at_the_insert_undoes_its_apply(
     view = await store.training("req-1")
     assert view is not None and view.status == "SUBMITTED"
     assert await store.read(kept, "req-1") == (1, ["registered"])
+
+
+async def test_one_webhook_posted_to_two_listeners_at_once_is_applied_once(
+    database_url: str, nursery: trio.Nursery, tmp_path: Path, sim: Simulator
+) -> None:
+    """The same, end to end: two daemons (webhook layer only) on one database, FAL's webhook
+    reaching both at once (a load balancer's retry): both answer 200, one "duplicate"."""
+    async with httpx.AsyncClient(trust_env=False, timeout=10.0) as client:
+        listeners = []
+        for n in range(2):
+            settings = daemon_settings(
+                tmp_path / f"db{n}.sqlite", sim, only=("webhook",), url=database_url
+            )
+            daemon = Daemon(settings, pm=build_manager(entry_points=False))
+            await nursery.start(daemon.run)
+            listeners.append(Harness(daemon, sim, client, settings.webhook["public_url"]))
+        one, two = listeners
+        for _ in range(5):
+            rid = await one.track()
+            body = ok_body(rid)
+            headers = one.sign(body, rid)
+            replies: list[httpx.Response] = []
+
+            async def post(h: Harness) -> None:
+                replies.append(await h.post(body, headers))  # noqa: B023
+
+            async with trio.open_nursery() as both:
+                both.start_soon(post, one)
+                both.start_soon(post, two)
+            assert sorted((r.status_code, r.json()["detail"]) for r in replies) == [
+                (200, "duplicate"),
+                (200, "ok"),
+            ]
+            assert await two.kinds(rid) == ["registered", "result"]
+            assert [r["outcome"] for r in await two.receipts(rid)] == ["result"]
