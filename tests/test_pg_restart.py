@@ -22,6 +22,7 @@ from tests.conftest import daemon_settings
 from tests.test_layer_webhook import Harness, ok_body, wait_for
 from tests.test_supervisor import FakeSystemd
 from trainguard import supervisor
+from trainguard.dialect import PostgresDialect
 from trainguard.errors import StoreError
 from trainguard.plugins.manager import build_manager
 from trainguard.store import Connection, Schedule, open_store
@@ -225,3 +226,12 @@ async def test_the_watchdog_is_not_fed_once_the_database_is_lost_for_two_leases(
 
         await wait_for(fed_again, timeout=BACK_WITHIN_SECONDS)
         assert h.store.lost_for() == 0.0
+
+
+def test_a_reconnect_waits_for_the_server_at_most_connect_timeout() -> None:
+    """libpq waits forever for an unreachable host by default: the store's connections get
+    ``CONNECT_TIMEOUT_SECONDS`` unless the URL's query names its own."""
+    url = "postgresql://tg@127.0.0.1:5/db"
+    assert PostgresDialect().open(url).connect_params["connect_timeout"] == 5
+    mine = PostgresDialect().open(f"{url}?connect_timeout=1&sslmode=disable")
+    assert mine.connect_params["connect_timeout"] == 1
