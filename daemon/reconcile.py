@@ -119,8 +119,12 @@ def _receipt_outcome(change: Change, now: float) -> tuple[str, float | None]:
 
 
 class _KeyTaken(Exception):
-    """A fresh webhook's dedupe key was taken by another instance after it was looked up:
-    raised to roll back what its apply did (see ``Reconciler._receive_webhook``)."""
+    """A fresh webhook's dedupe key was taken by another instance after it was looked up
+    (never leaves this module: ``receive_webhook`` answers it as a duplicate)."""
+
+    def __init__(self, receipt_id: int) -> None:
+        super().__init__(receipt_id)
+        self.receipt_id = receipt_id
 
 
 # -- the reconciler ------------------------------------------------------------------------
@@ -247,16 +251,19 @@ class Reconciler:
         None when nothing was applied now). If applying fails, the stored receipt stays and
         is applied later. The change is not announced here: the listener answers FAL first,
         then calls ``announce``."""
-        return await self.store.write(
-            self._receive_webhook,
-            body,
-            body_sha256,
-            dict(headers),
-            verification,
-            observation,
-            dedupe_key,
-            self.clock.now(),
-        )
+        try:
+            return await self.store.write(
+                self._receive_webhook,
+                body,
+                body_sha256,
+                dict(headers),
+                verification,
+                observation,
+                dedupe_key,
+                self.clock.now(),
+            )
+        except _KeyTaken as taken:  # its write rolled back: nothing of it is stored
+            return taken.receipt_id, True, None
 
     def _receive_webhook(
         self,
@@ -274,33 +281,6 @@ class Reconciler:
             return existing, True, None
         if verification == "unverified":
             inbox.check_unverified_room(conn, self.settings.webhook, len(body))
-        try:
-            # A savepoint: when the INSERT finds the key taken (another instance kept the
-            # same webhook after we looked; on PostgreSQL the INSERT waits for its commit),
-            # what this apply did is undone and the webhook is a duplicate.
-            with conn.atomic():
-                receipt_id, change = self._apply_and_keep(
-                    conn, body, body_sha256, headers, verification, obs, dedupe_key, now
-                )
-        except _KeyTaken:
-            return inbox.taken(conn, dedupe_key), True, None
-        if change is not None and change.kind == "unknown":
-            change = self._evicted(conn, change)
-        return receipt_id, False, change
-
-    def _apply_and_keep(
-        self,
-        conn: Connection,
-        body: bytes,
-        body_sha256: str,
-        headers: dict[str, str],
-        verification: str,
-        obs: Observation,
-        dedupe_key: str,
-        now: float,
-    ) -> tuple[int, Change | None]:
-        """Apply a fresh webhook's observation (when it may be applied), then insert its
-        receipt carrying the outcome; raises _KeyTaken when the key is taken by then."""
         change: Change | None = None
         outcome: str | None = None
         processed_at: float | None = None
@@ -326,8 +306,13 @@ class Reconciler:
             outcome=outcome,
         )
         if receipt_id is None:
-            raise _KeyTaken(dedupe_key)
-        return receipt_id, change
+            # Another instance kept the same webhook after we looked (on PostgreSQL the INSERT
+            # waited for its commit): a duplicate. Raised so that this write's savepoint
+            # undoes what the apply did; ``receive_webhook`` answers it as a duplicate.
+            raise _KeyTaken(inbox.taken(conn, dedupe_key))
+        if change is not None and change.kind == "unknown":
+            change = self._evicted(conn, change)
+        return receipt_id, False, change
 
     async def apply_receipt(
         self,
