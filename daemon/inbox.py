@@ -105,7 +105,8 @@ def insert(
         outcome="rejected" if refused else outcome,
     )
     kept = query.on_conflict(action="NOTHING", conflict_target=[WebhookReceipt.dedupe_key])
-    return next(iter(kept.returning(WebhookReceipt.id).tuples().execute()), (None,))[0]
+    rows = kept.returning(WebhookReceipt.id).tuples().execute()
+    return next((row[0] for row in rows), None)  # no row: the key was taken
 
 
 def record(
