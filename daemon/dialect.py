@@ -5,14 +5,15 @@ questions where SQLite and PostgreSQL differ: how a lost transaction shows, whet
 lock needs ``FOR UPDATE``, how freed space goes back to the file system. Every query of the
 store is otherwise portable (an upsert is ``INSERT ... ON CONFLICT DO UPDATE`` on both).
 
-SQLite is what trainguard is tested on. The PostgreSQL side is written to be plausible and
-is NOT tested yet (issue 11, several instances on PostgreSQL, builds on this seam).
+Both are tested (the ``database_url`` fixture runs the store tests on each); a PostgreSQL
+server that restarts is ``tests/test_pg_restart.py``.
 """
 
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import peewee
 import structlog
@@ -21,6 +22,9 @@ log = structlog.get_logger("trainguard.store")
 
 #: How long a statement waits for another process's write lock before "database is locked".
 BUSY_TIMEOUT_MS = 10_000
+#: PostgreSQL: how long a (re)connect may take before it fails (libpq waits forever by
+#: default); a ``connect_timeout`` in the URL's query wins.
+CONNECT_TIMEOUT_SECONDS = 5
 
 
 class Dialect:
@@ -37,6 +41,12 @@ class Dialect:
         """Whether the transaction of a write batch is gone, so that a COMMIT would store
         nothing (``connection`` is the driver's own connection)."""
         raise NotImplementedError
+
+    def connection_lost(self, connection: Any) -> bool:
+        """Whether the driver's open ``connection`` to the database is gone (the server
+        restarted, the network cut it): the store then reconnects before its next call. An
+        embedded database has no connection to lose."""
+        return False
 
     def prepare(self, db: peewee.Database) -> None:
         """Once after the migrations, on an open connection (no transaction)."""
@@ -100,7 +110,7 @@ class SqliteDialect(Dialect):
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL through peewee's URL support (psycopg). Untested (issue 11)."""
+    """PostgreSQL through peewee's URL support (psycopg 3)."""
 
     name = "postgresql"
     lock_suffix = " FOR UPDATE"  # the row stays locked until the batch commits
@@ -108,11 +118,22 @@ class PostgresDialect(Dialect):
     def open(self, url: str) -> peewee.Database:
         from playhouse.db_url import connect
 
-        return connect(url, thread_safe=False)
+        extra: dict[str, Any] = {}
+        if "connect_timeout" not in parse_qs(urlsplit(url).query):
+            extra["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+        return connect(url, thread_safe=False, **extra)
 
     def transaction_lost(self, connection: Any) -> bool:
-        """An aborted transaction (psycopg 3: IDLE or INERROR) silently rolls back at COMMIT."""
-        return connection.info.transaction_status.name in ("IDLE", "INERROR")
+        """An aborted transaction (psycopg 3: IDLE or INERROR) silently rolls back at COMMIT;
+        a lost connection (UNKNOWN: closed or broken) has none left."""
+        return connection.info.transaction_status.name in ("IDLE", "INERROR", "UNKNOWN")
+
+    def connection_lost(self, connection: Any) -> bool:
+        """psycopg 3 marks a connection ``broken`` once a statement found the server gone
+        (``pg_ctl restart -m fast`` terminates every backend) and ``closed`` when closed.
+        A connection cut while idle shows only at its next statement, which fails: the call
+        that made it fails (its callers retry), the next one reconnects."""
+        return bool(connection.closed or connection.broken)
 
 
 def dialect_for(url: str) -> Dialect:

@@ -25,7 +25,7 @@ from typing import Any
 import peewee
 
 from trainguard import signing
-from trainguard.errors import UnverifiedFull
+from trainguard.errors import StoreError, UnverifiedFull
 from trainguard.store import Connection, WebhookReceipt
 
 #: Of a refused request only this much body is kept (with the whole body's size and sha256).
@@ -58,6 +58,15 @@ def duplicate(conn: Connection, dedupe_key: str) -> int | None:
     )
 
 
+def taken(conn: Connection, dedupe_key: str) -> int:
+    """The id of the receipt that took ``dedupe_key`` after ``insert`` found it taken. Gone
+    again already (pruned in between): StoreError, the write fails and FAL retries."""
+    existing = duplicate(conn, dedupe_key)
+    if existing is None:
+        raise StoreError("the receipt that took this webhook's dedupe key is gone; retry")
+    return existing
+
+
 def insert(
     conn: Connection,
     body: bytes,
@@ -71,15 +80,18 @@ def insert(
     reject_reason: str | None = None,
     processed_at: float | None = None,
     outcome: str | None = None,
-) -> int:
-    """Keep one webhook (the caller has ruled out a duplicate); returns the receipt's id.
-    A refused one keeps FAL's four headers and the first ``REFUSED_BODY_KEPT`` bytes only,
-    and is processed at once. ``processed_at`` / ``outcome`` when it was applied already
-    in this transaction (one INSERT instead of an INSERT and an UPDATE)."""
+) -> int | None:
+    """Keep one webhook; returns the receipt's id, or None when ``dedupe_key`` is taken
+    (the caller looked first, but another instance may have kept the same webhook since:
+    the key is unique in the database, and on PostgreSQL this INSERT waits for that other
+    transaction and finds the key taken once it commits). A refused one keeps FAL's four
+    headers and the first ``REFUSED_BODY_KEPT`` bytes only, and is processed at once.
+    ``processed_at`` / ``outcome`` when it was applied already in this transaction (one
+    INSERT instead of an INSERT and an UPDATE)."""
     refused = verification == "rejected"
     if refused:  # FAL's four headers only: any number of made-up others is no evidence
         headers = {k: v for k, v in headers.items() if k in _FAL_HEADERS}
-    return WebhookReceipt.insert(
+    query = WebhookReceipt.insert(
         request_id=request_id[:MAX_KEPT_ID_CHARS] if request_id else request_id,
         dedupe_key=dedupe_key,
         body=body[:REFUSED_BODY_KEPT] if refused else body,  # forensics need no more
@@ -91,7 +103,10 @@ def insert(
         received_at=now,
         processed_at=now if refused else processed_at,
         outcome="rejected" if refused else outcome,
-    ).execute()
+    )
+    kept = query.on_conflict(action="NOTHING", conflict_target=[WebhookReceipt.dedupe_key])
+    rows = kept.returning(WebhookReceipt.id).tuples().execute()
+    return next((row[0] for row in rows), None)  # no row: the key was taken
 
 
 def record(
@@ -106,8 +121,9 @@ def record(
     webhook: Webhook,
     body_sha256: str | None = None,
 ) -> tuple[int, bool, int]:
-    """Keep a webhook as it arrived unless it is a duplicate. Returns (receipt id, was a
-    duplicate, how many refused receipts this one pushed out of their bounds)."""
+    """Keep a webhook as it arrived unless it is a duplicate (kept before, or by another
+    instance at the same moment). Returns (receipt id, was a duplicate, how many refused
+    receipts this one pushed out of their bounds)."""
     if dedupe_key is not None:
         existing = duplicate(conn, dedupe_key)
         if existing is not None:
@@ -123,6 +139,9 @@ def record(
         now,
         reject_reason=reject_reason,
     )
+    if receipt_id is None:  # kept by another instance since we looked
+        assert dedupe_key is not None  # a receipt without a key is always kept
+        return taken(conn, dedupe_key), True, 0
     return receipt_id, False, prune_rejected(conn, webhook) if verification == "rejected" else 0
 
 

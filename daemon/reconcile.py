@@ -118,6 +118,15 @@ def _receipt_outcome(change: Change, now: float) -> tuple[str, float | None]:
     return change.kind, now
 
 
+class _KeyTaken(Exception):
+    """A fresh webhook's dedupe key was taken by another instance after it was looked up
+    (never leaves this module: ``receive_webhook`` answers it as a duplicate)."""
+
+    def __init__(self, receipt_id: int) -> None:
+        super().__init__(receipt_id)
+        self.receipt_id = receipt_id
+
+
 # -- the reconciler ------------------------------------------------------------------------
 HookCaller = Callable[..., Awaitable[None]]
 
@@ -242,16 +251,19 @@ class Reconciler:
         None when nothing was applied now). If applying fails, the stored receipt stays and
         is applied later. The change is not announced here: the listener answers FAL first,
         then calls ``announce``."""
-        return await self.store.write(
-            self._receive_webhook,
-            body,
-            body_sha256,
-            dict(headers),
-            verification,
-            observation,
-            dedupe_key,
-            self.clock.now(),
-        )
+        try:
+            return await self.store.write(
+                self._receive_webhook,
+                body,
+                body_sha256,
+                dict(headers),
+                verification,
+                observation,
+                dedupe_key,
+                self.clock.now(),
+            )
+        except _KeyTaken as taken:  # its write rolled back: nothing of it is stored
+            return taken.receipt_id, True, None
 
     def _receive_webhook(
         self,
@@ -293,6 +305,11 @@ class Reconciler:
             processed_at=processed_at,
             outcome=outcome,
         )
+        if receipt_id is None:
+            # Another instance kept the same webhook after we looked (on PostgreSQL the INSERT
+            # waited for its commit): a duplicate. Raised so that this write's savepoint
+            # undoes what the apply did; ``receive_webhook`` answers it as a duplicate.
+            raise _KeyTaken(inbox.taken(conn, dedupe_key))
         if change is not None and change.kind == "unknown":
             change = self._evicted(conn, change)
         return receipt_id, False, change

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import random
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
@@ -37,7 +38,7 @@ import playhouse.migrate
 import trio
 
 from trainguard.dialect import Dialect, dialect_for
-from trainguard.errors import StoreClosed, TransactionRolledBack
+from trainguard.errors import StoreClosed, StoreError, TransactionRolledBack
 
 T = TypeVar("T")
 
@@ -48,6 +49,11 @@ STATUSES = UNFINISHED + TERMINAL
 
 #: A commit running longer than this means the writer is stuck (a lock held elsewhere).
 STALL_SECONDS = 1.0
+#: After a lost connection (a PostgreSQL restart), reconnects are tried at most this often
+#: at first, the wait doubling per failed attempt up to ``RECONNECT_CAP_SECONDS`` (with
+#: jitter, so that several instances do not knock at once); calls in between fail at once.
+RECONNECT_FIRST_SECONDS = 0.1
+RECONNECT_CAP_SECONDS = 2.0
 
 #: The database of the Store whose call runs in this context (see ``bound``).
 _current: ContextVar[peewee.Database | None] = ContextVar("trainguard_store", default=None)
@@ -776,6 +782,10 @@ class Store:
         self._writer_running = False
         self._committing_since: float | None = None
         self._last_batch_failed = False
+        #: Since when (monotonic) the connection to the database is lost; None: connected.
+        self._lost_since: float | None = None
+        self._reconnect_wait = RECONNECT_FIRST_SECONDS
+        self._reconnect_at = 0.0
         self.dialect = dialect_for(url)
         self.db = self.dialect.open(url)
         self.conn = Connection(self.db, self.dialect)
@@ -833,6 +843,11 @@ class Store:
         """
         self._committing_since = time.monotonic()
         try:
+            try:
+                self._connected()
+            except StoreError as exc:  # no connection: no write of the batch is run
+                self._last_batch_failed = True
+                return [(False, exc)] * len(batch)
             return self._commit_batch(batch)
         finally:
             self._committing_since = None
@@ -863,6 +878,11 @@ class Store:
                         raise lost
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
             self._last_batch_failed = True
+            if self._connection_lost():
+                # Cut during the batch (a COMMIT cut short may have been stored whole or
+                # not at all, never in part): every writer is answered failed, and retries.
+                failure: Exception = self._lost(exc)
+                return [(False, failure)] * len(batch)
             failure = lost or exc
             own = [value if not ok else failure for ok, value in results]
             return [(False, own[i] if i < len(own) else failure) for i in range(len(batch))]
@@ -871,12 +891,68 @@ class Store:
 
     def stalled(self) -> bool:
         """Whether durable writes are not going through right now: the last batch failed
-        whole (a locked or full database) or a commit has run longer than ``STALL_SECONDS``.
-        Cheap and immediate, for ``/readyz``."""
+        whole (a locked or full database, a lost connection), the connection to the
+        database is lost, or a commit has run longer than ``STALL_SECONDS``. Cheap and
+        immediate, for ``/readyz``."""
         since = self._committing_since
-        return self._last_batch_failed or (
-            since is not None and time.monotonic() - since > STALL_SECONDS
+        return (
+            self._last_batch_failed
+            or self._lost_since is not None
+            or (since is not None and time.monotonic() - since > STALL_SECONDS)
         )
+
+    def lost_for(self) -> float:
+        """For how many seconds the connection to the database has been lost and not
+        regained (0.0 while connected): the supervisor stops feeding the watchdog past a
+        bound."""
+        since = self._lost_since
+        return 0.0 if since is None else time.monotonic() - since
+
+    # -- the connection (runs on the database thread) --------------------------------------
+    def _connection_lost(self) -> bool:
+        return not self.db.is_closed() and self.dialect.connection_lost(self.db.connection())
+
+    def _lost(self, exc: BaseException) -> StoreError:
+        """The connection is gone (found by ``exc``): remember since when, and the error
+        every caller of this call gets."""
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        error = StoreError(f"the connection to the database was lost: {exc}")
+        error.__cause__ = exc
+        return error
+
+    def _connected(self) -> None:
+        """Reconnect if the connection was lost, with backoff; StoreError while it cannot."""
+        if self._lost_since is None and not self._connection_lost():
+            return
+        if self._lost_since is None:
+            self._lost_since = time.monotonic()
+        now = time.monotonic()
+        if now < self._reconnect_at:
+            raise StoreError(
+                f"the database is unreachable; reconnecting in {self._reconnect_at - now:.1f} s"
+            )
+        self.db.close()  # forget the dead connection (closing it again is harmless)
+        try:
+            self.db.connect()
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            self._reconnect_at = now + self._reconnect_wait * random.uniform(0.5, 1.0)
+            self._reconnect_wait = min(self._reconnect_wait * 2, RECONNECT_CAP_SECONDS)
+            raise StoreError(f"the database is unreachable: {exc}") from exc
+        self._lost_since = None
+        self._reconnect_wait = RECONNECT_FIRST_SECONDS
+        self._reconnect_at = 0.0
+
+    def _read(self, fn: Callable[..., T], *args: Any) -> T:
+        """A read on the database thread: reconnected first when the connection was lost;
+        a connection cut during it fails it as a StoreError."""
+        self._connected()
+        try:
+            return fn(self.conn, *args)
+        except (peewee.OperationalError, peewee.InterfaceError) as exc:
+            if self._connection_lost():
+                raise self._lost(exc) from exc
+            raise
 
     # -- the two doors ---------------------------------------------------------------------
     async def write(self, fn: Callable[..., T], *args: Any) -> T:
@@ -893,7 +969,7 @@ class Store:
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run ``fn(conn, *args)`` on the database thread between write batches."""
-        return await self._call(fn, self.conn, *args)
+        return await self._call(self._read, fn, *args)
 
     def _bound_call(self, fn: Callable[..., T], *args: Any) -> T:
         with bound(self.db):

@@ -9,7 +9,9 @@ with exponential backoff (reset only once the layer has stayed up a while, so a 
 crashes right after each start backs off too). SIGTERM/SIGINT, from the very start of ``run``,
 send STOPPING=1 and cancel everything: a database batch already handed to the database thread
 is committed whole, nothing is half-written.
-The systemd watchdog is fed only while every running layer's heartbeat is fresh.
+The systemd watchdog is fed only while every running layer's heartbeat is fresh and the
+database has not been lost for longer than two leases (``DATABASE_LOST_LEASES``); ``/readyz``
+answers 503 at once while it is lost (``Store.stalled``).
 """
 
 from __future__ import annotations
@@ -54,6 +56,9 @@ RESTART_STABLE_SECONDS = 60.0
 GAUGE_INTERVAL_SECONDS = 5.0
 RELOAD_STOP_SECONDS = 10.0  # how long a reload waits for a layer it turned off to stop
 DEFAULT_HEARTBEAT_TIMEOUT = 300.0  # a sweep beats after every training it handles
+#: The watchdog is not fed once the database has been lost for this many leases (see
+#: ``Daemon.database_lost_too_long``), so systemd restarts an instance cut off for good.
+DATABASE_LOST_LEASES = 2
 
 
 @dataclass
@@ -332,12 +337,24 @@ class Daemon:
             return
         while True:
             stale = self.stale_layers()
+            lost = self.database_lost_too_long()
             if stale:
                 log.error(f"{logs.WARN} watchdog not fed: stale layer heartbeat", layers=stale)
                 self.notifier.status(f"stale layers: {', '.join(stale)}")
+            elif lost is not None:
+                log.error(f"{logs.WARN} watchdog not fed: database lost", seconds=round(lost, 1))
+                self.notifier.status(f"database unreachable for {lost:.0f} s")
             else:
                 self.notifier.watchdog()
             await trio.sleep(interval)
+
+    def database_lost_too_long(self) -> float | None:
+        """How long the connection to the database has been lost, once that is longer than
+        ``DATABASE_LOST_LEASES`` x ``[cluster] lease_seconds`` (30 s by default: by then any
+        lease this instance held is another's); None before that, and while connected."""
+        lost = self.store.lost_for() if self.store is not None else 0.0
+        bound = DATABASE_LOST_LEASES * float(self.settings.cluster["lease_seconds"])
+        return lost if lost > bound else None
 
     async def _stop_on_signal(self, signals: AsyncIterator[int], scope: trio.CancelScope) -> None:
         async for signum in signals:

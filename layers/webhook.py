@@ -20,8 +20,8 @@ A webhook for an unknown request_id is kept and applied when the training appear
 Anything malformed, unsigned, stale, badly signed, too large or too slow gets a 4xx with a
 short reason, is counted, kept for forensics (its first 4 KiB and the whole body's sha256,
 bounded in count and bytes, at most ``REFUSED_KEPT_IN_FLIGHT`` being written at a time so a
-flood never crowds out genuine webhooks), and changes nothing. A locked or full database
-gets 503 (FAL retries) within ``WRITE_WAIT_SECONDS``; the listener keeps listening. A duplicate
+flood never crowds out genuine webhooks), and changes nothing. A locked, full or unreachable
+database (PostgreSQL restarting) gets 503 (FAL retries) within ``WRITE_WAIT_SECONDS``; the listener keeps listening. A duplicate
 gets 200 and no second transition.
 """
 

@@ -6,7 +6,8 @@ free port, its socket in the same directory. PostgreSQL refuses to run as root, 
 process is root the directory is handed to an unprivileged user (``nobody`` unless
 ``TRAINGUARD_PG_USER`` names another) and every server command runs as that user through
 ``setpriv``. ``database()`` creates a fresh database and returns its URL; ``restart()`` is
-``pg_ctl restart -m fast`` (what the chaos test does to it); ``stop()`` removes everything.
+``pg_ctl restart -m fast`` (what the chaos test does to it); ``down()`` / ``up()`` an outage
+that lasts; ``stop()`` removes everything.
 
 Nothing here is imported by ``trainguard run``.
 """
@@ -145,6 +146,15 @@ class PostgresServer:
     def restart(self) -> None:
         """``pg_ctl restart -m fast``: every connection is cut, the server comes back."""
         self._pg_ctl("restart", "-m", "fast")
+
+    def down(self) -> None:
+        """``pg_ctl stop -m fast``, keeping the data: every connection is cut and none is
+        accepted until ``up`` (an outage longer than a restart)."""
+        self._run("pg_ctl", "stop", "-D", str(self.data), "-m", "fast", "-w", "-t", "60")
+
+    def up(self) -> None:
+        """Start the server again after ``down``."""
+        self._pg_ctl("start")
 
     def stop(self) -> None:
         if self.data.exists():
