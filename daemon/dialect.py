@@ -2,11 +2,12 @@
 
 A ``Dialect`` opens the peewee database for a ``[database] url`` and answers the few
 questions where SQLite and PostgreSQL differ: how a lost transaction shows, whether a row
-lock needs ``FOR UPDATE``, how freed space goes back to the file system. Every query of the
-store is otherwise portable (an upsert is ``INSERT ... ON CONFLICT DO UPDATE`` on both).
+lock needs ``FOR UPDATE``, how freed space goes back to the file system, how rows are claimed
+(``claim``). Every query of the store is otherwise portable (an upsert is ``INSERT ... ON
+CONFLICT DO UPDATE`` on both).
 
-SQLite is what trainguard is tested on. The PostgreSQL side is written to be plausible and
-is NOT tested yet (issue 11, several instances on PostgreSQL, builds on this seam).
+Both are tested: the store, reconcile, layer and claim tests run on SQLite and on a
+throwaway PostgreSQL server (``trainguard.testing.postgres``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,14 @@ class Dialect:
     lock_suffix = ""
 
     def open(self, url: str) -> peewee.Database:
+        raise NotImplementedError
+
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """Set ``values`` (the owner and expiry of a claim) on the rows ``candidates`` picks
+        (a select of ``model``, ordered and limited) and return them, each with the owner
+        whose claim it took over (None: it was free). Inside a write transaction."""
         raise NotImplementedError
 
     def transaction_lost(self, connection: Any) -> bool:
@@ -70,6 +79,20 @@ class SqliteDialect(Dialect):
             },
         )
 
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """The pick, then ``UPDATE ... WHERE id IN (...) RETURNING *``: SQLite's RETURNING
+        may not name the picking CTE of an ``UPDATE ... FROM``, so the previous owners are
+        read first. Both statements run under the one write lock (``BEGIN IMMEDIATE``), so
+        nothing claims in between."""
+        previous = dict(candidates.select(model.id, model.claimed_by).tuples())
+        if not previous:
+            return []
+        query = model.update(values).where(model.id.in_(list(previous)))
+        rows = query.returning(*model._meta.sorted_fields).objects().execute()
+        return [(row, previous[row.id]) for row in rows]
+
     def transaction_lost(self, connection: Any) -> bool:
         """SQLite rolls a whole transaction back on some errors (SQLITE_FULL): sqlite3 then
         reports no open transaction any more."""
@@ -100,7 +123,7 @@ class SqliteDialect(Dialect):
 
 
 class PostgresDialect(Dialect):
-    """PostgreSQL through peewee's URL support (psycopg). Untested (issue 11)."""
+    """PostgreSQL through peewee's URL support (psycopg 3)."""
 
     name = "postgresql"
     lock_suffix = " FOR UPDATE"  # the row stays locked until the batch commits
@@ -109,6 +132,25 @@ class PostgresDialect(Dialect):
         from playhouse.db_url import connect
 
         return connect(url, thread_safe=False)
+
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """One statement, as River and Oban claim jobs: ``WITH locked AS MATERIALIZED
+        (SELECT id, claimed_by AS was ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ... FROM
+        locked WHERE id = locked.id RETURNING *, locked.was``. SKIP LOCKED passes over rows
+        another instance is claiming right now; the MATERIALIZED fence keeps the planner from
+        updating more rows than the LIMIT (Oban's note)."""
+        picked = candidates.select(model.id, model.claimed_by.alias("was"))
+        locked = picked.for_update(skip_locked=True).cte("locked", materialized=True)
+        query = (
+            model.update(values)
+            .from_(locked)
+            .where(model.id == locked.c.id)
+            .with_cte(locked)
+            .returning(*model._meta.sorted_fields, locked.c.was)
+        )
+        return [(row, row.was) for row in query.objects().execute()]
 
     def transaction_lost(self, connection: Any) -> bool:
         """An aborted transaction (psycopg 3: IDLE or INERROR) silently rolls back at COMMIT."""
