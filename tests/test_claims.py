@@ -25,7 +25,15 @@ from trainguard.config import Settings
 from trainguard.layer import LayerContext, run_due
 from trainguard.metrics import Metrics
 from trainguard.reconcile import Kind, Observation, Reconciler
-from trainguard.store import Connection, Outbox, Store, Training, TrainingView, open_store
+from trainguard.store import (
+    Connection,
+    Meta,
+    Outbox,
+    Store,
+    Training,
+    TrainingView,
+    open_store,
+)
 
 LORA = {
     "diffusers_lora_file": {"url": "https://v3.fal.media/files/x/pytorch_lora_weights.safetensors"},
@@ -329,3 +337,35 @@ async def test_an_artifact_is_claimed_by_one_instance(database_url: str) -> None
         later = await b.artifacts.claim_due(70.0, 50, "B", 60.0)
         assert sorted(f.id for f in later.items) == sorted(every[1:])
         assert later.rescued == {i: "A" for i in got["A"] if i != stored}
+
+
+async def test_schema_6_adds_the_claim_columns_to_an_older_database(database_url: str) -> None:
+    tables = ("trainings", "outbox", "artifacts")
+    async with open_store(database_url) as s:
+        await s.write(_add_trainings, 1, 1.0)
+
+        def downgrade(conn: Connection) -> None:  # the three tables as schema 4 had them
+            for table, model in zip(tables, ("training", "outbox", "artifact"), strict=True):
+                conn.execute(f"DROP INDEX IF EXISTS {model}_claimed_by")
+                for column in ("claimed_by", "claim_expires_at"):
+                    conn.execute(f"ALTER TABLE {table} DROP COLUMN {column}")
+            Meta.update(value="4").where(Meta.key == "schema_version").execute()
+
+        await s.write(downgrade)
+    async with open_store(database_url) as s:
+
+        def schema(conn: Connection) -> dict[str, tuple[set[str], set[tuple[str, ...]]]]:
+            return {
+                t: (
+                    {c.name for c in conn.db.get_columns(t)},
+                    {tuple(i.columns) for i in conn.db.get_indexes(t)},
+                )
+                for t in tables
+            }
+
+        found = await s.read(schema)
+        version = await s.read(lambda conn: Meta.get(Meta.key == "schema_version").value)
+        claim = await s.claim_due("next_check", 5.0, 10, "A", 60.0)
+    assert version == "6" and len(claim.items) == 1
+    for columns, indexes in found.values():
+        assert {"claimed_by", "claim_expires_at"} <= columns and ("claimed_by",) in indexes
