@@ -44,6 +44,9 @@ IDLE_RECHECK_SECONDS = 1.0
 GATHER_SECONDS = 0.5
 #: How long giving claims back may hold up a layer that is being stopped (then they expire).
 RELEASE_SECONDS = 2.0
+#: A pass of ``run_due`` claims what its ``concurrency`` slots handle in this many rounds, so
+#: that its last claims do not wait long in line for a slot (they last ``claim_seconds``).
+CLAIM_ROUNDS = 4
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -273,7 +276,9 @@ async def run_due(
     (``Store.claim_due``), handle it, give the claims back, then sleep until the next one is
     due. The schedule lives in the database; reconcile moves it. Claims make each check once
     at a time across instances; reconcile's idempotent, monotonic rules make a late answer
-    of an owner whose claim was taken over change nothing."""
+    of an owner whose claim was taken over change nothing. A pass takes ``batch`` trainings
+    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``."""
+    limit = min(batch, concurrency * CLAIM_ROUNDS)
     limiter = trio.CapacityLimiter(concurrency)
 
     errors = 0
@@ -293,7 +298,7 @@ async def run_due(
     while True:
         now = ctx.clock.now()
         claim = await ctx.store.claim_due(
-            kind, now, batch, ctx.instance_id, ctx.claim_seconds, gone
+            kind, now, limit, ctx.instance_id, ctx.claim_seconds, gone
         )
         ctx.claimed("trainings", claim)
         if due := claim.items:
