@@ -2,11 +2,13 @@
 
 A ``Dialect`` opens the peewee database for a ``[database] url`` and answers the few
 questions where SQLite and PostgreSQL differ: how a lost transaction shows, whether a row
-lock needs ``FOR UPDATE``, how freed space goes back to the file system. Every query of the
-store is otherwise portable (an upsert is ``INSERT ... ON CONFLICT DO UPDATE`` on both).
+lock needs ``FOR UPDATE``, how freed space goes back to the file system, how rows are claimed
+(``claim``). Every query of the store is otherwise portable (an upsert is ``INSERT ... ON
+CONFLICT DO UPDATE`` on both).
 
-Both are tested (the ``database_url`` fixture runs the store tests on each); a PostgreSQL
-server that restarts is ``tests/test_pg_restart.py``.
+Both are tested: the store, reconcile, layer and claim tests run on SQLite and on a
+throwaway PostgreSQL server (``trainguard.testing.postgres``); a PostgreSQL server that
+restarts is ``tests/test_pg_restart.py``.
 """
 
 from __future__ import annotations
@@ -35,6 +37,14 @@ class Dialect:
     lock_suffix = ""
 
     def open(self, url: str) -> peewee.Database:
+        raise NotImplementedError
+
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """Set ``values`` (the owner and expiry of a claim) on the rows ``candidates`` picks
+        (a select of ``model``, ordered and limited) and return them, each with the owner
+        whose claim it took over (None: it was free). Inside a write transaction."""
         raise NotImplementedError
 
     def transaction_lost(self, connection: Any) -> bool:
@@ -80,6 +90,20 @@ class SqliteDialect(Dialect):
             },
         )
 
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """The pick, then ``UPDATE ... WHERE id IN (...) RETURNING *``: SQLite's RETURNING
+        may not name the picking CTE of an ``UPDATE ... FROM``, so the previous owners are
+        read first. Both statements run under the one write lock (``BEGIN IMMEDIATE``), so
+        nothing claims in between."""
+        previous = dict(candidates.select(model.id, model.claimed_by).tuples())
+        if not previous:
+            return []
+        query = model.update(values).where(model.id.in_(list(previous)))
+        rows = query.returning(*model._meta.sorted_fields).objects().execute()
+        return [(row, previous[row.id]) for row in rows]
+
     def transaction_lost(self, connection: Any) -> bool:
         """SQLite rolls a whole transaction back on some errors (SQLITE_FULL): sqlite3 then
         reports no open transaction any more."""
@@ -122,6 +146,25 @@ class PostgresDialect(Dialect):
         if "connect_timeout" not in parse_qs(urlsplit(url).query):
             extra["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
         return connect(url, thread_safe=False, **extra)
+
+    def claim(
+        self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]
+    ) -> list[tuple[Any, str | None]]:
+        """One statement, as River and Oban claim jobs: ``WITH locked AS MATERIALIZED
+        (SELECT id, claimed_by AS was ... LIMIT n FOR UPDATE SKIP LOCKED) UPDATE ... FROM
+        locked WHERE id = locked.id RETURNING *, locked.was``. SKIP LOCKED passes over rows
+        another instance is claiming right now; the MATERIALIZED fence keeps the planner from
+        updating more rows than the LIMIT (Oban's note)."""
+        picked = candidates.select(model.id, model.claimed_by.alias("was"))
+        locked = picked.for_update(skip_locked=True).cte("locked", materialized=True)
+        query = (
+            model.update(values)
+            .from_(locked)
+            .where(model.id == locked.c.id)
+            .with_cte(locked)
+            .returning(*model._meta.sorted_fields, locked.c.was)
+        )
+        return [(row, row.was) for row in query.objects().execute()]
 
     def transaction_lost(self, connection: Any) -> bool:
         """An aborted transaction (psycopg 3: IDLE or INERROR) silently rolls back at COMMIT;

@@ -23,23 +23,30 @@ module globals: two daemons in one process, or two tests, never see each other's
 from __future__ import annotations
 
 import math
-from collections.abc import Awaitable, Callable, Mapping
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Generic, Protocol, TypeVar, cast, runtime_checkable
 
 import structlog
 import trio
 
-from trainguard import fal
+from trainguard import fal, identity
 from trainguard.clock import Clock
 from trainguard.config import Option, Settings, validate_options
+from trainguard.errors import StoreClosed
 from trainguard.reconcile import Change, Reconciler
-from trainguard.store import DueKind, Store, TrainingView
+from trainguard.store import Claimed, ClaimKind, DueKind, Store, TrainingView
 
 #: How long a layer with nothing due sleeps before looking at the database again, so that a
 #: training registered by another process (the CLI) is noticed.
 IDLE_RECHECK_SECONDS = 1.0
 GATHER_SECONDS = 0.5
+#: How long giving claims back may hold up a layer that is being stopped (then they expire).
+RELEASE_SECONDS = 2.0
+#: A pass of ``run_due`` claims what its ``concurrency`` slots handle in this many rounds, so
+#: that its last claims do not wait long in line for a slot (they last ``claim_seconds``).
+CLAIM_ROUNDS = 4
 
 T = TypeVar("T")
 D = TypeVar("D")
@@ -154,8 +161,13 @@ class LayerContext:
     notifier: Any = None
     #: The options the layer declares (``Layer.options``); None: it gets its raw table.
     declared: Mapping[str, Option] | None = None
+    #: This instance's id, the owner of its claims (the supervisor sets the one of the
+    #: process; empty: ``identity.instance_id`` of the settings).
+    instance_id: str = ""
 
     def __post_init__(self) -> None:
+        if not self.instance_id:
+            self.instance_id = identity.instance_id(self.settings)
         if self.log is None:
             self.log = structlog.get_logger(f"trainguard.layers.{self.name}").bind(layer=self.name)
 
@@ -167,6 +179,38 @@ class LayerContext:
 
     def heartbeat(self) -> None:
         self.last_beat = trio.current_time()
+
+    @property
+    def claim_seconds(self) -> float:
+        """How long a claim of this instance holds a row before others may take it over."""
+        return float(self.settings.cluster["claim_seconds"])
+
+    async def gone_owners(self, kind: ClaimKind) -> list[str]:
+        """The owners of claims in the table of ``kind`` that are processes of this host no
+        longer running (``identity.gone``): their claims are taken over at once."""
+        return [o for o in await self.store.claim_owners(kind) if identity.gone(o)]
+
+    def claimed(self, kind: ClaimKind, claim: Claimed[Any]) -> None:
+        """Count (``trainguard_rescued_total{kind}``) and log the rows ``claim`` took over
+        from another owner."""
+        if not claim.rescued:
+            return
+        if self.metrics is not None:
+            self.metrics.rescued_claims(kind, len(claim.rescued))
+        self.log.warning(
+            "claims taken over from an instance that stopped holding them",
+            kind=kind,
+            rows=len(claim.rescued),
+            owners=sorted(set(claim.rescued.values())),
+        )
+
+    async def release(self, kind: ClaimKind, ids: Sequence[int]) -> None:
+        """Give up this instance's claims of ``ids``, also while the layer is being stopped
+        (shielded, at most ``RELEASE_SECONDS``; what is not given back expires)."""
+        shielded = trio.CancelScope(shield=True)
+        # StoreClosed: the store closed first; the claims expire.
+        with shielded, trio.move_on_after(RELEASE_SECONDS), suppress(StoreClosed):
+            await self.store.release(kind, ids, self.instance_id)
 
     def passed(self) -> None:
         """One pass of the layer's work finished: count it and beat."""
@@ -228,8 +272,13 @@ async def run_due(
     batch: int = 500,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
-    """Forever: handle every training whose ``kind`` time has come (``Store.due``), then sleep
-    until the next one is due. The schedule lives in the database; reconcile moves it."""
+    """Forever: claim every training whose ``kind`` time has come and nobody holds
+    (``Store.claim_due``), handle it, give the claims back, then sleep until the next one is
+    due. The schedule lives in the database; reconcile moves it. Claims make each check once
+    at a time across instances; reconcile's idempotent, monotonic rules make a late answer
+    of an owner whose claim was taken over change nothing. A pass takes ``batch`` trainings
+    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``."""
+    limit = min(batch, concurrency * CLAIM_ROUNDS)
     limiter = trio.CapacityLimiter(concurrency)
 
     errors = 0
@@ -245,14 +294,21 @@ async def run_due(
             ctx.heartbeat()
 
     task_status.started()
+    gone = await ctx.gone_owners("trainings")
     while True:
         now = ctx.clock.now()
-        due = await ctx.store.due(kind, now, batch)
-        if due:
+        claim = await ctx.store.claim_due(
+            kind, now, limit, ctx.instance_id, ctx.claim_seconds, gone
+        )
+        ctx.claimed("trainings", claim)
+        if due := claim.items:
             errors = 0
-            async with trio.open_nursery() as nursery:
-                for training in due:
-                    nursery.start_soon(one, training)
+            try:
+                async with trio.open_nursery() as nursery:
+                    for training in due:
+                        nursery.start_soon(one, training)
+            finally:
+                await ctx.release("trainings", [training.id for training in due])
             if errors:  # what failed is still due: do not spin on it
                 await trio.sleep(ctx.idle_seconds)
             else:

@@ -53,6 +53,8 @@ RECEIPT_EVICTIONS = ("unknown_training", "rejected", "rejected_not_kept")
 FAL_OPERATIONS = ("submit", "status", "result", "cancel", "probe")
 FAL_OUTCOMES = ("pending", "completed", "succeeded", "failed", "transient", "not_found")
 STATUSES = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS", "COMPLETED", "FAILED", "CANCELLED")
+#: The tables whose rows instances claim (``trainguard.store.ClaimKind``).
+CLAIM_KINDS = ("trainings", "outbox", "artifacts")
 
 _TIME_TO_RESULT_BUCKETS = (1, 5, 15, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600)
 _FAL_DURATION_BUCKETS = (0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -180,6 +182,12 @@ class Metrics:
         self.artifact_failures = counter(
             "trainguard_artifact_downloads_failed_total", "Result file downloads that failed."
         )
+        self.rescued = counter(
+            "trainguard_rescued_total",
+            "Claims taken over from an instance that died (or stalled): expired, or its "
+            "process gone from this host; by table (trainings, outbox, artifacts).",
+            ("kind",),
+        )
 
         self._layers: set[str] = set()
         for layer in layers:
@@ -195,6 +203,8 @@ class Metrics:
         for status in STATUSES:
             self.trainings.labels(status=status)
             self.transitions.labels(to=status)
+        for kind in CLAIM_KINDS:
+            self.rescued.labels(kind=kind)
 
     @property
     def layers(self) -> frozenset[str]:
@@ -266,6 +276,9 @@ class Metrics:
 
     def hook_error(self, hook: str) -> None:
         self.hook_errors.labels(hook=hook).inc()
+
+    def rescued_claims(self, kind: str, count: int) -> None:
+        self.rescued.labels(kind=kind).inc(count)
 
     def db_commit(self, batch_size: int) -> None:
         """Count one database commit of ``batch_size`` rows."""

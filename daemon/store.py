@@ -27,11 +27,11 @@ import json
 import math
 import random
 import time
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager
 from contextvars import ContextVar
 from dataclasses import dataclass, fields
-from typing import Any, Literal, TypeVar
+from typing import Any, Generic, Literal, TypeVar
 
 import peewee
 import playhouse.migrate
@@ -41,8 +41,9 @@ from trainguard.dialect import Dialect, dialect_for
 from trainguard.errors import StoreClosed, StoreError, TransactionRolledBack
 
 T = TypeVar("T")
+C = TypeVar("C")
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 6
 UNFINISHED = ("SUBMITTED", "IN_QUEUE", "IN_PROGRESS")
 TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
 STATUSES = UNFINISHED + TERMINAL
@@ -161,6 +162,9 @@ class Training(BaseModel):
     updated_at = peewee.DoubleField()
     cancel_requested_at = peewee.DoubleField(null=True)
     result_errors = peewee.IntegerField(default=0)  # untyped 5xx on the result after COMPLETED
+    # Its claim (schema 6, issue 11): the instance handling it now, and until when.
+    claimed_by = peewee.TextField(null=True, index=True)
+    claim_expires_at = peewee.DoubleField(null=True)
 
     class Meta:
         table_name = "trainings"
@@ -228,6 +232,9 @@ class Outbox(BaseModel):
     delivered_at = peewee.DoubleField(null=True, index=True)
     abandoned_at = peewee.DoubleField(null=True)
     last_error = peewee.TextField(null=True)
+    # Its claim (schema 6, issue 11): the instance handling it now, and until when.
+    claimed_by = peewee.TextField(null=True, index=True)
+    claim_expires_at = peewee.DoubleField(null=True)
 
     class Meta:
         table_name = "outbox"
@@ -247,6 +254,9 @@ class Artifact(BaseModel):
     attempts = peewee.IntegerField(default=0)
     next_attempt_at = peewee.DoubleField(index=True)
     last_error = peewee.TextField(null=True)
+    # Its claim (schema 6, issue 11): the instance handling it now, and until when.
+    claimed_by = peewee.TextField(null=True, index=True)
+    claim_expires_at = peewee.DoubleField(null=True)
 
     class Meta:
         table_name = "artifacts"
@@ -301,12 +311,29 @@ def _migrate_4(db: peewee.Database) -> None:
             playhouse.migrate.migrate(migrator.add_index("webhook_receipts", wanted, False))
 
 
+def _migrate_6(db: peewee.Database) -> None:
+    """Claims (issue 11): ``claimed_by`` (indexed) and ``claim_expires_at`` on trainings,
+    outbox and artifacts (a table created from the current model already has them)."""
+    migrator = playhouse.migrate.SchemaMigrator.from_database(db)
+    for model in (Training, Outbox, Artifact):
+        table = model._meta.table_name
+        existing = {column.name for column in db.get_columns(table)}
+        playhouse.migrate.migrate(
+            *(
+                migrator.add_column(table, name, getattr(model, name))  # with its index
+                for name in ("claimed_by", "claim_expires_at")
+                if name not in existing
+            )
+        )
+
+
 #: Forward migrations, applied in order at open; never edit a released one, append.
 MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
     (1, _migrate_1),
     (2, _migrate_2),
     (3, _migrate_3),
     (4, _migrate_4),
+    (6, _migrate_6),
 )
 
 
@@ -443,8 +470,64 @@ def _due_where(kind: DueKind) -> tuple[peewee.Field, peewee.Expression]:
     raise ValueError(f"unknown due kind {kind!r}")
 
 
-def _views(query: peewee.ModelSelect) -> list[TrainingView]:
-    return [TrainingView.of(row) for row in query]
+def _views(rows: Iterable[Training]) -> list[TrainingView]:
+    return [TrainingView.of(row) for row in rows]
+
+
+#: The tables whose rows are claimed (``Store.release``, ``trainguard_rescued_total{kind}``).
+ClaimKind = Literal["trainings", "outbox", "artifacts"]
+_CLAIMED: dict[ClaimKind, type[BaseModel]] = {
+    "trainings": Training,
+    "outbox": Outbox,
+    "artifacts": Artifact,
+}
+
+
+@dataclass(frozen=True)
+class Claimed(Generic[C]):
+    """What one claim took: the rows, now this owner's until their claim expires, and the
+    ids of those taken over from another owner (whose claim had expired, or who is gone),
+    with that owner."""
+
+    items: list[C]
+    rescued: dict[int, str]
+
+
+def _claimable(model: type[BaseModel], now: float, gone: Sequence[str]) -> peewee.Expression:
+    """A row nobody holds: never claimed or released, its claim expired, or held by an
+    owner known to be ``gone`` (``trainguard.identity.gone``)."""
+    free = model.claimed_by.is_null() | (model.claim_expires_at < now)
+    return free | model.claimed_by.in_(list(gone)) if gone else free
+
+
+def _free_at(model: type[BaseModel], column: peewee.Field) -> peewee.Node:
+    """When a row is due for anyone: ``column``, or its claim's expiry when that is later."""
+    later = model.claim_expires_at > column
+    return peewee.Case(None, [(later, model.claim_expires_at)], column)
+
+
+def _claim(
+    conn: Connection,
+    model: type[BaseModel],
+    candidates: peewee.ModelSelect,
+    owner: str,
+    until: float,
+) -> tuple[list[Any], dict[int, str]]:
+    """Claim what ``candidates`` picks for ``owner`` until ``until`` (``Dialect.claim``);
+    the rows and those taken over from another owner."""
+    values = {model.claimed_by: owner, model.claim_expires_at: until}
+    taken = conn.dialect.claim(model, candidates, values)
+    rescued = {row.id: was for row, was in taken if was is not None and was != owner}
+    return [row for row, _ in taken], rescued
+
+
+def _released(model: type[BaseModel], owner: str) -> dict[Any, Any]:
+    """Update values that give up ``owner``'s claim of a row and keep anyone else's."""
+    mine = model.claimed_by == owner
+    return {
+        model.claimed_by: peewee.Case(None, [(mine, None)], model.claimed_by),
+        model.claim_expires_at: peewee.Case(None, [(mine, None)], model.claim_expires_at),
+    }
 
 
 @dataclass(frozen=True)
@@ -489,6 +572,12 @@ def _outbox_heads(consumer: str) -> peewee.ModelSelect:
     )
 
 
+def _outbox_held(consumer: str, now: float, gone: Sequence[str]) -> peewee.ModelSelect:
+    """The trainings with an entry someone holds at ``now`` (not ``gone``)."""
+    held = Outbox.claimed_by.is_null(False) & ~_claimable(Outbox, now, gone)
+    return Outbox.select(Outbox.request_id).where(Outbox.consumer == consumer, held)
+
+
 class OutboxTable:
     """Named operations on the outbox: per consumer, events written in the transitions'
     transactions, sent in order per training (the oldest pending entry, the head, first)."""
@@ -514,31 +603,43 @@ class OutboxTable:
 
         return await self._store.read(get)
 
-    async def due_heads(
-        self, consumer: str, now: float, busy: Sequence[str], limit: int
-    ) -> list[OutboxMessage]:
-        """The oldest due heads, ``limit`` at most, of trainings not in ``busy``."""
+    async def claim_heads(
+        self,
+        consumer: str,
+        now: float,
+        busy: Sequence[str],
+        limit: int,
+        owner: str,
+        claim_seconds: float,
+        gone: Sequence[str] = (),
+    ) -> Claimed[OutboxMessage]:
+        """Claim the oldest due heads, ``limit`` at most, of trainings not in ``busy`` and
+        with no entry anyone holds (one sender per training, so in order across instances),
+        for ``owner`` during ``claim_seconds``. ``delivered`` and ``failed`` release them."""
 
-        def get(conn: Connection) -> list[OutboxMessage]:
-            query = (
+        def claim(conn: Connection) -> Claimed[OutboxMessage]:
+            candidates = (
                 Outbox.select()
                 .where(
                     Outbox.id.in_(_outbox_heads(consumer)),
                     Outbox.next_attempt_at <= now,
                     Outbox.request_id.not_in(list(busy)),
+                    Outbox.request_id.not_in(_outbox_held(consumer, now, gone)),
                 )
                 .order_by(Outbox.id)
                 .limit(limit)
             )
-            return [OutboxMessage.of(row) for row in query]
+            rows, rescued = _claim(conn, Outbox, candidates, owner, now + claim_seconds)
+            rows.sort(key=lambda row: row.id)
+            return Claimed([OutboxMessage.of(row) for row in rows], rescued)
 
-        return await self._store.read(get)
+        return await self._store.write(claim)
 
     async def stats(
-        self, consumer: str, busy: Sequence[str]
+        self, consumer: str, busy: Sequence[str], now: float
     ) -> tuple[int, float | None, float | None]:
         """(pending entries, the oldest one's creation time, when the next head of a
-        training not in ``busy`` is due)."""
+        training not in ``busy`` and not held by anyone at ``now`` is due)."""
 
         def get(conn: Connection) -> tuple[int, float | None, float | None]:
             backlog, oldest = (
@@ -549,28 +650,42 @@ class OutboxTable:
             )
             next_due = (
                 Outbox.select(peewee.fn.MIN(Outbox.next_attempt_at))
-                .where(Outbox.id.in_(_outbox_heads(consumer)), Outbox.request_id.not_in(list(busy)))
+                .where(
+                    Outbox.id.in_(_outbox_heads(consumer)),
+                    Outbox.request_id.not_in(list(busy)),
+                    Outbox.request_id.not_in(_outbox_held(consumer, now, ())),
+                )
                 .scalar()
             )
             return backlog, oldest, next_due
 
         return await self._store.read(get)
 
-    async def delivered(self, entry_id: int, now: float) -> None:
+    async def delivered(self, entry_id: int, now: float, owner: str) -> None:
+        """The bot acknowledged it; ``owner``'s claim of it is given up in the same update."""
+
         def set_delivered(conn: Connection) -> None:
-            Outbox.update(delivered_at=now, attempts=Outbox.attempts + 1, last_error=None).where(
-                Outbox.id == entry_id
-            ).execute()
+            values: dict[Any, Any] = {
+                Outbox.delivered_at: now,
+                Outbox.attempts: Outbox.attempts + 1,
+                Outbox.last_error: None,
+                **_released(Outbox, owner),
+            }
+            Outbox.update(values).where(Outbox.id == entry_id).execute()
 
         await self._store.write(set_delivered)
 
-    async def failed(self, entry_id: int, error: str, next_attempt_at: float | None) -> None:
-        """One more failed attempt; retried at ``next_attempt_at`` (None: as it was)."""
+    async def failed(
+        self, entry_id: int, error: str, next_attempt_at: float | None, owner: str
+    ) -> None:
+        """One more failed attempt; retried at ``next_attempt_at`` (None: as it was).
+        ``owner``'s claim of it is given up in the same update."""
 
         def set_failed(conn: Connection) -> None:
             values: dict[Any, Any] = {
                 Outbox.attempts: Outbox.attempts + 1,
                 Outbox.last_error: error,
+                **_released(Outbox, owner),
             }
             if next_attempt_at is not None:
                 values[Outbox.next_attempt_at] = next_attempt_at
@@ -685,22 +800,37 @@ class ArtifactsTable:
 
         return await self._store.write(create)
 
-    async def due(self, now: float, limit: int) -> list[ArtifactRow]:
-        """Files not stored yet whose next attempt has come, the longest due first."""
+    async def claim_due(
+        self,
+        now: float,
+        limit: int,
+        owner: str,
+        claim_seconds: float,
+        gone: Sequence[str] = (),
+    ) -> Claimed[ArtifactRow]:
+        """Claim the files not stored yet whose next attempt has come and that nobody holds,
+        the longest due first, for ``owner`` during ``claim_seconds`` (one download per
+        file across instances; ``Store.release`` gives them up)."""
 
-        def get(conn: Connection) -> list[ArtifactRow]:
-            query = (
-                Artifact.select(Artifact, Training.name.alias("training_name"))
-                .join(
-                    Training,
-                    peewee.JOIN.LEFT_OUTER,
-                    on=(Artifact.request_id == Training.request_id),
+        def claim(conn: Connection) -> Claimed[ArtifactRow]:
+            candidates = (
+                Artifact.select()
+                .where(
+                    Artifact.stored_at.is_null(),
+                    Artifact.next_attempt_at <= now,
+                    _claimable(Artifact, now, gone),
                 )
-                .where(Artifact.stored_at.is_null(), Artifact.next_attempt_at <= now)
-                .order_by(Artifact.next_attempt_at)
+                .order_by(Artifact.next_attempt_at, Artifact.id)
                 .limit(limit)
             )
-            return [
+            rows, rescued = _claim(conn, Artifact, candidates, owner, now + claim_seconds)
+            rows.sort(key=lambda a: (a.next_attempt_at, a.id))
+            names = dict(
+                Training.select(Training.request_id, Training.name)
+                .where(Training.request_id.in_([a.request_id for a in rows]))
+                .tuples()
+            )
+            files = [
                 ArtifactRow(
                     a.id,
                     a.request_id,
@@ -709,18 +839,20 @@ class ArtifactsTable:
                     a.path,
                     a.expected_size,
                     a.attempts,
-                    a.training_name,
+                    names.get(a.request_id),
                 )
-                for a in query.objects()
+                for a in rows
             ]
+            return Claimed(files, rescued)
 
-        return await self._store.read(get)
+        return await self._store.write(claim)
 
     async def next_due(self) -> float | None:
-        """When the next file not stored yet is due (None: none)."""
+        """When the next file not stored yet is due for anyone (a held one: when its claim
+        expires, if that is later; None: none)."""
 
         def get(conn: Connection) -> float | None:
-            query = Artifact.select(peewee.fn.MIN(Artifact.next_attempt_at))
+            query = Artifact.select(peewee.fn.MIN(_free_at(Artifact, Artifact.next_attempt_at)))
             return query.where(Artifact.stored_at.is_null()).scalar()
 
         return await self._store.read(get)
@@ -803,8 +935,15 @@ class Store:
             self.db.close()
 
     async def _writer(
-        self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED
+        self,
+        scope: trio.CancelScope,
+        *,
+        task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
     ) -> None:
+        with scope:
+            await self._write_batches(task_status)
+
+    async def _write_batches(self, task_status: trio.TaskStatus[None]) -> None:
         self._writer_running = True
         task_status.started()
         try:
@@ -1033,14 +1172,63 @@ class Store:
 
         return await self.read(get)
 
+    async def claim_due(
+        self,
+        kind: DueKind,
+        now: float,
+        limit: int,
+        owner: str,
+        claim_seconds: float,
+        gone: Sequence[str] = (),
+    ) -> Claimed[TrainingView]:
+        """Claim the trainings ``due`` would return that nobody holds (free, their claim
+        expired, or held by an owner in ``gone``) for ``owner`` during ``claim_seconds``, the
+        earliest first, in one statement where the database allows (``Dialect.claim``), so
+        two instances never take the same training. ``release`` gives them up."""
+        column, counts = _due_where(kind)
+
+        def claim(conn: Connection) -> Claimed[TrainingView]:
+            candidates = (
+                Training.select()
+                .where(column <= now, counts, _claimable(Training, now, gone))
+                .order_by(column, Training.id)
+                .limit(limit)
+            )
+            rows, rescued = _claim(conn, Training, candidates, owner, now + claim_seconds)
+            rows.sort(key=lambda row: (getattr(row, column.name), row.id))
+            return Claimed(_views(rows), rescued)
+
+        return await self.write(claim)
+
+    async def release(self, kind: ClaimKind, ids: Sequence[int], owner: str) -> int:
+        """Give up ``owner``'s claims of these rows (one another owner has taken over since
+        stays theirs); returns how many were given up."""
+        model = _CLAIMED[kind]
+
+        def release(conn: Connection) -> int:
+            query = model.update({model.claimed_by: None, model.claim_expires_at: None})
+            return int(query.where(model.id.in_(list(ids)), model.claimed_by == owner).execute())
+
+        return await self.write(release) if ids else 0
+
+    async def claim_owners(self, kind: ClaimKind) -> list[str]:
+        """Every owner holding (or having held, expired) a claim in the table of ``kind``."""
+        model = _CLAIMED[kind]
+
+        def get(conn: Connection) -> list[str]:
+            query = model.select(model.claimed_by).where(model.claimed_by.is_null(False))
+            return sorted(owner for (owner,) in query.distinct().tuples())
+
+        return await self.read(get)
+
     async def next_due(self, kind: DueKind) -> float | None:
-        """The earliest ``kind`` time among the trainings it counts for (None: none)."""
+        """The earliest ``kind`` time among the trainings it counts for (None: none); a
+        training someone holds counts from when its claim expires, if that is later."""
         column, counts = _due_where(kind)
 
         def get(conn: Connection) -> float | None:
-            return (
-                Training.select(peewee.fn.MIN(column)).where(column.is_null(False), counts).scalar()
-            )
+            query = Training.select(peewee.fn.MIN(_free_at(Training, column)))
+            return query.where(column.is_null(False), counts).scalar()
 
         return await self.read(get)
 
@@ -1185,14 +1373,20 @@ def fal_user_ids(conn: Connection, request_id: str | None = None) -> dict[str, s
 
 @asynccontextmanager
 async def open_store(url: str, **kwargs: Any) -> AsyncIterator[Store]:
-    """Open, migrate and run a Store's writer for the duration of the block."""
+    """Open, migrate and run a Store's writer for the duration of the block.
+
+    The writer is shielded until the block ends: a block being cancelled can still make its
+    last writes (shielded), such as giving its claims back."""
     store = Store(url, **kwargs)
     try:
         await store._call(store._open)
         async with trio.open_nursery() as nursery:
-            await nursery.start(store._writer)
-            yield store
-            nursery.cancel_scope.cancel()
+            writer = trio.CancelScope(shield=True)
+            await nursery.start(store._writer, writer)
+            try:
+                yield store
+            finally:
+                writer.cancel()
     finally:
         with trio.CancelScope(shield=True):
             await store._call(store._close)

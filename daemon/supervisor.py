@@ -33,6 +33,7 @@ from trainguard.clock import Clock
 from trainguard.config import ConfigError, Settings
 from trainguard.errors import LayerStartError, StartError
 from trainguard.fal import FalClient, RateLimiter
+from trainguard.identity import instance_id
 from trainguard.layer import Layer, LayerContext, declared_options, layer_options
 from trainguard.metrics import Metrics
 from trainguard.plugins.manager import (
@@ -95,6 +96,7 @@ class Daemon:
         self.fal_transport = fal_transport
         self.handle_signals = handle_signals
         self.metrics = Metrics()
+        self.instance_id = instance_id(settings)  # the owner of this process's claims
         self.layers: dict[str, RunningLayer] = {}
         self.ready = False
         self.db_ok = False
@@ -224,6 +226,7 @@ class Daemon:
             clock=self.clock,
             notifier=self.notifier,
             declared=declared_options(layer),
+            instance_id=self.instance_id,
         )
         timeout_fn = getattr(layer, "heartbeat_timeout", None)
         timeout = timeout_fn(ctx.options) if callable(timeout_fn) else DEFAULT_HEARTBEAT_TIMEOUT

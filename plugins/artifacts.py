@@ -5,8 +5,9 @@ training, so a URL is not a kept result. Each pass of this layer:
 
 1. finds COMPLETED real results (never a fallback) with a LoRA or config URL that have no
    ``artifacts`` row yet, and creates one row per file, due at once;
-2. downloads the rows that are due (``next_attempt_at <= now``, not stored, not given up),
-   ``concurrency`` at a time: streamed in chunks, held to FAL's ``file_size`` and to
+2. claims the rows that are due (``next_attempt_at <= now``, not stored, not given up, not
+   held by another instance), ``concurrency`` of them, so each file is downloaded by one
+   instance, and downloads them at once: streamed in chunks, held to FAL's ``file_size`` and to
    ``[artifacts] max_bytes``, hashed (sha256) while streaming, written under a temporary name
    in the final directory, fsynced, and renamed into place only when whole.
 
@@ -279,11 +280,12 @@ class ArtifactsLayer:
             follow_redirects=True,
             headers={"User-Agent": "trainguard"},
         ) as client:
+            gone = await ctx.gone_owners("artifacts")
             task_status.started()
             while True:
                 self._wake = trio.Event()
                 options = Options(**ctx.options)  # a reload (SIGHUP) may change them
-                await self._pass(ctx, client, root, options)
+                await self._pass(ctx, client, root, options, gone)
                 ctx.passed()
                 await self._idle(ctx, options.interval_seconds)
 
@@ -297,9 +299,15 @@ class ArtifactsLayer:
                 await self._wake.wait()
 
     async def _pass(
-        self, ctx: LayerContext, client: httpx.AsyncClient, root: Path, options: Options
+        self,
+        ctx: LayerContext,
+        client: httpx.AsyncClient,
+        root: Path,
+        options: Options,
+        gone: list[str],
     ) -> None:
-        """Create the rows of new results, then download what is due."""
+        """Create the rows of new results, then claim what is due (one download per file
+        across instances; ``gone``: owners whose claims are taken at once) and download it."""
         found = await ctx.store.artifacts.results_without_rows(options.batch)
         rows = [row for view in found for row in planned_files(ctx.settings, view, root)]
         if rows:
@@ -307,11 +315,20 @@ class ArtifactsLayer:
             ctx.log.info("result files queued for download", trainings=len(found))
             if refused:
                 ctx.log.warning(f"{WARN} result files the database refused", files=refused)
-        due = await ctx.store.artifacts.due(ctx.clock.now(), options.batch)
+        # As many files as download at once, so a claim never waits: it lasts one download.
+        limit = min(options.batch, options.concurrency)
+        hold = ctx.claim_seconds + self.download_timeout
+        claim = await ctx.store.artifacts.claim_due(
+            ctx.clock.now(), limit, ctx.instance_id, hold, gone
+        )
+        ctx.claimed("artifacts", claim)
         limiter = trio.CapacityLimiter(options.concurrency)
-        async with trio.open_nursery() as nursery:
-            for artifact in due:
-                nursery.start_soon(self._fetch, ctx, client, artifact, limiter, options)
+        try:
+            async with trio.open_nursery() as nursery:
+                for artifact in claim.items:
+                    nursery.start_soon(self._fetch, ctx, client, artifact, limiter, options)
+        finally:
+            await ctx.release("artifacts", [artifact.id for artifact in claim.items])
 
     async def _fetch(
         self,

@@ -13,7 +13,10 @@ A built-in plugin that uses nothing but the public hooks, the way a team would w
   Standard Webhooks (``webhook-id`` is the entry's stable ``message_id``, the same on every
   retry). A training's next event is sent only once the previous one is delivered or
   abandoned; trainings do not wait for each other: at most ``SEND_CONCURRENCY`` POSTs are in
-  flight, each started as soon as a slot is free, whatever the others are doing. Every POST
+  flight, each started as soon as a slot is free, whatever the others are doing. With
+  several instances, each head is claimed by one sender before it is POSTed (one sender per
+  entry; a training's next entry only once no instance holds one of its entries, so the
+  order holds across instances). Every POST
   has one time limit for all of it (``timeout_seconds``: connect, send, and the answer however
   slowly it trickles), and at most ``MAX_ANSWER_BYTES`` of an answer are read: a slow or
   huge answer from the bot costs one slot for ``timeout_seconds`` and a few KB, no more.
@@ -64,7 +67,6 @@ INTERNAL_FIELDS = frozenset(
 RETRY_FIRST_SECONDS = 2.0
 RETRY_MAX_SECONDS = 600.0
 SEND_CONCURRENCY = 4
-BATCH = 100  # at most this many heads queued for a slot at a time
 MAX_ANSWER_BYTES = 4096  # of the bot's answer (only its status matters)
 
 
@@ -149,6 +151,7 @@ class DeliveryLayer:
         self._gone = False
         self._in_flight: set[str] = set()  # request ids with a head queued or being sent
         self._settled: set[int] = set()  # outbox ids whose outcome was stored this pass
+        self._gone_owners: list[str] = []  # claims of these dead processes are taken at once
 
     def heartbeat_timeout(self, options: Mapping[str, Any]) -> float:
         return max(300.0, self.timeout + 60.0)  # one POST may take the whole timeout
@@ -161,6 +164,7 @@ class DeliveryLayer:
         key = load_secret()
         # Whether this URL answered 410 and nothing was delivered since (survives restarts).
         self._gone = await ctx.store.outbox.stopped_since_delivered(CONSUMER, self.gone_reason)
+        self._gone_owners = await ctx.gone_owners("outbox")
         self._in_flight.clear()
         limiter = trio.CapacityLimiter(SEND_CONCURRENCY)
         async with (
@@ -183,7 +187,7 @@ class DeliveryLayer:
                 next_due = await self._gauges(ctx)
                 ctx.passed()
                 wait = ctx.idle_seconds
-                if next_due is not None and len(self._in_flight) < BATCH:
+                if next_due is not None and len(self._in_flight) < SEND_CONCURRENCY:
                     wait = min(wait, next_due - ctx.clock.now())
                 if wait > 0:
                     with trio.move_on_after(wait):
@@ -199,18 +203,32 @@ class DeliveryLayer:
         key: bytes,
         now: float,
     ) -> None:
-        """Queue every due head of a training with nothing in flight; returns at once."""
-        room = BATCH - len(self._in_flight)
+        """Claim a due head of a training with nothing in flight for every free slot and
+        start sending them; returns at once. Only heads that a slot takes at once are
+        claimed, so a claim never waits in a queue: it lasts ``_claim_seconds``."""
+        room = SEND_CONCURRENCY - len(self._in_flight)
         if room <= 0:
             return
         self._settled.clear()
         busy = sorted(self._in_flight)
-        for message in await ctx.store.outbox.due_heads(CONSUMER, now, busy, room):
+        claim = await ctx.store.outbox.claim_heads(
+            CONSUMER, now, busy, room, ctx.instance_id, self._claim_seconds(ctx), self._gone_owners
+        )
+        ctx.claimed("outbox", claim)
+        stale = []
+        for message in claim.items:
             # A head read while its training's previous message was being settled is stale.
             if message.request_id in self._in_flight or message.id in self._settled:
+                stale.append(message.id)
                 continue
             self._in_flight.add(message.request_id)
             senders.start_soon(self._send_one, ctx, limiter, client, key, message)
+        await ctx.release("outbox", stale)
+
+    def _claim_seconds(self, ctx: LayerContext) -> float:
+        """How long a claimed head is this instance's: ``[cluster] claim_seconds``, and at
+        least twice the time limit of its one POST."""
+        return max(ctx.claim_seconds, 2 * self.timeout)
 
     async def _send_one(
         self,
@@ -220,13 +238,17 @@ class DeliveryLayer:
         key: bytes,
         message: OutboxMessage,
     ) -> None:
+        gone = settled = False
         try:
             async with limiter:
                 if self._gone:
                     return
                 gone = await self._deliver(ctx, client, key, message)
+            settled = True  # delivered() / failed() gave the claim up with the outcome
             self._settled.add(message.id)
         finally:
+            if not settled:
+                await ctx.release("outbox", [message.id])
             self._in_flight.discard(message.request_id)
         ctx.heartbeat()
         if gone and not self._gone:
@@ -274,19 +296,19 @@ class DeliveryLayer:
             error = f"no complete answer within {self.timeout:g} s"
         else:
             if 200 <= status < 300:
-                await ctx.store.outbox.delivered(message.id, ctx.clock.now())
+                await ctx.store.outbox.delivered(message.id, ctx.clock.now(), ctx.instance_id)
                 ctx.metrics.delivery_delivered.inc()
                 log.info("delivered to the bot", attempts=message.attempts + 1)
                 return False
             error = f"HTTP {status}"
             if status == 410:
-                await ctx.store.outbox.failed(message.id, self.gone_reason, None)
+                await ctx.store.outbox.failed(message.id, self.gone_reason, None, ctx.instance_id)
                 ctx.metrics.delivery_attempts_failed.inc()
                 return True
         attempts = message.attempts + 1
         delay = min(RETRY_MAX_SECONDS, RETRY_FIRST_SECONDS * 2 ** (attempts - 1))
         delay *= random.uniform(0.5, 1.0)
-        await ctx.store.outbox.failed(message.id, error, ctx.clock.now() + delay)
+        await ctx.store.outbox.failed(message.id, error, ctx.clock.now() + delay, ctx.instance_id)
         ctx.metrics.delivery_attempts_failed.inc()
         log.info(
             "delivery failed; will retry", error=error, attempts=attempts, retry_in=round(delay, 2)
@@ -315,7 +337,8 @@ class DeliveryLayer:
     async def _gauges(self, ctx: LayerContext) -> float | None:
         """Set the backlog gauges; return when the next head not in flight is due (None: none;
         a sender wakes the layer when it is done)."""
-        backlog, oldest, next_due = await ctx.store.outbox.stats(CONSUMER, sorted(self._in_flight))
+        busy = sorted(self._in_flight)
+        backlog, oldest, next_due = await ctx.store.outbox.stats(CONSUMER, busy, ctx.clock.now())
         ctx.metrics.delivery_backlog.set(backlog)
         ctx.metrics.delivery_oldest_age.set(ctx.clock.now() - oldest if oldest else 0)
         return next_due

@@ -571,3 +571,41 @@ async def test_one_row_the_database_refuses_never_stops_the_batch(
     assert rows["lora"]["next_attempt_at"] == math.inf
     assert rows["lora"]["last_error"].startswith("not queued: ")
     assert sample(daemon, "trainguard_layer_errors_total", layer="artifacts") == 0
+
+
+async def test_two_instances_download_each_file_once(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
+) -> None:
+    """Issue 11: two daemons on one database, both keeping artifacts: each file is claimed,
+    and so downloaded, by one of them."""
+    server = MediaServer()
+    requests: dict[str, int] = {}
+    app = server.app
+
+    async def counting(scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            requests[scope["path"]] = requests.get(scope["path"], 0) + 1
+        await app(scope, receive, send)
+
+    server.app = counting  # type: ignore[method-assign]
+    await server.serve(nursery)
+    settings = daemon_settings(
+        tmp_path / "db.sqlite",
+        sim,
+        only=("artifacts",),
+        layers={"artifacts": FAST},
+        extra={"artifacts": {"dir": str(tmp_path / "artifacts")}},
+        url=database_url,
+    )
+    a, b = await start(nursery, settings), await start(nursery, settings)
+    rids = [f"req-{i}" for i in range(8)]
+    for i, rid in enumerate(rids):
+        await finish_with((a, b)[i % 2], rid, hosted(server, rid, bytes([i]) * 100_000))
+    await wait_for(stored(a, *rids))
+    assert len(requests) == 16 and set(requests.values()) == {1}, requests
+
+    async def released() -> bool:  # every claim is given back after its pass
+        rows = [r for rid in rids for r in (await artifacts(a, rid)).values()]
+        return all(r["claimed_by"] is None for r in rows)
+
+    await wait_for(released)

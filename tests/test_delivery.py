@@ -489,3 +489,35 @@ async def test_a_trickling_or_huge_answer_costs_one_slot_for_the_time_limit_and_
     # What was read of the 300 MB: what the sockets' buffers took before the hang-up.
     print(f"huge answer: {bot.huge_sent // 1024} KiB sent of {bot.HUGE // 1024} KiB")
     assert bot.huge_sent < 64 * 1024 * 1024
+
+
+async def test_two_instances_send_each_event_once_and_in_order(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    """Issue 11: two daemons on one database, both delivering: one sender per entry (its
+    head claimed by one instance), a training's events still in order."""
+    bot = Receiver()
+    url = await serve(nursery, bot) + "/bot"
+    settings = settings_for(tmp_path, url)
+    async with running(settings) as a, running(settings) as b:
+        assert a.reconciler is not None and b.reconciler is not None
+        rids = [f"t{i}" for i in range(12)]
+        for i, rid in enumerate(rids):  # transitions at either instance
+            await finish((a, b)[i % 2].reconciler, rid, Kind.FAILED, Kind.SUCCEEDED)
+
+        async def all_delivered() -> bool:
+            rows = await outbox(a)
+            return len(rows) == 24 and all(r["delivered_at"] for r in rows)
+
+        await wait_for(all_delivered, 15)
+        rows = await outbox(a)
+        sent = metric(a, "events_delivered_total") + metric(b, "events_delivered_total")
+    assert sent == 24
+    assert sorted(m for m, _, _ in bot.acked()) == sorted(r["message_id"] for r in rows)
+    assert len(bot.got) == 24  # nothing sent twice
+    for rid in rids:
+        assert [t for _, t, r in bot.acked() if r == rid] == [
+            "training.fallback",
+            "training.upgraded",
+        ]
+    assert all(r["claimed_by"] is None for r in rows)  # every claim given up with its outcome
