@@ -32,6 +32,7 @@ import trio
 
 from trainguard import fal
 from trainguard.clock import Clock
+from trainguard.cluster import Cluster
 from trainguard.config import Option, Settings, validate_options
 from trainguard.reconcile import Change, Reconciler
 from trainguard.store import DueKind, Store, TrainingView
@@ -154,6 +155,9 @@ class LayerContext:
     notifier: Any = None
     #: The options the layer declares (``Layer.options``); None: it gets its raw table.
     declared: Mapping[str, Option] | None = None
+    #: This instance among the others on the database (leader roles); None outside a daemon
+    #: (a test or a tool driving a layer alone), which then leads every role.
+    cluster: Cluster | None = None
 
     def __post_init__(self) -> None:
         if self.log is None:
@@ -167,6 +171,10 @@ class LayerContext:
 
     def heartbeat(self) -> None:
         self.last_beat = trio.current_time()
+
+    def leads(self, role: str) -> bool:
+        """Whether this instance holds leader ``role`` now (always, without a cluster)."""
+        return self.cluster is None or self.cluster.is_leader(role)
 
     def passed(self) -> None:
         """One pass of the layer's work finished: count it and beat."""
@@ -226,10 +234,13 @@ async def run_due(
     *,
     concurrency: int = 8,
     batch: int = 500,
+    gate: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forever: handle every training whose ``kind`` time has come (``Store.due``), then sleep
-    until the next one is due. The schedule lives in the database; reconcile moves it."""
+    until the next one is due. The schedule lives in the database; reconcile moves it.
+    ``gate``: a pass runs only while it says yes (a leader role); otherwise the layer waits,
+    beating its heartbeat."""
     limiter = trio.CapacityLimiter(concurrency)
 
     errors = 0
@@ -246,6 +257,10 @@ async def run_due(
 
     task_status.started()
     while True:
+        if gate is not None and not gate():
+            ctx.heartbeat()
+            await trio.sleep(ctx.idle_seconds)
+            continue
         now = ctx.clock.now()
         due = await ctx.store.due(kind, now, batch)
         if due:
