@@ -19,7 +19,7 @@ from trainguard.cluster import LEASE_TRUST, SWEEPS, Cluster, instance_as_dict
 from trainguard.config import Settings
 from trainguard.metrics import Metrics
 from trainguard.plugins.manager import build_manager
-from trainguard.store import Connection, Lease, Store, open_store
+from trainguard.store import Connection, Instance, Lease, Meta, Store, open_store
 from trainguard.supervisor import Daemon
 from trainguard.testing.simulator import Simulator
 
@@ -244,3 +244,22 @@ async def test_completeness_runs_no_pass_on_a_non_leader_and_does_once_it_leads(
 
 async def _not(predicate: Callable[[], Awaitable[bool]]) -> bool:
     return not await predicate()
+
+
+async def test_schema_5_adds_the_instances_and_leases_tables(database_url: str) -> None:
+    async with open_store(database_url) as s:
+
+        def back_to_4(conn: Connection) -> None:
+            conn.db.drop_tables([Instance, Lease])
+            Meta.update(value="4").where(Meta.key == "schema_version").execute()
+
+        await s.write(back_to_4)
+    async with open_store(database_url) as s:
+        tables = await s.read(lambda conn: conn.db.get_tables())
+        version = await s.read(lambda conn: Meta.get(Meta.key == "schema_version").value)
+        cluster = Cluster(s, cluster_settings(database_url, "a"))
+        await cluster.register()
+        assert await cluster.try_lead(SWEEPS)
+        assert [row.roles for row in await cluster.instances()] == [(SWEEPS,)]
+    assert {"instances", "leases"} <= set(tables)
+    assert int(version) >= 5

@@ -193,7 +193,7 @@ async def test_forward_migration_from_version_1(tmp_path: Path) -> None:
         version = await s.read(lambda conn: Meta.get(Meta.key == "schema_version").value)
         assert await s.training("kept") is not None
     assert {"outbox", "artifacts"} <= set(tables)
-    assert version == str(store_mod.SCHEMA_VERSION) == "4"
+    assert version == str(store_mod.SCHEMA_VERSION) == "5"
 
 
 async def test_forward_migration_from_version_2_adds_the_cancel_and_result_error_columns(
