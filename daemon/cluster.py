@@ -98,8 +98,8 @@ class Cluster:
         self.metrics_listen: str | None = settings.metrics["listen"]
         self._trusted_until: dict[str, float] = {}
         self._leading: set[str] = set()
-        for role in roles:
-            if metrics is not None:
+        if metrics is not None:
+            for role in roles:
                 metrics.set_leader(role, False)
 
     @property

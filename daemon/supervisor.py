@@ -4,12 +4,13 @@ Start order: the store and its writer, the metrics listener (``/readyz`` answers
 ready), this instance's row and its first try for each leader role (``cluster.Cluster``,
 handed to every layer as ``ctx.cluster``), then each layer by ``order`` with
 ``nursery.start``, so "started" means working: the webhook listener is bound before the
-startup sweep runs, and the startup sweep has finished before READY=1 is sent. A layer that fails before it has started stops the daemon with a clear
-error (a port in use, say); one that crashes later is logged, counted and restarted alone,
-with exponential backoff (reset only once the layer has stayed up a while, so a layer that
-crashes right after each start backs off too). SIGTERM/SIGINT, from the very start of ``run``,
-send STOPPING=1 and cancel everything: a database batch already handed to the database thread
-is committed whole, nothing is half-written.
+startup sweep runs, and the startup sweep has finished before READY=1 is sent. A layer that
+fails before it has started stops the daemon with a clear error (a port in use, say); one
+that crashes later is logged, counted and restarted alone, with exponential backoff (reset
+only once the layer has stayed up a while, so a layer that crashes right after each start
+backs off too). SIGTERM/SIGINT, from the very start of ``run``, send STOPPING=1 and cancel
+everything: a database batch already handed to the database thread is committed whole,
+nothing is half-written; the instance hands its leader roles over and deletes its row.
 The systemd watchdog is fed only while every running layer's heartbeat is fresh.
 """
 
