@@ -8,8 +8,8 @@ no death; 15 s with the defaults, the same as ``lease_seconds``).
 A leader role (River's ``river_leader``) is a row of ``leases``: taken or renewed in one
 statement (``store.cluster.try_lead``) for ``lease_seconds``, renewed every third of that,
 deleted on a clean stop so that another instance takes over at its next try (a third of a
-lease at most). An instance that dies holds its roles until the lease expires; then the
-next try of another takes them.
+lease at most). An instance that dies holds its roles until the lease expires; the others,
+told by each failed try when it expires, try again just after that and one takes them.
 
 ``is_leader(role)`` is known locally and errs on the safe side: it holds only until
 ``LEASE_TRUST`` of a lease after the moment the last successful renew was *sent* (trio's
@@ -48,6 +48,8 @@ LIVE_HEARTBEATS = 3
 RENEWS_PER_LEASE = 3
 #: How much of a lease, from the moment its renew was sent, this instance trusts it.
 LEASE_TRUST = 0.8
+#: How long after another's lease expires this instance tries to take it.
+TAKEOVER_SLACK = 0.05
 #: How long a clean stop may take to hand the roles back and delete the instance's row.
 LEAVE_SECONDS = 5.0
 
@@ -98,6 +100,8 @@ class Cluster:
         self.metrics_listen: str | None = settings.metrics["listen"]
         self._trusted_until: dict[str, float] = {}
         self._leading: set[str] = set()
+        #: Per role held by another: in how many seconds its lease expires (its last try).
+        self._free_in: dict[str, float] = {}
         if metrics is not None:
             for role in roles:
                 metrics.set_leader(role, False)
@@ -141,7 +145,7 @@ class Cluster:
         lease = self.lease_seconds
         sent = trio.current_time()
         try:
-            expires = await self.store.cluster.try_lead(role, self.id, lease)
+            holder, left = await self.store.cluster.try_lead(role, self.id, lease)
         except Exception as exc:  # boundary: a lost database ends the lead, never the daemon
             self._trusted_until.pop(role, None)
             log.warning(
@@ -150,8 +154,9 @@ class Cluster:
                 error=f"{type(exc).__name__}: {exc}",
             )
             return False
-        if expires is None:
+        if holder != self.id:
             self._trusted_until.pop(role, None)
+            self._free_in[role] = left
             return False
         self._trusted_until[role] = sent + LEASE_TRUST * lease
         return True
@@ -190,8 +195,10 @@ class Cluster:
                 log.warning(f"{logs.WARN} heartbeat failed", error=f"{type(exc).__name__}: {exc}")
 
     async def _lead(self, role: str, *, task_status: trio.TaskStatus[None]) -> None:
-        """Forever: try to take or renew ``role`` every third of a lease. Started once the
-        first try is answered (a lone instance leads before its layers start)."""
+        """Forever: try to take or renew ``role`` every third of a lease, and, while another
+        holds it, again just after its lease expires (a dead leader is replaced at once).
+        Started once the first try is answered (a lone instance leads before its layers
+        start)."""
         started = False
         while True:
             period = self.lease_seconds / RENEWS_PER_LEASE
@@ -202,7 +209,11 @@ class Cluster:
             if not started:
                 started = True
                 task_status.started()
-            await trio.sleep_until(began + period)
+            next_try = began + period
+            free_in = self._free_in.pop(role, None)
+            if free_in is not None:
+                next_try = min(next_try, trio.current_time() + max(free_in, 0.0) + TAKEOVER_SLACK)
+            await trio.sleep_until(next_try)
 
     async def loops(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The heartbeat and the lease loops, until cancelled; started once every role has

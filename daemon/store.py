@@ -829,22 +829,23 @@ class ClusterTable:
 
         await self._store.write(beat)
 
-    async def try_lead(self, role: str, holder: str, seconds: float) -> float | None:
+    async def try_lead(self, role: str, holder: str, seconds: float) -> tuple[str, float]:
         """Take or renew the lease of ``role`` for ``holder`` for ``seconds``: in one
         statement, inserted when nobody holds it, else updated only where ``holder`` holds it
-        already or its lease has expired. Returns its new expiry when ``holder`` holds it now
-        (committed), else None. On PostgreSQL the conflicting row is locked and the WHERE is
-        judged on its latest committed version, so two racers never both get it."""
+        already or its lease has expired. Returns who holds it now (committed) and in how
+        many seconds that lease expires. On PostgreSQL the conflicting row is locked and the
+        WHERE is judged on its latest committed version, so two racers never both get it."""
 
-        def lead(conn: Connection) -> float | None:
+        def lead(conn: Connection) -> tuple[str, float]:
             now = peewee.SQL(conn.dialect.now_sql)
             Lease.insert(name=role, holder=holder, expires_at=now + seconds).on_conflict(
                 conflict_target=[Lease.name],
                 update={Lease.holder: holder, Lease.expires_at: now + seconds},
                 where=(Lease.holder == holder) | (Lease.expires_at < now),
             ).execute()
-            row = Lease.get_or_none(Lease.name == role)
-            return row.expires_at if row is not None and row.holder == holder else None
+            query = Lease.select(Lease.holder, Lease.expires_at - now).where(Lease.name == role)
+            current, left = query.tuples().get()
+            return str(current), float(left)
 
         return await self._store.write(lead)
 
