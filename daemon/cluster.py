@@ -127,7 +127,7 @@ class Cluster:
         log.info("instance registered", instance=self.id, host=self.host, pid=os.getpid())
 
     async def heartbeat(self) -> None:
-        """Move this instance's heartbeat (its row is back if another deleted it)."""
+        """Move this instance's heartbeat (inserting its row again if it is gone)."""
         await self.store.cluster.beat(self._row(), start=False)
 
     async def instances(self) -> list[InstanceRow]:
