@@ -34,6 +34,7 @@ from urllib.parse import parse_qs, urlsplit
 import trio
 
 from trainguard import actions, http
+from trainguard.cluster import Cluster, instance_as_dict
 from trainguard.config import ConfigError, Settings
 from trainguard.errors import ApiError
 from trainguard.fal import FalClient, FalRequestError
@@ -58,6 +59,7 @@ class Services(Protocol):
     store: Store | None
     reconciler: Reconciler | None
     fal: FalClient | None
+    cluster: Cluster | None
 
 
 def check_listen_allowed(listen: str, token: str | None) -> None:
@@ -346,6 +348,12 @@ class AdminApi:
             raise ApiError(409, "conflict", str(exc)) from None
         return 202, view_as_dict(view)
 
+    async def list_instances(self, request: Request) -> tuple[int, Any]:
+        cluster = self.services.cluster
+        if cluster is None:
+            raise ApiError(503, "not_ready", "the daemon is still starting")
+        return 200, {"items": [instance_as_dict(row) for row in await cluster.instances()]}
+
     def _type(self, data: Mapping[str, Any]) -> str:
         name = str(_string(data, "type"))
         if name not in self.services.settings.training_types:
@@ -493,6 +501,31 @@ _EVENT = {
         "from_status": _NULLABLE_STRING,
         "to_status": _NULLABLE_STRING,
         "detail": {"nullable": True},
+    },
+}
+_INSTANCE = {
+    "type": "object",
+    "required": [
+        "id",
+        "host",
+        "pid",
+        "version",
+        "started_at",
+        "heartbeat_at",
+        "webhook_listen",
+        "metrics_listen",
+        "roles",
+    ],
+    "properties": {
+        "id": {"type": "string"},
+        "host": {"type": "string"},
+        "pid": {"type": "integer"},
+        "version": {"type": "string"},
+        "started_at": {"type": "string", "format": "date-time"},
+        "heartbeat_at": {"type": "string", "format": "date-time"},
+        "webhook_listen": _NULLABLE_STRING,
+        "metrics_listen": _NULLABLE_STRING,
+        "roles": {"type": "array", "items": {"type": "string"}},
     },
 }
 _ERROR = {
@@ -671,6 +704,13 @@ ROUTES: tuple[Route, ...] = (
             "409": _error("cancelled"),
         },
     ),
+    Route(
+        "GET",
+        "/v1/instances",
+        "list_instances",
+        "The live trainguard instances on this database, with the leader roles each holds",
+        {"200": _ok("the live instances", "#/components/schemas/Instances")},
+    ),
 )
 #: Per (number of segments, position), the literal segments some route has there.
 _LITERALS: dict[tuple[int, int], set[str]] = {}
@@ -711,6 +751,17 @@ def openapi() -> dict[str, Any]:
                     "properties": {
                         "items": {"type": "array", "items": {"$ref": _TRAINING_REF}},
                         "next_offset": {"type": "integer", "nullable": True},
+                    },
+                },
+                "Instance": _INSTANCE,
+                "Instances": {
+                    "type": "object",
+                    "required": ["items"],
+                    "properties": {
+                        "items": {
+                            "type": "array",
+                            "items": {"$ref": "#/components/schemas/Instance"},
+                        }
                     },
                 },
                 "Error": _ERROR,

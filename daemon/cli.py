@@ -1,4 +1,5 @@
-"""`trainguard run | demo | simulate | submit | track | cancel | recheck | check | plugins`.
+"""`trainguard run | demo | simulate | submit | track | cancel | recheck | check | plugins |
+instances`.
 
 Exit statuses: 0 success; 1 a failure of the operation (FAL refused a submit, a finished
 training lacks a guaranteed field, a listener could not start); 2 bad configuration or bad
@@ -336,6 +337,44 @@ def cmd_plugins(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- instances ---------------------------------------------------------------------------
+async def _load_instances(settings: Settings) -> list[dict[str, Any]]:
+    from trainguard.cluster import instance_as_dict, live_instances
+    from trainguard.store import open_store
+
+    async with open_store(settings.database["url"]) as store:
+        return [instance_as_dict(row) for row in await live_instances(store, settings)]
+
+
+def cmd_instances(args: argparse.Namespace) -> int:
+    settings = _settings(args)
+    rows = trio.run(_load_instances, settings)
+    if args.json:
+        print(json.dumps(rows, ensure_ascii=False, indent=2))
+        return 0
+    if not rows:
+        print("no live instances")
+        return 0
+    headers = ("ID", "HOST", "PID", "VERSION", "STARTED", "HEARTBEAT", "ROLES", "METRICS")
+    lines = [
+        (
+            r["id"],
+            r["host"],
+            str(r["pid"]),
+            r["version"],
+            _age(r["started_at"]),
+            _age(r["heartbeat_at"]),
+            ",".join(r["roles"]) or "-",
+            r["metrics_listen"] or "-",
+        )
+        for r in rows
+    ]
+    widths = [max(len(x) for x in col) for col in zip(headers, *lines, strict=False)]
+    fmt = "  ".join(f"{{:<{w}}}" for w in widths)
+    print("\n".join(fmt.format(*row).rstrip() for row in (headers, *lines)))
+    return 0
+
+
 # -- simulate / demo ---------------------------------------------------------------------
 def cmd_simulate(args: argparse.Namespace) -> int:
     from trainguard.testing import simulator
@@ -423,6 +462,13 @@ def build_parser(command: str | None = None) -> argparse.ArgumentParser:
 
     p = add("plugins", cmd_plugins, "list the loaded layers and where they come from")
     p.add_argument("--json", action="store_true")
+
+    p = add(
+        "instances",
+        cmd_instances,
+        "list the live trainguard instances on the database and the leader roles each holds",
+    )
+    p.add_argument("--json", action="store_true", help="a JSON list, one object per instance")
 
     p = add("simulate", cmd_simulate, "serve a FAL-compatible queue on loopback")
     if command == "simulate":

@@ -35,6 +35,9 @@ class Dialect:
     name = ""
     #: Appended to the SELECT that locks a training's row for its one writer.
     lock_suffix = ""
+    #: The database's own clock in epoch seconds, as an SQL expression: the one clock that
+    #: leases and heartbeats of several hosts are judged by (their own clocks may differ).
+    now_sql = ""
 
     def open(self, url: str) -> peewee.Database:
         raise NotImplementedError
@@ -71,6 +74,7 @@ class SqliteDialect(Dialect):
     """One file, WAL, ``BEGIN IMMEDIATE`` (the write lock at BEGIN: no upgrade deadlocks)."""
 
     name = "sqlite"
+    now_sql = "((julianday('now') - 2440587.5) * 86400.0)"  # milliseconds; unixepoch() is 3.38+
 
     def open(self, url: str) -> peewee.Database:
         path = url.removeprefix("sqlite:///")  # "var/x.db" is relative, "/srv/x.db" absolute
@@ -138,6 +142,9 @@ class PostgresDialect(Dialect):
 
     name = "postgresql"
     lock_suffix = " FOR UPDATE"  # the row stays locked until the batch commits
+    # clock_timestamp(), not now(): now() is the start of a transaction that a write batch
+    # may have begun a while before this statement.
+    now_sql = "CAST(extract(epoch FROM clock_timestamp()) AS double precision)"
 
     def open(self, url: str) -> peewee.Database:
         from playhouse.db_url import connect

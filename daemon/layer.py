@@ -33,6 +33,7 @@ import trio
 
 from trainguard import fal, identity
 from trainguard.clock import Clock
+from trainguard.cluster import Cluster
 from trainguard.config import Option, Settings, validate_options
 from trainguard.errors import StoreClosed
 from trainguard.reconcile import Change, Reconciler
@@ -164,6 +165,9 @@ class LayerContext:
     #: This instance's id, the owner of its claims (the supervisor sets the one of the
     #: process; empty: ``identity.instance_id`` of the settings).
     instance_id: str = ""
+    #: This instance among the others on the database (leader roles); None outside a daemon
+    #: (a test or a tool driving a layer alone), which then leads every role.
+    cluster: Cluster | None = None
 
     def __post_init__(self) -> None:
         if not self.instance_id:
@@ -211,6 +215,10 @@ class LayerContext:
         # StoreClosed: the store closed first; the claims expire.
         with shielded, trio.move_on_after(RELEASE_SECONDS), suppress(StoreClosed):
             await self.store.release(kind, ids, self.instance_id)
+
+    def leads(self, role: str) -> bool:
+        """Whether this instance holds leader ``role`` now (always, without a cluster)."""
+        return self.cluster is None or self.cluster.is_leader(role)
 
     def passed(self) -> None:
         """One pass of the layer's work finished: count it and beat."""
@@ -270,6 +278,7 @@ async def run_due(
     *,
     concurrency: int = 8,
     batch: int = 500,
+    gate: Callable[[], bool] | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forever: claim every training whose ``kind`` time has come and nobody holds
@@ -277,7 +286,9 @@ async def run_due(
     due. The schedule lives in the database; reconcile moves it. Claims make each check once
     at a time across instances; reconcile's idempotent, monotonic rules make a late answer
     of an owner whose claim was taken over change nothing. A pass takes ``batch`` trainings
-    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``."""
+    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``. ``gate``: a pass
+    runs only while it says yes (a leader role); otherwise the layer waits, beating its
+    heartbeat."""
     limit = min(batch, concurrency * CLAIM_ROUNDS)
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -296,6 +307,10 @@ async def run_due(
     task_status.started()
     gone = await ctx.gone_owners("trainings")
     while True:
+        if gate is not None and not gate():
+            ctx.heartbeat()
+            await trio.sleep(ctx.idle_seconds)
+            continue
         now = ctx.clock.now()
         claim = await ctx.store.claim_due(
             kind, now, limit, ctx.instance_id, ctx.claim_seconds, gone

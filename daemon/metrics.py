@@ -188,6 +188,13 @@ class Metrics:
             "process gone from this host; by table (trainings, outbox, artifacts).",
             ("kind",),
         )
+        # Several instances on one database (issue 11).
+        self.instances = gauge(
+            "trainguard_instances", "Live trainguard instances on this database (heartbeats)."
+        )
+        self.leader = gauge(
+            "trainguard_leader", "1 while this instance holds the leader role, else 0.", ("role",)
+        )
 
         self._layers: set[str] = set()
         for layer in layers:
@@ -284,6 +291,14 @@ class Metrics:
         """Count one database commit of ``batch_size`` rows."""
         self.db_commits.inc()
         self.db_commit_batch_size.observe(batch_size)
+
+    def set_instances(self, live: int) -> None:
+        """The number of live instances this instance sees (itself included)."""
+        self.instances.set(live)
+
+    def set_leader(self, role: str, leads: bool) -> None:
+        """Whether this instance holds leader ``role`` (the series exists from the start)."""
+        self.leader.labels(role=role).set(1 if leads else 0)
 
     def render(self) -> bytes:
         """The Prometheus text exposition of every metric."""

@@ -263,6 +263,36 @@ class Artifact(BaseModel):
         indexes = ((("request_id", "kind"), True),)
 
 
+class Instance(BaseModel):
+    """One running trainguard process on this database (schema 5): registered at start,
+    its ``heartbeat_at`` moved every ``[cluster] heartbeat_seconds``, deleted on a clean stop.
+    Times are the database's own clock (``Dialect.now_sql``), so hosts' clocks never differ."""
+
+    id = peewee.TextField(primary_key=True)
+    host = peewee.TextField()
+    pid = peewee.IntegerField()
+    version = peewee.TextField()
+    started_at = peewee.DoubleField()
+    heartbeat_at = peewee.DoubleField(index=True)
+    webhook_listen = peewee.TextField(null=True)
+    metrics_listen = peewee.TextField(null=True)
+
+    class Meta:
+        table_name = "instances"
+
+
+class Lease(BaseModel):
+    """A leader role (schema 5; River's ``river_leader``): held by ``holder`` (an instance
+    id) until ``expires_at`` (the database's clock), renewed by it, free once expired."""
+
+    name = peewee.TextField(primary_key=True)
+    holder = peewee.TextField()
+    expires_at = peewee.DoubleField()
+
+    class Meta:
+        table_name = "leases"
+
+
 def _migrate_1(db: peewee.Database) -> None:
     db.create_tables([Training, WebhookReceipt, Event, Schedule])
 
@@ -311,6 +341,11 @@ def _migrate_4(db: peewee.Database) -> None:
             playhouse.migrate.migrate(migrator.add_index("webhook_receipts", wanted, False))
 
 
+def _migrate_5(db: peewee.Database) -> None:
+    """Several instances on one database (issue 11): their rows and the leader leases."""
+    db.create_tables([Instance, Lease])
+
+
 def _migrate_6(db: peewee.Database) -> None:
     """Claims (issue 11): ``claimed_by`` (indexed) and ``claim_expires_at`` on trainings,
     outbox and artifacts (a table created from the current model already has them)."""
@@ -333,6 +368,7 @@ MIGRATIONS: tuple[tuple[int, Callable[[peewee.Database], None]], ...] = (
     (2, _migrate_2),
     (3, _migrate_3),
     (4, _migrate_4),
+    (5, _migrate_5),
     (6, _migrate_6),
 )
 
@@ -890,6 +926,107 @@ def artifacts_by_request(conn: Connection) -> dict[str, list[dict[str, Any]]]:
     return files
 
 
+@dataclass(frozen=True)
+class InstanceRow:
+    """A live instance as ``store.cluster.live`` finds it, with the leader roles it holds."""
+
+    id: str
+    host: str
+    pid: int
+    version: str
+    started_at: float
+    heartbeat_at: float
+    webhook_listen: str | None
+    metrics_listen: str | None
+    roles: tuple[str, ...]
+
+
+class ClusterTable:
+    """Named operations on the instances and their leader leases (schema 5). Every time in
+    these rows is the database's clock (``Dialect.now_sql``), never a host's."""
+
+    def __init__(self, store: Store) -> None:
+        self._store = store
+
+    async def beat(self, values: dict[str, Any], *, start: bool) -> None:
+        """Upsert this instance's row (``id``, ``host``, ``pid``, ``version``, the listen
+        addresses) with its heartbeat at the database's now; ``start``: its start time too
+        (a restart under a configured, fixed instance id starts anew)."""
+
+        def beat(conn: Connection) -> None:
+            now = peewee.SQL(conn.dialect.now_sql)
+            kept = {"id", "host", "pid", "version"} if not start else {"id"}
+            update: dict[Any, Any] = {
+                Instance._meta.fields[k]: v for k, v in values.items() if k not in kept
+            }
+            update[Instance.heartbeat_at] = now
+            if start:
+                update[Instance.started_at] = now
+            row = {**values, "started_at": now, "heartbeat_at": now}
+            Instance.insert(row).on_conflict(conflict_target=[Instance.id], update=update).execute()
+
+        await self._store.write(beat)
+
+    async def try_lead(self, role: str, holder: str, seconds: float) -> tuple[str, float]:
+        """Take or renew the lease of ``role`` for ``holder`` for ``seconds``: in one
+        statement, inserted when nobody holds it, else updated only where ``holder`` holds it
+        already or its lease has expired. Returns who holds it now (committed) and in how
+        many seconds that lease expires. On PostgreSQL the conflicting row is locked and the
+        WHERE is judged on its latest committed version, so two racers never both get it."""
+
+        def lead(conn: Connection) -> tuple[str, float]:
+            now = peewee.SQL(conn.dialect.now_sql)
+            Lease.insert(name=role, holder=holder, expires_at=now + seconds).on_conflict(
+                conflict_target=[Lease.name],
+                update={Lease.holder: holder, Lease.expires_at: now + seconds},
+                where=(Lease.holder == holder) | (Lease.expires_at < now),
+            ).execute()
+            query = Lease.select(Lease.holder, Lease.expires_at - now).where(Lease.name == role)
+            current, left = query.tuples().get()
+            return str(current), float(left)
+
+        return await self._store.write(lead)
+
+    async def leave(self, holder: str) -> None:
+        """Delete the leases ``holder`` holds (another instance takes over at once) and its
+        row, in one transaction. Run between batches, not by the writer: on a clean stop
+        the store's writer may already have been cancelled with everything else."""
+
+        def leave(conn: Connection) -> None:
+            with conn.atomic():
+                Lease.delete().where(Lease.holder == holder).execute()
+                Instance.delete().where(Instance.id == holder).execute()
+
+        await self._store.read(leave)
+
+    async def live(self, within: float) -> list[InstanceRow]:
+        """Instances whose heartbeat is at most ``within`` seconds old, by start time, each
+        with the roles whose unexpired lease it holds."""
+
+        def get(conn: Connection) -> list[InstanceRow]:
+            now = peewee.SQL(conn.dialect.now_sql)
+            roles: dict[str, list[str]] = {}
+            for lease in Lease.select().where(Lease.expires_at >= now).order_by(Lease.name):
+                roles.setdefault(lease.holder, []).append(lease.name)
+            query = Instance.select().where(Instance.heartbeat_at >= now - within)
+            return [
+                InstanceRow(
+                    i.id,
+                    i.host,
+                    i.pid,
+                    i.version,
+                    i.started_at,
+                    i.heartbeat_at,
+                    i.webhook_listen,
+                    i.metrics_listen,
+                    tuple(roles.get(i.id, ())),
+                )
+                for i in query.order_by(Instance.started_at, Instance.id)
+            ]
+
+        return await self._store.read(get)
+
+
 class Store:
     """One database behind one limiter, with a group-commit writer (see module doc).
     Several stores may be open in one process, each on its own database."""
@@ -923,6 +1060,7 @@ class Store:
         self.conn = Connection(self.db, self.dialect)
         self.outbox = OutboxTable(self)
         self.artifacts = ArtifactsTable(self)
+        self.cluster = ClusterTable(self)
 
     # -- lifecycle -------------------------------------------------------------------------
     def _open(self) -> None:

@@ -1,14 +1,16 @@
 """The daemon: one trio nursery that runs every enabled layer and keeps it running.
 
 Start order: the store and its writer, the metrics listener (``/readyz`` answers 503 until
-ready), then each layer by ``order`` with ``nursery.start``, so "started" means working: the
-webhook listener is bound before the startup sweep runs, and the startup sweep has finished
-before READY=1 is sent. A layer that fails before it has started stops the daemon with a clear
-error (a port in use, say); one that crashes later is logged, counted and restarted alone,
-with exponential backoff (reset only once the layer has stayed up a while, so a layer that
-crashes right after each start backs off too). SIGTERM/SIGINT, from the very start of ``run``,
-send STOPPING=1 and cancel everything: a database batch already handed to the database thread
-is committed whole, nothing is half-written.
+ready), this instance's row and its first try for each leader role (``cluster.Cluster``,
+handed to every layer as ``ctx.cluster``), then each layer by ``order`` with
+``nursery.start``, so "started" means working: the webhook listener is bound before the
+startup sweep runs, and the startup sweep has finished before READY=1 is sent. A layer that
+fails before it has started stops the daemon with a clear error (a port in use, say); one
+that crashes later is logged, counted and restarted alone, with exponential backoff (reset
+only once the layer has stayed up a while, so a layer that crashes right after each start
+backs off too). SIGTERM/SIGINT, from the very start of ``run``, send STOPPING=1 and cancel
+everything: a database batch already handed to the database thread is committed whole,
+nothing is half-written; the instance hands its leader roles over and deletes its row.
 The systemd watchdog is fed only while every running layer's heartbeat is fresh and the
 database has not been lost for longer than two leases (``DATABASE_LOST_LEASES``); ``/readyz``
 answers 503 at once while it is lost (``Store.stalled``).
@@ -30,6 +32,7 @@ import trio
 from trainguard import config, http, logs
 from trainguard.admin import AdminApi, check_listen_allowed
 from trainguard.clock import Clock
+from trainguard.cluster import Cluster
 from trainguard.config import ConfigError, Settings
 from trainguard.errors import LayerStartError, StartError
 from trainguard.fal import FalClient, RateLimiter
@@ -104,6 +107,7 @@ class Daemon:
         self.store: Store | None = None
         self.reconciler: Reconciler | None = None
         self.fal: FalClient | None = None
+        self.cluster: Cluster | None = None
         self._nursery: trio.Nursery | None = None
         self._all_entries = collect_layers(self.pm, self.settings)
         for entry in self._all_entries:
@@ -196,6 +200,16 @@ class Daemon:
                     except OSError as exc:
                         raise StartError(f"metrics listener failed to start: {exc}") from exc
                     nursery.start_soon(self._gauges)
+                    self.cluster = Cluster(
+                        store, s, metrics=self.metrics, instance_id=self.instance_id
+                    )
+                    host, port = self.ops_address
+                    self.cluster.metrics_listen = (
+                        f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+                    )
+                    # Registered, and its first try for each leader role answered, before
+                    # any layer starts: a lone instance leads from its first pass.
+                    await nursery.start(self.cluster.run)
                     for entry in self._entries:
                         await self._start_layer(nursery, entry)
                     self.ready = True
@@ -227,6 +241,7 @@ class Daemon:
             notifier=self.notifier,
             declared=declared_options(layer),
             instance_id=self.instance_id,
+            cluster=self.cluster,
         )
         timeout_fn = getattr(layer, "heartbeat_timeout", None)
         timeout = timeout_fn(ctx.options) if callable(timeout_fn) else DEFAULT_HEARTBEAT_TIMEOUT
@@ -426,6 +441,8 @@ class Daemon:
         self.pm.configure(settings)
         if self.reconciler is not None:
             self.reconciler.settings = settings
+        if self.cluster is not None:
+            self.cluster.settings = settings
         for running in self.layers.values():
             running.ctx.settings = settings
 

@@ -5,6 +5,13 @@ lack a guaranteed field or hold a fallback that FAL may still replace are asked 
 (a real result upgrades the fallback), and stored LoRA URLs are checked to answer (HEAD, 2xx).
 A fallback of kind ``fal_failure`` or ``expired`` is not asked again: FAL has said its last
 word on those.
+
+With several instances on one database, only the holder of the leader role ``sweeps`` runs a
+pass (the others wait, beating their heartbeat). A leader, not per-training claims: this is a
+periodic sweep driven by one query over all finished trainings on one schedule in the
+database, not a queue of due rows; one leader keeps each pass once across the cluster, and
+the schedule it moves is the one every instance reads, so a new leader (at most
+``[cluster] lease_seconds`` after the old one died) carries on where the last pass left off.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import trio
 
 from trainguard import fal, logs
+from trainguard.cluster import SWEEPS
 from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import IDLE_RECHECK_SECONDS, LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
@@ -39,6 +47,10 @@ class CompletenessLayer:
             while (wait := due - ctx.clock.now()) > 0:
                 ctx.heartbeat()
                 await trio.sleep(min(wait, IDLE_RECHECK_SECONDS))
+            if not ctx.leads(SWEEPS):  # another instance runs this pass
+                ctx.heartbeat()
+                await trio.sleep(IDLE_RECHECK_SECONDS)
+                continue
             await self.sweep(ctx)
             await ctx.store.set_schedule(
                 SCHEDULE, ctx.clock.now() + float(ctx.options["interval_seconds"])
@@ -56,6 +68,8 @@ class CompletenessLayer:
 
         async def recheck(training: TrainingView) -> None:
             async with limiter:
+                if not ctx.leads(SWEEPS):  # the lead was lost during the pass: leave the rest
+                    return
                 change = await check_training(ctx, training, self.name)
                 if change.kind in ("upgrade", "filled"):
                     outcomes["upgraded" if change.kind == "upgrade" else "filled"] += 1
@@ -63,6 +77,8 @@ class CompletenessLayer:
 
         async def check_url(training: TrainingView) -> None:
             async with limiter:
+                if not ctx.leads(SWEEPS):
+                    return
                 answer = await ctx.fal.probe(training.lora_url or "")
                 if answer.kind != fal.Kind.TRANSIENT:  # no verdict on a passing error
                     available = answer.kind == fal.Kind.SUCCEEDED

@@ -6,12 +6,20 @@ gave no final answer, its result itself (a status call that failed, or a wall cl
 jumped past the deadline, must not hide a result FAL holds). Only if FAL still has no final
 answer is it finished by the fallback policy, marked as a fallback of this layer; a real
 result arriving later replaces it.
+
+With several instances on one database, only the holder of the leader role ``sweeps`` runs
+its passes (``run_due``'s gate; the others wait, beating their heartbeat). A leader, not
+per-training claims: a deadline is rare (a training FAL never finished), so there is no load
+to spread, and one leader keeps each last chance once across the cluster; a leader that dies
+is replaced within ``[cluster] lease_seconds``, which only delays a fallback that is already
+hours late by seconds.
 """
 
 from __future__ import annotations
 
 import trio
 
+from trainguard.cluster import SWEEPS
 from trainguard.config import LAYER_SCHEMA
 from trainguard.layer import LayerContext, check_training, run_due
 from trainguard.plugins.hookspecs import hookimpl
@@ -31,6 +39,8 @@ class EmergencyLayer:
 
     async def run(self, ctx: LayerContext, *, task_status: trio.TaskStatus[None]) -> None:
         async def last_chance(training: TrainingView) -> None:
+            if not ctx.leads(SWEEPS):  # the lead was lost during the pass: leave the rest
+                return
             change = await check_training(ctx, training, self.name)
             if not _final(change):
                 answer = await ctx.fal.result(ctx.urls(training)[1])
@@ -40,7 +50,9 @@ class EmergencyLayer:
                     Observation(training.request_id, self.name, Kind.DEADLINE)
                 )
 
-        await run_due(ctx, "deadline", last_chance, task_status=task_status)
+        await run_due(
+            ctx, "deadline", last_chance, gate=lambda: ctx.leads(SWEEPS), task_status=task_status
+        )
 
 
 @hookimpl

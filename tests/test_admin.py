@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -13,10 +14,12 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import daemon_settings
-from trainguard import admin
+from tests.conftest import daemon_settings, make_settings
+from trainguard import __version__, admin
+from trainguard.cluster import Cluster
 from trainguard.config import DEFAULT_TRAINING_TYPES, ConfigError
 from trainguard.plugins.manager import build_manager
+from trainguard.store import open_store
 from trainguard.supervisor import Daemon
 from trainguard.testing.simulator import WEBHOOK_USER_ID, SimConfig, Simulator
 
@@ -446,7 +449,31 @@ async def test_schemathesis_finds_no_5xx_and_no_response_outside_the_schema(
     output = result.stdout.decode() + result.stderr.decode()
     assert result.returncode == 0, output[-4000:]
     # every route was tested
-    assert "6 passed" in output or "6 operations" in output, output[-2000:]
+    routes = len(admin.ROUTES)
+    assert f"{routes} passed" in output or f"{routes} operations" in output, output[-2000:]
+
+
+async def test_instances_answers_the_live_instances_with_their_roles(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
+) -> None:
+    daemon, base = await start(nursery, tmp_path, sim, only=("webhook",), url=database_url)
+    assert daemon.cluster is not None and daemon.ops_address is not None
+    async with open_store(database_url) as other_store:
+        other = Cluster(other_store, make_settings(database_url, {"cluster": {"instance_id": "b"}}))
+        await other.register()  # a second instance, not leading
+        async with httpx.AsyncClient() as client:
+            reply = await client.get(f"{base}/v1/instances", headers=AUTH)
+            refused = await client.get(f"{base}/v1/instances")
+    assert reply.status_code == 200, reply.text
+    assert refused.status_code == 401
+    by_id = {item["id"]: item for item in reply.json()["items"]}
+    assert sorted(by_id) == sorted([daemon.cluster.id, "b"])
+    mine = by_id[daemon.cluster.id]
+    host, port = daemon.ops_address
+    assert mine["roles"] == ["sweeps"] and mine["pid"] == os.getpid()
+    assert mine["metrics_listen"] == f"{host}:{port}" and mine["version"] == __version__
+    assert by_id["b"]["roles"] == []
+    assert "/v1/instances" in admin.openapi()["paths"]
 
 
 def test_the_router_the_field_checks_and_the_openapi_document_are_one_table() -> None:

@@ -24,7 +24,18 @@ from trainguard.store import open_store
 from trainguard.testing.demo import free_port
 from trainguard.testing.simulator import Simulator
 
-COMMANDS = ("run", "demo", "simulate", "submit", "track", "cancel", "recheck", "check", "plugins")
+COMMANDS = (
+    "run",
+    "demo",
+    "simulate",
+    "submit",
+    "track",
+    "cancel",
+    "recheck",
+    "check",
+    "plugins",
+    "instances",
+)
 #: The keys of `check --json` that scripts and the bot depend on (design.md).
 CONTRACT_KEYS = {
     "request_id",
@@ -566,3 +577,39 @@ def test_plugins_lists_the_built_in_layers(tmp_path: Path) -> None:
     assert table.returncode == 0, table.stderr
     listed = {line.split()[0] for line in table.stdout.splitlines()}
     assert set(BUILTIN_LAYERS) <= listed
+
+
+# -- instances (issue 11) ---------------------------------------------------------------------
+async def test_instances_prints_the_live_instances_and_their_roles(
+    tmp_path: Path, database_url: str
+) -> None:
+    from trainguard.cluster import SWEEPS, Cluster
+
+    path = tmp_path / "config.toml"
+    path.write_text(f'[database]\nurl = "{database_url}"\n', encoding="utf-8")
+    settings = config.load(str(path))
+    async with open_store(database_url) as one, open_store(database_url) as two:
+        a = Cluster(one, settings)
+        b = Cluster(two, settings)
+        for cluster in (a, b):
+            await cluster.register()
+        assert await a.try_lead(SWEEPS)
+
+        done = await acli(tmp_path, "instances", "--json", "--config", str(path))
+        assert done.returncode == 0, done.stderr
+        rows = {row["id"]: row for row in json.loads(done.stdout)}
+        assert sorted(rows) == sorted([a.id, b.id])
+        assert rows[a.id]["roles"] == [SWEEPS] and rows[b.id]["roles"] == []
+        assert rows[a.id]["pid"] == os.getpid() and rows[a.id]["version"] == __version__
+
+        table = await acli(tmp_path, "instances", "--config", str(path))
+        assert table.returncode == 0, table.stderr
+        header, *lines = table.stdout.splitlines()
+        assert header.split()[:3] == ["ID", "HOST", "PID"]
+        assert sorted(line.split()[0] for line in lines) == sorted([a.id, b.id])
+        assert any(line.startswith(a.id) and SWEEPS in line for line in lines)
+
+        for cluster in (a, b):
+            await cluster.resign()  # a clean stop deletes the rows
+        gone = await acli(tmp_path, "instances", "--config", str(path))
+        assert gone.returncode == 0 and gone.stdout.strip() == "no live instances"
