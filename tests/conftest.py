@@ -149,10 +149,10 @@ async def sim(nursery: Any) -> Any:
     return simulator
 
 
-@pytest.fixture(scope="session")
-def postgres_server() -> Iterator[PostgresServer]:
-    """One throwaway PostgreSQL server for the session (testing/postgres.py). Skipped with
-    the reason only where its binaries are absent; in CI (``CI`` set) that is an error."""
+def throwaway_postgres() -> Iterator[PostgresServer]:
+    """A started throwaway PostgreSQL server (testing/postgres.py) for a fixture to yield,
+    removed afterwards. Skipped with the reason only where its binaries are absent; in CI
+    (``CI`` set) that is an error."""
     if find_binaries() is None:
         if os.environ.get("CI"):
             pytest.fail(f"CI must run the PostgreSQL tests: {INSTALL_HINT}")
@@ -164,7 +164,7 @@ def postgres_server() -> Iterator[PostgresServer]:
         server.stop()
 
 
-@pytest.fixture
-def postgres_url(postgres_server: PostgresServer) -> str:
-    """A fresh, empty database on the session's server."""
-    return postgres_server.database()
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    """One throwaway PostgreSQL server for the session."""
+    yield from throwaway_postgres()

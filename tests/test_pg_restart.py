@@ -18,7 +18,7 @@ import httpx
 import pytest
 import trio
 
-from tests.conftest import daemon_settings
+from tests.conftest import daemon_settings, throwaway_postgres
 from tests.test_layer_webhook import Harness, ok_body, wait_for
 from tests.test_supervisor import FakeSystemd
 from trainguard import supervisor
@@ -27,7 +27,7 @@ from trainguard.errors import StoreError
 from trainguard.plugins.manager import build_manager
 from trainguard.store import Connection, Schedule, open_store
 from trainguard.supervisor import Daemon
-from trainguard.testing.postgres import INSTALL_HINT, PostgresServer, find_binaries
+from trainguard.testing.postgres import PostgresServer
 from trainguard.testing.simulator import Simulator
 
 pytestmark = pytest.mark.postgresql
@@ -40,15 +40,7 @@ BACK_WITHIN_SECONDS = 5.0
 @pytest.fixture(scope="module")
 def pg() -> Iterator[PostgresServer]:
     """A server of this module's own, restarted and stopped by its tests."""
-    if find_binaries() is None:
-        if os.environ.get("CI"):
-            pytest.fail(f"CI must run the PostgreSQL tests: {INSTALL_HINT}")
-        pytest.skip(INSTALL_HINT)
-    server = PostgresServer()
-    try:
-        yield server.start()
-    finally:
-        server.stop()
+    yield from throwaway_postgres()
 
 
 def write_pair(conn: Connection, n: int) -> None:
