@@ -661,6 +661,11 @@ class OutboxTable:
                     Outbox.next_attempt_at <= now,
                     Outbox.request_id.not_in(list(busy)),
                     Outbox.request_id.not_in(_outbox_held(consumer, now, gone)),
+                    # The row's own state again: on PostgreSQL a row another instance
+                    # claimed or delivered since this statement's snapshot is re-checked
+                    # against these conditions only (the subqueries keep the old snapshot).
+                    _outbox_pending(consumer),
+                    _claimable(Outbox, now, gone),
                 )
                 .order_by(Outbox.id)
                 .limit(limit)
