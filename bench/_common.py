@@ -477,13 +477,14 @@ def training_row(
 def seed_database(db_path: Path, rows: Sequence[Mapping[str, Any]], *, events: bool = True) -> None:
     """Create the schema with the daemon's own migrations, then insert ``rows`` (and one
     "registered" event each, as the daemon would have written) in one transaction."""
+    from trainguard.dialect import SqliteDialect
     from trainguard.store import Training, bound, migrate, open_database
 
     db = open_database(f"sqlite:///{db_path}")
     with bound(db):
         try:
             db.connect()
-            migrate(db)
+            migrate(db, SqliteDialect())
             with db.atomic():
                 for start in range(0, len(rows), 400):
                     Training.insert_many(rows[start : start + 400]).execute()

@@ -27,6 +27,9 @@ BUSY_TIMEOUT_MS = 10_000
 #: PostgreSQL: how long a (re)connect may take before it fails (libpq waits forever by
 #: default); a ``connect_timeout`` in the URL's query wins.
 CONNECT_TIMEOUT_SECONDS = 5
+#: PostgreSQL: the advisory lock key that serializes migrations (any fixed 64-bit number;
+#: this one spells "trainGRD" in ASCII).
+SCHEMA_LOCK_KEY = 0x747261696E475244
 
 
 class Dialect:
@@ -49,6 +52,11 @@ class Dialect:
         (a select of ``model``, ordered and limited) and return them, each with the owner
         whose claim it took over (None: it was free). Inside a write transaction."""
         raise NotImplementedError
+
+    def lock_schema(self, db: peewee.Database) -> bool:
+        """Inside the migration's transaction, before it reads the schema version: wait
+        until no other process migrates the same database. Whether it had to wait."""
+        return False
 
     def transaction_lost(self, connection: Any) -> bool:
         """Whether the transaction of a write batch is gone, so that a COMMIT would store
@@ -153,6 +161,17 @@ class PostgresDialect(Dialect):
         if "connect_timeout" not in parse_qs(urlsplit(url).query):
             extra["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
         return connect(url, thread_safe=False, **extra)
+
+    def lock_schema(self, db: peewee.Database) -> bool:
+        """A transaction-level advisory lock (released at COMMIT or ROLLBACK): instances
+        that start together migrate one after the other, and each later one finds the schema
+        already at its version. Without it two concurrent ``CREATE TABLE IF NOT EXISTS``
+        collide on PostgreSQL's catalog (a unique violation of ``pg_type``)."""
+        if db.execute_sql("SELECT pg_try_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,)).fetchone()[0]:
+            return False
+        log.info("another instance is migrating the schema; waiting for it")
+        db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
+        return True
 
     def claim(
         self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]

@@ -449,9 +449,11 @@ def _upsert(model: type[BaseModel], values: dict[str, Any]) -> None:
     model.insert(values).on_conflict(conflict_target=[key], update=update).execute()
 
 
-def migrate(db: peewee.Database) -> int:
-    """Bring the schema up to ``SCHEMA_VERSION``; returns the version found before."""
+def migrate(db: peewee.Database, dialect: Dialect) -> int:
+    """Bring the schema up to ``SCHEMA_VERSION`` in one transaction, one process at a time
+    (``Dialect.lock_schema``); returns the version found before."""
     with db.atomic():
+        dialect.lock_schema(db)
         db.create_tables([Meta])
         row = Meta.get_or_none(Meta.key == "schema_version")
         before = int(row.value) if row else 0
@@ -1070,7 +1072,7 @@ class Store:
     # -- lifecycle -------------------------------------------------------------------------
     def _open(self) -> None:
         self.db.connect(reuse_if_open=True)
-        migrate(self.db)
+        migrate(self.db, self.dialect)
         self.dialect.prepare(self.db)
 
     def _close(self) -> None:

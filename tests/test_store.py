@@ -482,3 +482,20 @@ async def test_a_sqlite_and_a_postgresql_store_in_one_process(
         assert {v.request_id for v in await a.trainings()} == {f"a{i}" for i in range(20)}
         assert {v.request_id for v in await b.trainings()} == {f"b{i}" for i in range(20)}
         assert (a.dialect.name, b.dialect.name) == ("sqlite", "postgresql")
+
+
+async def test_instances_starting_together_migrate_one_at_a_time(database_url: str) -> None:
+    """Several stores open one fresh database at the same moment (instances started
+    together): one creates the schema, the others wait for it and find it done; none
+    fails (on PostgreSQL, concurrent CREATE TABLEs without the lock collide)."""
+    opened: list[int] = []
+
+    async def open_one() -> None:
+        async with open_store(database_url) as s:
+            version = await s.read(lambda conn: Meta.get(Meta.key == "schema_version").value)
+            opened.append(int(version))
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(6):
+            nursery.start_soon(open_one)
+    assert opened == [store_mod.SCHEMA_VERSION] * 6
