@@ -27,6 +27,21 @@ BUSY_TIMEOUT_MS = 10_000
 #: PostgreSQL: how long a (re)connect may take before it fails (libpq waits forever by
 #: default); a ``connect_timeout`` in the URL's query wins.
 CONNECT_TIMEOUT_SECONDS = 5
+#: PostgreSQL: a network that drops packets without a reset (a partition, a host that
+#: vanished) must fail a call, not hang it for TCP's ~15 minutes of retransmissions: a
+#: statement's unacknowledged data gives up after ``tcp_user_timeout`` (ms), an idle or
+#: waiting connection after ``keepalives_idle`` + ``keepalives_count`` x
+#: ``keepalives_interval`` seconds. Then the store reconnects (``connection_lost``).
+TCP_USER_TIMEOUT_MS = 20_000
+#: libpq connection options trainguard sets unless the URL's query names them itself.
+LIBPQ_DEFAULTS: dict[str, int] = {
+    "connect_timeout": CONNECT_TIMEOUT_SECONDS,
+    "keepalives": 1,
+    "keepalives_idle": 10,
+    "keepalives_interval": 5,
+    "keepalives_count": 2,
+    "tcp_user_timeout": TCP_USER_TIMEOUT_MS,
+}
 #: PostgreSQL: the advisory lock key that serializes migrations (any fixed 64-bit number;
 #: this one spells "trainGRD" in ASCII).
 SCHEMA_LOCK_KEY = 0x747261696E475244
@@ -157,9 +172,8 @@ class PostgresDialect(Dialect):
     def open(self, url: str) -> peewee.Database:
         from playhouse.db_url import connect
 
-        extra: dict[str, Any] = {}
-        if "connect_timeout" not in parse_qs(urlsplit(url).query):
-            extra["connect_timeout"] = CONNECT_TIMEOUT_SECONDS
+        given = parse_qs(urlsplit(url).query)
+        extra = {key: value for key, value in LIBPQ_DEFAULTS.items() if key not in given}
         return connect(url, thread_safe=False, **extra)
 
     def lock_schema(self, db: peewee.Database) -> bool:
