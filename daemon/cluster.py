@@ -51,6 +51,10 @@ LEASE_TRUST = 0.8
 TAKEOVER_SLACK = 0.05
 #: How long a clean stop may take to hand the roles back and delete the instance's row.
 LEAVE_SECONDS = 5.0
+#: The sweeps leader deletes the rows of instances silent for this long (gone without a
+#: clean stop). Until then a silent instance's claims are taken over at once (its heartbeat
+#: stopped); after it, they have all expired (claims are never renewed, only retaken).
+PRUNE_AFTER_SECONDS = 3600.0
 
 
 def _iso(ts: float) -> str:
@@ -66,9 +70,14 @@ def instance_as_dict(row: InstanceRow) -> dict[str, Any]:
     return data
 
 
+def live_window(settings: Settings) -> float:
+    """How old an instance's heartbeat may be while it counts as live (see the module doc)."""
+    return LIVE_HEARTBEATS * float(settings.cluster["heartbeat_seconds"])
+
+
 async def live_instances(store: Store, settings: Settings) -> list[InstanceRow]:
     """The live instances on ``store``'s database (see the module doc), with their roles."""
-    return await store.cluster.live(LIVE_HEARTBEATS * float(settings.cluster["heartbeat_seconds"]))
+    return await store.cluster.live(live_window(settings))
 
 
 class Cluster:
@@ -179,6 +188,15 @@ class Cluster:
         await self.store.cluster.leave(self.id)
         log.info("instance left the cluster", instance=self.id)
 
+    async def prune(self) -> int:
+        """Delete the rows of instances gone for ``PRUNE_AFTER_SECONDS``; how many."""
+        pruned = await self.store.cluster.prune(
+            max(PRUNE_AFTER_SECONDS, live_window(self.settings))
+        )
+        if pruned:
+            log.info("rows of instances gone without a clean stop deleted", instances=pruned)
+        return pruned
+
     # -- the loops -----------------------------------------------------------------------
     async def _heartbeats(self) -> None:
         while True:
@@ -187,6 +205,8 @@ class Cluster:
                 await self.heartbeat()
                 if self.metrics is not None:
                     self.metrics.set_instances(len(await self.instances()))
+                if self.is_leader(SWEEPS):
+                    await self.prune()
             except Exception as exc:  # boundary: a lost database skips a beat, never stops us
                 log.warning(f"{logs.WARN} heartbeat failed", error=f"{type(exc).__name__}: {exc}")
 

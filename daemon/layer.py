@@ -33,7 +33,7 @@ import trio
 
 from trainguard import fal, identity
 from trainguard.clock import Clock
-from trainguard.cluster import Cluster
+from trainguard.cluster import Cluster, live_window
 from trainguard.config import Option, Settings, validate_options
 from trainguard.errors import StoreClosed
 from trainguard.reconcile import Change, Reconciler
@@ -190,9 +190,15 @@ class LayerContext:
         return float(self.settings.cluster["claim_seconds"])
 
     async def gone_owners(self, kind: ClaimKind) -> list[str]:
-        """The owners of claims in the table of ``kind`` that are processes of this host no
-        longer running (``identity.gone``): their claims are taken over at once."""
-        return [o for o in await self.store.claim_owners(kind) if identity.gone(o)]
+        """The owners of claims in the table of ``kind`` known to be gone: processes of
+        this host no longer running (``identity.gone``) and instances whose heartbeat stopped
+        (``live_window``). Their claims are taken over at once, not at expiry; an
+        owner with no instance row is never called gone on that account."""
+        owners = await self.store.claim_owners(kind)
+        if not owners:
+            return []
+        silent = set(await self.store.cluster.silent(live_window(self.settings)))
+        return [o for o in owners if o in silent or identity.gone(o)]
 
     def claimed(self, kind: ClaimKind, claim: Claimed[Any]) -> None:
         """Count (``trainguard_rescued_total{kind}``) and log the rows ``claim`` took over

@@ -1006,6 +1006,26 @@ class ClusterTable:
 
         await self._store.read(leave)
 
+    async def silent(self, within: float) -> list[str]:
+        """The instances whose last heartbeat is more than ``within`` seconds old (dead,
+        or cut off from the database for that long), until ``prune`` deletes their rows."""
+
+        def get(conn: Connection) -> list[str]:
+            old = Instance.heartbeat_at < peewee.SQL(conn.dialect.now_sql) - within
+            return sorted(i for (i,) in Instance.select(Instance.id).where(old).tuples())
+
+        return await self._store.read(get)
+
+    async def prune(self, older_than: float) -> int:
+        """Delete the rows of instances silent for more than ``older_than`` seconds (gone
+        without a clean stop); how many."""
+
+        def prune(conn: Connection) -> int:
+            old = Instance.heartbeat_at < peewee.SQL(conn.dialect.now_sql) - older_than
+            return int(Instance.delete().where(old).execute())
+
+        return await self._store.write(prune)
+
     async def live(self, within: float) -> list[InstanceRow]:
         """Instances whose heartbeat is at most ``within`` seconds old, by start time, each
         with the roles whose unexpired lease it holds."""

@@ -27,6 +27,7 @@ from trainguard.metrics import Metrics
 from trainguard.reconcile import Kind, Observation, Reconciler
 from trainguard.store import (
     Connection,
+    Instance,
     Meta,
     Outbox,
     Store,
@@ -369,3 +370,50 @@ async def test_schema_6_adds_the_claim_columns_to_an_older_database(database_url
     assert version == "6" and len(claim.items) == 1
     for columns, indexes in found.values():
         assert {"claimed_by", "claim_expires_at"} <= columns and ("claimed_by",) in indexes
+
+
+def _instance(instance_id: str) -> dict[str, Any]:
+    return {
+        "id": instance_id,
+        "host": "elsewhere",
+        "pid": 1,
+        "version": "test",
+        "webhook_listen": None,
+        "metrics_listen": None,
+    }
+
+
+async def test_claims_of_an_instance_whose_heartbeat_stopped_are_taken_at_once(
+    database_url: str, settings: Settings
+) -> None:
+    """Owners of another host cannot be asked whether they run; their heartbeat says it. A
+    claim of an instance silent for longer than the live window is taken over at once; one
+    of a live instance, or of an owner with no instance row, waits for its expiry. The
+    leader's prune deletes only the silent row."""
+    async with two_instances(database_url) as (a, b):
+        ids = await a.write(_add_trainings, 3, 1.0)
+        for instance_id in ("silent", "alive"):
+            await a.cluster.beat(_instance(instance_id), start=True)
+        await a.write(
+            lambda conn: (
+                Instance.update(heartbeat_at=Instance.heartbeat_at - 100.0)
+                .where(Instance.id == "silent")
+                .execute()
+            )
+        )
+        for tid, owner in zip(ids, ("silent", "alive", "no-row"), strict=True):
+            await a.write(
+                lambda conn, tid=tid, owner=owner: (
+                    Training.update(claimed_by=owner, claim_expires_at=10_000.0)
+                    .where(Training.id == tid)
+                    .execute()
+                )
+            )
+        gone = await context(b, settings, "B").gone_owners("trainings")
+        assert gone == ["silent"]
+        taken = await b.claim_due("next_check", 100.0, 10, "B", 60.0, gone)
+        assert taken.rescued == {ids[0]: "silent"}
+        assert await b.cluster.silent(15.0) == ["silent"]
+        assert await b.cluster.prune(50.0) == 1
+        assert await b.cluster.silent(15.0) == []
+        assert [row.id for row in await b.cluster.live(15.0)] == ["alive"]

@@ -15,7 +15,13 @@ import trio
 
 from tests.conftest import daemon_settings, make_settings
 from tests.test_layers import _calls, submit
-from trainguard.cluster import LEASE_TRUST, SWEEPS, Cluster, instance_as_dict
+from trainguard.cluster import (
+    LEASE_TRUST,
+    PRUNE_AFTER_SECONDS,
+    SWEEPS,
+    Cluster,
+    instance_as_dict,
+)
 from trainguard.config import Settings
 from trainguard.metrics import Metrics
 from trainguard.plugins.manager import build_manager
@@ -175,6 +181,38 @@ async def test_instances_lists_both_with_their_roles_and_drops_a_dead_one(
 
         b_alive.cancel()  # b dies: its heartbeat stops
         await wait_listed(a, ["a"], timeout=3 * HEARTBEAT + 2.0)  # 3 missed beats
+        nursery.cancel_scope.cancel()
+
+
+async def test_the_leader_deletes_the_rows_of_instances_gone_for_an_hour(database_url: str) -> None:
+    """An instance that died without a clean stop leaves its row; the sweeps leader deletes
+    it once it has been silent for ``PRUNE_AFTER_SECONDS``, and a merely silent one not yet."""
+    async with two_instances(database_url) as (a, b), trio.open_nursery() as nursery:
+        await a.register()
+        await b.register()
+        for instance_id, age in (("dead", PRUNE_AFTER_SECONDS + 60.0), ("quiet", 60.0)):
+            await a.store.cluster.beat({**b._row(), "id": instance_id}, start=True)
+            await a.store.write(
+                lambda conn, i=instance_id, age=age: (
+                    Instance.update(heartbeat_at=Instance.heartbeat_at - age)
+                    .where(Instance.id == i)
+                    .execute()
+                )
+            )
+
+        async def ids() -> list[str]:
+            return await a.store.read(
+                lambda conn: sorted(i for (i,) in Instance.select(Instance.id).tuples())
+            )
+
+        assert await ids() == ["a", "b", "dead", "quiet"]
+        await nursery.start(b.loops)  # b leads (a has no loops) and prunes at its heartbeats
+        await wait_for(lambda: b.is_leader(SWEEPS))
+
+        async def pruned() -> bool:
+            return await ids() == ["a", "b", "quiet"]
+
+        await wait_for(pruned, timeout=10 * HEARTBEAT + 2.0)
         nursery.cancel_scope.cancel()
 
 
