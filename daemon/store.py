@@ -1397,15 +1397,35 @@ class Store:
 
         return await self.read(get)
 
-    async def unfinished_page(self, after: int, limit: int) -> list[TrainingView]:
-        """Unfinished trainings with an id above ``after``, by id, ``limit`` at most (a
-        sweep over all of them, page by page)."""
+    async def claim_unfinished(
+        self,
+        after: int,
+        limit: int,
+        owner: str,
+        now: float,
+        claim_seconds: float,
+        gone: Sequence[str] = (),
+    ) -> Claimed[TrainingView]:
+        """Claim the next unfinished trainings nobody holds with an id above ``after``, by
+        id, ``limit`` at most, for ``owner`` during ``claim_seconds`` (a sweep over all of
+        them, page by page; one another instance is checking right now is passed over)."""
 
-        def get(conn: Connection) -> list[TrainingView]:
-            query = Training.select().where(Training.status.in_(UNFINISHED), Training.id > after)
-            return _views(query.order_by(Training.id).limit(limit))
+        def claim(conn: Connection) -> Claimed[TrainingView]:
+            candidates = (
+                Training.select()
+                .where(
+                    Training.status.in_(UNFINISHED),
+                    Training.id > after,
+                    _claimable(Training, now, gone),
+                )
+                .order_by(Training.id)
+                .limit(limit)
+            )
+            rows, rescued = _claim(conn, Training, candidates, owner, now + claim_seconds)
+            rows.sort(key=lambda row: row.id)
+            return Claimed(_views(rows), rescued)
 
-        return await self.read(get)
+        return await self.write(claim)
 
     async def finished_incomplete(self, limit: int) -> list[TrainingView]:
         """Finished trainings worth asking FAL again, the longest unchecked first: a

@@ -5,7 +5,9 @@ training not yet applied is applied (one for an unknown training is not: it wait
 registration or its eviction), then every unfinished training, however old, is reconciled
 with FAL (the original skipped trainings older than 24 h): its result is asked for directly
 (the status too, when the result's answer is anything but an output or "in progress"), by a
-fixed pool of ``concurrency`` workers fed page by page. One summary log line.
+fixed pool of ``concurrency`` workers fed page by page. With several instances, each page is
+claimed: a training another instance checks right now (its sweep, its poller) is passed
+over, not checked twice. One summary log line.
 """
 
 from __future__ import annotations
@@ -16,14 +18,13 @@ import trio
 
 from trainguard import fal, logs
 from trainguard.config import LAYER_SCHEMA
-from trainguard.layer import LayerContext, check_training
+from trainguard.layer import CLAIM_ROUNDS, LayerContext, check_training
 from trainguard.plugins.hookspecs import hookimpl
 from trainguard.reconcile import Change
 from trainguard.store import UNFINISHED, TrainingView
 
 PROGRESS_EVERY_SECONDS = 5.0
 EXTEND_START_SECONDS = 30.0
-PAGE = 500
 
 
 async def ask_result(ctx: LayerContext, training: TrainingView) -> Change:
@@ -60,13 +61,16 @@ class StartupLayer:
             outcomes[f"receipt_{change.kind}"] += 1
             ctx.heartbeat()
 
+        gone = await ctx.gone_owners("trainings")
         total = sum(
             n for status, n in (await ctx.store.status_counts()).items() if status in UNFINISHED
         )
         done = 0
         shown = trio.current_time()
 
-        async def worker(queue: trio.MemoryReceiveChannel[TrainingView]) -> None:
+        async def worker(
+            queue: trio.MemoryReceiveChannel[TrainingView], checked: list[int]
+        ) -> None:
             nonlocal done, shown
             async with queue:
                 async for training in queue:
@@ -76,6 +80,8 @@ class StartupLayer:
                     except Exception as exc:  # one training's trouble must not stop the sweep
                         outcomes["error"] += 1
                         ctx.failed(exc)
+                    finally:
+                        checked.append(training.id)
                     ctx.heartbeat()
                     done += 1
                     if trio.current_time() - shown >= PROGRESS_EVERY_SECONDS:
@@ -87,18 +93,44 @@ class StartupLayer:
                             extend_start_seconds=EXTEND_START_SECONDS,
                         )
 
-        # A fixed pool of workers fed page by page: memory stays flat however big the backlog.
-        send, receive = trio.open_memory_channel[TrainingView](PAGE)
-        async with trio.open_nursery() as nursery:
-            for _ in range(int(ctx.options["concurrency"])):
-                nursery.start_soon(worker, receive.clone())
-            receive.close()
-            async with send:
-                after = 0
-                while page := await ctx.store.unfinished_page(after, PAGE):
-                    for training in page:
-                        await send.send(training)
-                    after = page[-1].id
+        # A fixed pool of workers fed a page at a time: memory stays flat however big the
+        # backlog. Each page is claimed (another instance's sweep or poller passes over it)
+        # and holds CLAIM_ROUNDS rounds of the pool, so no claim waits in line long; what the
+        # workers have checked is given back with the next claim, in one write.
+        pool = int(ctx.options["concurrency"])
+        checked: list[int] = []  # claimed, checked, not given back yet
+        held: set[int] = set()  # claimed and not given back yet
+        send, receive = trio.open_memory_channel[TrainingView](0)
+        try:
+            async with trio.open_nursery() as nursery:
+                for _ in range(pool):
+                    nursery.start_soon(worker, receive.clone(), checked)
+                receive.close()
+                async with send:
+                    after = 0
+                    while True:
+                        if checked:
+                            done_ids = _take(checked)
+                            await ctx.release("trainings", done_ids)
+                            held.difference_update(done_ids)
+                        claim = await ctx.store.claim_unfinished(
+                            after,
+                            pool * CLAIM_ROUNDS,
+                            ctx.instance_id,
+                            ctx.clock.now(),
+                            ctx.claim_seconds,
+                            gone,
+                        )
+                        ctx.claimed("trainings", claim)
+                        if not claim.items:
+                            break
+                        held.update(training.id for training in claim.items)
+                        for training in claim.items:
+                            await send.send(training)
+                        after = claim.items[-1].id
+        finally:  # also when stopped half-way: what this sweep holds goes back at once
+            if held:
+                await ctx.release("trainings", sorted(held))
         ctx.passed()
         ctx.log.info(
             f"{logs.CHECK} startup sweep done",
@@ -108,6 +140,13 @@ class StartupLayer:
             **dict(sorted(outcomes.items())),
         )
         task_status.started()
+
+
+def _take(ids: list[int]) -> list[int]:
+    """Empty ``ids`` and return what it held."""
+    taken = ids[:]
+    ids.clear()
+    return taken
 
 
 @hookimpl

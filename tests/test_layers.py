@@ -421,3 +421,36 @@ async def test_a_cancel_whose_answer_was_lost_is_still_recorded_and_ends_cancell
     await wait_for(cancelled)
     final = await store.training(rid)
     assert final is not None and not final.is_fallback
+
+
+async def test_two_instances_starting_together_share_the_startup_sweep(
+    nursery: trio.Nursery, tmp_path: Path, sim: Simulator, database_url: str
+) -> None:
+    """Two instances start at the same moment on one database with a backlog finished at
+    FAL while nobody ran: each training is asked about once across both sweeps (a page one
+    sweep claimed is passed over by the other), and every one ends COMPLETED."""
+    sim.faults.drop_webhook = 1.0
+    # A slow FAL (the rate limit) keeps both sweeps running side by side.
+    slow = {"fal": {"max_requests_per_second": 40.0}}
+    first = daemon_settings(
+        tmp_path / "db.sqlite", sim, url=database_url, only=("startup",), extra=slow
+    )
+    second = daemon_settings(
+        tmp_path / "db.sqlite", sim, url=database_url, only=("startup",), extra=slow
+    )
+    async with actions.fal_client(first) as fal, open_store(first.database["url"]) as store:
+        ids = await submit(first, fal, Reconciler(store, first), 60)
+    await trio.sleep(1.0)  # they finish at FAL while no daemon runs
+    before = _calls(sim, "result")
+    daemons: list[Daemon] = []
+    async with trio.open_nursery() as both:
+        for settings in (first, second):
+            both.start_soon(lambda s=settings: _start_into(nursery, s, daemons))
+    views = await finished(daemons[0], ids)
+    assert len(views) == 60
+    assert {v.status for v in views} == {"COMPLETED"}
+    assert _calls(sim, "result") - before == 60
+
+
+async def _start_into(nursery: trio.Nursery, settings: Settings, started: list[Daemon]) -> None:
+    started.append(await start(nursery, settings))
