@@ -1054,6 +1054,14 @@ class ClusterTable:
         return await self._store.read(get)
 
 
+class _CutBeforeBegin(Exception):
+    """The BEGIN of a write batch found the connection cut: nothing of the batch ran."""
+
+    def __init__(self, error: Exception) -> None:
+        super().__init__(str(error))
+        self.error = error
+
+
 class Store:
     """One database behind one limiter, with a group-commit writer (see module doc).
     Several stores may be open in one process, each on its own database."""
@@ -1152,15 +1160,34 @@ class Store:
             except StoreError as exc:  # no connection: no write of the batch is run
                 self._last_batch_failed = True
                 return [(False, exc)] * len(batch)
-            return self._commit_batch(batch)
+            try:
+                return self._commit_batch(batch)
+            except _CutBeforeBegin as cut:
+                # Nothing of the batch ran: run it again, once, on a new connection.
+                try:
+                    self._lost(cut.error)
+                    self._connected()
+                except StoreError as exc:
+                    self._last_batch_failed = True
+                    return [(False, exc)] * len(batch)
+                try:
+                    return self._commit_batch(batch)
+                except _CutBeforeBegin as again:
+                    self._last_batch_failed = True
+                    return [(False, self._lost(again.error))] * len(batch)
         finally:
             self._committing_since = None
 
     def _commit_batch(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
+        """The batch in one transaction. Raises ``_CutBeforeBegin`` when the connection
+        was found cut by the BEGIN itself (a server restart cuts idle connections, and that
+        shows only at their next statement): nothing of the batch ran, so it may run again."""
         results: list[tuple[bool, Any]] = []
         lost: TransactionRolledBack | None = None
+        begun = False
         try:
             with self.db.atomic():  # its ROLLBACK fails when there is nothing left to roll back
+                begun = True
                 for item in batch:
                     error: Exception | None = None
                     try:
@@ -1181,6 +1208,8 @@ class Store:
                         )
                         raise lost
         except Exception as exc:  # the commit itself failed: nothing of the batch is stored
+            if not begun and self._connection_lost():
+                raise _CutBeforeBegin(exc) from exc
             self._last_batch_failed = True
             if self._connection_lost():
                 # Cut during the batch (a COMMIT cut short may have been stored whole or
@@ -1248,15 +1277,22 @@ class Store:
         self._reconnect_at = 0.0
 
     def _read(self, fn: Callable[..., T], *args: Any) -> T:
-        """A read on the database thread: reconnected first when the connection was lost;
-        a connection cut during it fails it as a StoreError."""
-        self._connected()
-        try:
-            return fn(self.conn, *args)
-        except (peewee.OperationalError, peewee.InterfaceError) as exc:
-            if self._connection_lost():
-                raise self._lost(exc) from exc
-            raise
+        """A read on the database thread: reconnected first when the connection was lost.
+        A connection found cut by it (idle connections cut by a server restart show it only
+        at their next statement) is replaced and the read run once more: what runs here
+        changes nothing or is idempotent (``cluster.leave``), so running it again is
+        harmless. Cut again, it fails as a StoreError."""
+        for attempt in range(2):
+            self._connected()
+            try:
+                return fn(self.conn, *args)
+            except (peewee.OperationalError, peewee.InterfaceError) as exc:
+                if not self._connection_lost():
+                    raise
+                error = self._lost(exc)
+                if attempt:
+                    raise error from exc
+        raise AssertionError("unreachable")
 
     # -- the two doors ---------------------------------------------------------------------
     async def write(self, fn: Callable[..., T], *args: Any) -> T:

@@ -131,6 +131,24 @@ async def test_reads_and_writes_fail_as_store_errors_while_down_and_work_after(
         assert not store.stalled()
 
 
+async def test_an_idle_connection_cut_by_a_restart_costs_no_call(pg: PostgresServer) -> None:
+    """A restart cuts every connection; an idle one shows it only at its next statement.
+    That statement is the BEGIN of a write batch (nothing of it ran) or a read: both are run
+    again on a new connection, so the first write after a restart is stored, not refused
+    (a submit through a long-running daemon would otherwise lose a training FAL accepted)."""
+    url = pg.database()
+    async with open_store(url) as store:
+        await store.write(write_pair, 0)
+        await trio.to_thread.run_sync(pg.restart)
+        await store.write(write_pair, 1)  # no StoreError
+        assert await store.read(count_schedules) == 4
+        await trio.to_thread.run_sync(pg.restart)
+        assert await store.read(count_schedules) == 4  # a read first, then a write
+        await store.write(write_pair, 2)
+        assert await store.read(stored_names) == {f"{x}{n}" for x in "ab" for n in range(3)}
+        assert store.lost_for() == 0.0 and not store.stalled()
+
+
 async def launch_on(
     nursery: trio.Nursery, tmp_path: Path, sim: Simulator, url: str, client: httpx.AsyncClient
 ) -> Harness:
