@@ -67,11 +67,13 @@ def demo_config(
     deadline_seconds: float = 20.0,
     layers: Mapping[str, Mapping[str, Any]] | None = None,
     tables: Mapping[str, Mapping[str, Any]] | None = None,
+    config_name: str = "config.toml",
 ) -> str:
     """A config.toml for a daemon against ``sim`` with timings compressed ~30x.
 
     ``layers`` overrides options of ``[layers.NAME]``, ``tables`` those of the top-level
-    tables (``fal``, ``webhook``, ...).
+    tables (``fal``, ``webhook``, ``database``, ``cluster``, ...); ``config_name`` is the
+    file's name in ``workdir``, so that several instances can share one directory.
     """
     top: dict[str, dict[str, Any]] = {
         "database": {"url": f"sqlite:///{workdir / 'trainguard.db'}"},
@@ -110,7 +112,7 @@ def demo_config(
     for name, values in sections:
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = workdir / "config.toml"
+    path = workdir / config_name
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
 
