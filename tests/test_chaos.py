@@ -32,6 +32,7 @@ import pytest
 import trio
 
 from trainguard import actions, config
+from trainguard.errors import StoreError
 from trainguard.fal import FalClient, RateLimiter
 from trainguard.reconcile import Reconciler
 from trainguard.store import TERMINAL, Store, open_store
@@ -89,12 +90,13 @@ class Client:
         return view.request_id
 
     async def cancel(self, request_id: str) -> None:
-        """Ask for a cancel the way `trainguard cancel` does, until FAL gives an answer."""
+        """Ask for a cancel the way `trainguard cancel` does, until FAL gives an answer (and
+        the database takes it: a restarted PostgreSQL fails a call or two, StoreError)."""
         while True:
             try:
                 await actions.cancel(self.settings, self.fal, self.reconciler, request_id)
                 return
-            except actions.Unavailable:
+            except (actions.Unavailable, StoreError):
                 await trio.sleep(0.2)
             except actions.Conflict:  # finished at FAL (or here) before the cancel: no cancel
                 return
@@ -102,7 +104,10 @@ class Client:
     async def wait_until_finished(self, count: int, timeout: float) -> None:
         with trio.fail_after(timeout):
             while True:
-                counts = await self.store.status_counts()
+                try:
+                    counts = await self.store.status_counts()
+                except StoreError:  # a restarted PostgreSQL: the store reconnects
+                    counts = {}
                 if sum(counts.values()) == count and all(s in TERMINAL for s in counts):
                     return
                 await trio.sleep(0.5)
