@@ -16,6 +16,7 @@ are taken over within the few seconds a test can wait. Nothing here is imported 
 from __future__ import annotations
 
 import json
+import sys
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -24,11 +25,23 @@ from typing import Any
 
 import trio
 
-from trainguard import config
+from trainguard import actions, config
 from trainguard.cluster import SWEEPS, live_instances
-from trainguard.store import Store
+from trainguard.reconcile import Reconciler
+from trainguard.store import Store, open_store
 from trainguard.testing.balancer import Balancer, open_balancer
-from trainguard.testing.demo import DEMO_KEY, DaemonProcess, demo_config, free_port
+from trainguard.testing.demo import (
+    DEMO_KEY,
+    FAULTS_TOLD,
+    DaemonProcess,
+    Report,
+    all_finished,
+    compare_with_truth,
+    demo_config,
+    demo_simulator,
+    free_port,
+    submit_wave,
+)
 from trainguard.testing.simulator import Simulator
 
 #: ``[cluster]`` for tests: a lease taken over ~2 s after its holder died, an instance seen
@@ -214,3 +227,68 @@ async def open_cluster(
         finally:
             with trio.CancelScope(shield=True):
                 await cluster.stop_all()
+
+
+# -- trainguard demo --instances N ----------------------------------------------------------
+async def run_cluster_demo(
+    workdir: Path,
+    database_url: str,
+    *,
+    instances: int = 3,
+    trainings: int = 30,
+    seed: int = 7,
+    out: Any = sys.stdout,
+) -> Report:
+    """The demo's flow on ``instances`` instances behind the balancer on ``database_url``:
+    the same simulator, faults and trainings; the sweeps leader is SIGKILLed where the
+    single-instance demo kills its daemon, and restarted after another took over."""
+
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    sim = demo_simulator(seed)
+    async with trio.open_nursery() as nursery:
+        await nursery.start(sim.serve)
+        async with (
+            open_cluster(workdir, sim, database_url, instances) as cluster,
+            actions.fal_client(cluster.settings) as fal,
+            open_store(database_url) as store,
+        ):
+            say(
+                f"simulator on {sim.base_url}; {instances} instances on PostgreSQL behind the "
+                f"balancer {cluster.balancer.url}; logs in {workdir}/instance*.log"
+            )
+            await cluster.start_all()
+            leader = await cluster.wait_for_leader(store)
+            say(
+                f"instances ready, #{leader} leads the sweeps; submitting {trainings} trainings "
+                f"in two waves ({FAULTS_TOLD})"
+            )
+            reconciler = Reconciler(store, cluster.settings)
+            half = trainings // 2
+            await submit_wave(cluster.settings, fal, reconciler, range(half), trainings)
+            await trio.sleep(2.5)
+            killed_at = trio.current_time()
+            await cluster.kill(leader)
+            say(
+                f"first wave of {half} in flight; instance #{leader}, the sweeps leader, killed "
+                "with SIGKILL (the balancer sends its webhooks to the others)"
+            )
+            successor = await cluster.wait_for_leader(store, other_than=leader)
+            say(
+                f"instance #{successor} took the sweeps lead "
+                f"{trio.current_time() - killed_at:.1f} s after the kill"
+            )
+            await cluster.start(leader)
+            say(f"instance #{leader} restarted; its startup sweep ran before READY")
+            await submit_wave(cluster.settings, fal, reconciler, range(half, trainings), trainings)
+            say(f"second wave of {trainings - half} submitted")
+            with trio.move_on_after(45.0):
+                while not await all_finished(database_url):
+                    await trio.sleep(0.5)
+            statuses = await cluster.stop_all()
+            say(f"instances stopped with SIGTERM (exit statuses {statuses})")
+            report = await compare_with_truth(store, list(sim.truth.values()), sim.deliveries)
+        nursery.cancel_scope.cancel()
+    report.restarts = cluster.kills
+    return report
