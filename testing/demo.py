@@ -46,6 +46,7 @@ from trainguard.store import (
     WebhookReceipt,
     open_store,
 )
+from trainguard.testing import postgres
 from trainguard.testing.simulator import Delivery, Faults, SimConfig, Simulator, Truth
 
 DEMO_KEY = "demo-key-not-secret"
@@ -67,11 +68,13 @@ def demo_config(
     deadline_seconds: float = 20.0,
     layers: Mapping[str, Mapping[str, Any]] | None = None,
     tables: Mapping[str, Mapping[str, Any]] | None = None,
+    config_name: str = "config.toml",
 ) -> str:
     """A config.toml for a daemon against ``sim`` with timings compressed ~30x.
 
     ``layers`` overrides options of ``[layers.NAME]``, ``tables`` those of the top-level
-    tables (``fal``, ``webhook``, ...).
+    tables (``fal``, ``webhook``, ``database``, ``cluster``, ...); ``config_name`` is the
+    file's name in ``workdir``, so that several instances can share one directory.
     """
     top: dict[str, dict[str, Any]] = {
         "database": {"url": f"sqlite:///{workdir / 'trainguard.db'}"},
@@ -110,7 +113,7 @@ def demo_config(
     for name, values in sections:
         lines.append(f"[{name}]")
         lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
-    path = workdir / "config.toml"
+    path = workdir / config_name
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return str(path)
 
@@ -524,13 +527,16 @@ def _outcome(i: int, total: int) -> str:
     return {0: "fail", 1: "no_lora", 2: "never", total // 2 + 1: "payload_error"}.get(i, "ok")
 
 
-async def run_demo(
-    workdir: Path, *, trainings: int = 30, seed: int = 7, out: Any = sys.stdout
-) -> Report:
-    def say(text: str) -> None:
-        print(text, file=out, flush=True)
+#: What the demo tells of its fault mix once the daemon (or the instances) are ready.
+FAULTS_TOLD = (
+    "faults: 30% of webhooks dropped, 10% duplicated, 10% badly signed, 5% API errors; one "
+    "training fails, one has no LoRA, one never finishes, one webhook carries a payload_error"
+)
 
-    sim = Simulator(
+
+def demo_simulator(seed: int) -> Simulator:
+    """The demo's simulator: 1 s in queue, 4 s running, the fault mix of ``FAULTS_TOLD``."""
+    return Simulator(
         SimConfig(
             queue_seconds=1.0,
             run_seconds=4.0,
@@ -541,6 +547,40 @@ async def run_demo(
             webhook_retry_delays=(0.5, 1.0, 2.0),
         )
     )
+
+
+async def submit_wave(
+    settings: config.Settings, fal: Any, reconciler: Reconciler, indexes: range, trainings: int
+) -> None:
+    """Submit the demo's trainings ``indexes`` of ``trainings`` (``_outcome``), one by one."""
+    for i in indexes:
+        ttype = TYPES[i % len(TYPES)]
+        name = f"user{i:02d}"
+        arguments = actions.training_arguments(
+            settings,
+            ttype,
+            f"https://example.invalid/{name}.zip",
+            f"{name} person",
+            {"sim_outcome": _outcome(i, trainings)},
+        )
+        await submit_until_accepted(
+            settings,
+            fal,
+            reconciler,
+            training_type=ttype,
+            name=name,
+            arguments=arguments,
+            trigger=f"{name} person",
+        )
+
+
+async def run_demo(
+    workdir: Path, *, trainings: int = 30, seed: int = 7, out: Any = sys.stdout
+) -> Report:
+    def say(text: str) -> None:
+        print(text, file=out, flush=True)
+
+    sim = demo_simulator(seed)
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         metrics_port = free_port()
@@ -549,11 +589,7 @@ async def run_demo(
         daemon = DaemonProcess(path, metrics_port, workdir / "daemon.log")
         say(f"simulator on {sim.base_url}; daemon log in {daemon.log_path}")
         await daemon.start()
-        say(
-            f"daemon ready; submitting {trainings} trainings in two waves (faults: 30% of webhooks "
-            "dropped, 10% duplicated, 10% badly signed, 5% API errors; one training fails, one "
-            "has no LoRA, one never finishes, one webhook carries a payload_error)"
-        )
+        say(f"daemon ready; submitting {trainings} trainings in two waves ({FAULTS_TOLD})")
         try:
             async with (
                 actions.fal_client(settings) as fal,
@@ -562,25 +598,7 @@ async def run_demo(
                 reconciler = Reconciler(store, settings)
 
                 async def wave(indexes: range) -> None:
-                    for i in indexes:
-                        ttype = TYPES[i % len(TYPES)]
-                        name = f"user{i:02d}"
-                        arguments = actions.training_arguments(
-                            settings,
-                            ttype,
-                            f"https://example.invalid/{name}.zip",
-                            f"{name} person",
-                            {"sim_outcome": _outcome(i, trainings)},
-                        )
-                        await submit_until_accepted(
-                            settings,
-                            fal,
-                            reconciler,
-                            training_type=ttype,
-                            name=name,
-                            arguments=arguments,
-                            trigger=f"{name} person",
-                        )
+                    await submit_wave(settings, fal, reconciler, indexes, trainings)
 
                 half = trainings // 2
                 await wave(range(half))
@@ -595,7 +613,7 @@ async def run_demo(
                 await wave(range(half, trainings))
                 say(f"second wave of {trainings - half} submitted")
             with trio.move_on_after(45.0):
-                while not await _all_finished(settings.database["url"]):
+                while not await all_finished(settings.database["url"]):
                     await trio.sleep(0.5)
         finally:
             status = await daemon.stop()
@@ -607,7 +625,8 @@ async def run_demo(
     return report
 
 
-async def _all_finished(db_url: str) -> bool:
+async def all_finished(db_url: str) -> bool:
+    """Whether every training on ``db_url`` is in a terminal state."""
     async with open_store(db_url) as store:
         counts = await store.status_counts()
     return sum(n for s, n in counts.items() if s not in TERMINAL) == 0
@@ -617,18 +636,57 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--trainings", type=int, default=30, help="how many trainings (default 30)")
     parser.add_argument("--seed", type=int, default=7, help="the simulator's random seed")
     parser.add_argument("--keep", metavar="DIR", help="keep the database and logs in DIR")
+    parser.add_argument(
+        "--instances",
+        type=int,
+        default=1,
+        metavar="N",
+        help="N instances on a temporary PostgreSQL behind a load balancer, the sweeps leader "
+        "killed (default 1: one daemon on SQLite); needs PostgreSQL's server binaries",
+    )
+
+
+#: ``--instances`` without PostgreSQL's server binaries: this line, exit status 2.
+NO_POSTGRES = (
+    "trainguard demo --instances needs PostgreSQL's server binaries (initdb, pg_ctl), not found "
+    "on PATH or in /usr/lib/postgresql/*/bin: on Debian or Ubuntu `apt-get install -y postgresql`"
+)
+
+
+def _run_cluster(workdir: Path, args: argparse.Namespace) -> Report:
+    # testing.cluster builds on this module, so it is imported only when asked for.
+    from trainguard.testing.cluster import run_cluster_demo
+
+    with postgres.running() as server:
+        url = server.database()
+        return trio.run(
+            lambda: run_cluster_demo(
+                workdir, url, instances=args.instances, trainings=args.trainings, seed=args.seed
+            )
+        )
 
 
 def main(args: argparse.Namespace) -> int:
     if args.trainings < 8:
         raise ValueError("--trainings must be at least 8 (one of each fault, plus real ones)")
+    if args.instances < 1:
+        raise ValueError("--instances must be at least 1")
+    if args.instances > 1 and postgres.find_binaries() is None:
+        print(f"trainguard: {NO_POSTGRES}", file=sys.stderr)
+        return 2
+
+    def run(workdir: Path) -> Report:
+        if args.instances > 1:
+            return _run_cluster(workdir, args)
+        return trio.run(lambda: run_demo(workdir, trainings=args.trainings, seed=args.seed))
+
     if args.keep:
         workdir = Path(args.keep)
         workdir.mkdir(parents=True, exist_ok=True)
-        report = trio.run(lambda: run_demo(workdir, trainings=args.trainings, seed=args.seed))
+        report = run(workdir)
     else:
         with tempfile.TemporaryDirectory(prefix="trainguard-demo-") as tmp:
-            report = trio.run(lambda: run_demo(Path(tmp), trainings=args.trainings, seed=args.seed))
+            report = run(Path(tmp))
     print()
     print(report.table())
     print()

@@ -24,7 +24,7 @@ import random
 from collections import Counter
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pytest
 import trio
 
 from trainguard import actions, config
+from trainguard.errors import StoreError
 from trainguard.fal import FalClient, RateLimiter
 from trainguard.reconcile import Reconciler
 from trainguard.store import TERMINAL, Store, open_store
@@ -57,12 +58,11 @@ WEBHOOK_RETRIES = (0.5, 1.0, 2.0, 4.0, 8.0)
 
 
 @dataclass
-class Harness:
-    """A simulator in the test's nursery, a daemon subprocess, and the test's own store,
-    reconciler and FAL client to submit trainings the way `trainguard submit` does."""
+class Client:
+    """A simulator in the test's nursery and the test's own store, reconciler and FAL
+    client to submit trainings the way `trainguard submit` does (one daemon or several)."""
 
     sim: Simulator
-    daemon: DaemonProcess
     settings: config.Settings
     store: Store
     reconciler: Reconciler
@@ -90,15 +90,34 @@ class Harness:
         return view.request_id
 
     async def cancel(self, request_id: str) -> None:
-        """Ask for a cancel the way `trainguard cancel` does, until FAL gives an answer."""
+        """Ask for a cancel the way `trainguard cancel` does, until FAL gives an answer (and
+        the database takes it: a restarted PostgreSQL fails a call or two, StoreError)."""
         while True:
             try:
                 await actions.cancel(self.settings, self.fal, self.reconciler, request_id)
                 return
-            except actions.Unavailable:
+            except (actions.Unavailable, StoreError):
                 await trio.sleep(0.2)
             except actions.Conflict:  # finished at FAL (or here) before the cancel: no cancel
                 return
+
+    async def wait_until_finished(self, count: int, timeout: float) -> None:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    counts = await self.store.status_counts()
+                except StoreError:  # a restarted PostgreSQL: the store reconnects
+                    counts = {}
+                if sum(counts.values()) == count and all(s in TERMINAL for s in counts):
+                    return
+                await trio.sleep(0.5)
+
+
+@dataclass
+class Harness(Client):
+    """The client and one daemon subprocess."""
+
+    daemon: DaemonProcess = field(kw_only=True)
 
     async def crash_and_restart(self, down_seconds: float) -> None:
         """SIGKILL, wait for it to be gone, stay down a while, start (until READY)."""
@@ -107,14 +126,6 @@ class Harness:
         await self.daemon.process.wait()
         await trio.sleep(down_seconds)
         await self.daemon.start()
-
-    async def wait_until_finished(self, count: int, timeout: float) -> None:
-        with trio.fail_after(timeout):
-            while True:
-                counts = await self.store.status_counts()
-                if sum(counts.values()) == count and all(s in TERMINAL for s in counts):
-                    return
-                await trio.sleep(0.5)
 
     async def stop_and_compare(self) -> Report:
         """Stop the daemon cleanly (no webhook is acknowledged after this), then compare
@@ -160,7 +171,7 @@ async def harness(
     async with fal, open_store(settings.database["url"]) as store:
         await daemon.start()
         try:
-            yield Harness(sim, daemon, settings, store, Reconciler(store, settings), fal)
+            yield Harness(sim, settings, store, Reconciler(store, settings), fal, daemon=daemon)
         finally:
             await daemon.stop()
 
@@ -188,11 +199,19 @@ KILLS = 5
 DEADLINE_SECONDS = 30.0
 
 
-@pytest.mark.slow  # ~45 s; not deselected by default: CI runs it
-async def test_500_trainings_under_faults_and_sigkills(
-    nursery: trio.Nursery, tmp_path: Path
-) -> None:
-    rng = random.Random(4)
+@dataclass
+class Plan:
+    """What each of the ``TRAININGS`` trainings will do at FAL, and which ones are cancelled."""
+
+    outcomes: list[str]
+    cancel_at: dict[int, float]
+    """Index -> seconds after its submit when its cancel is asked for."""
+    ignores: set[int]
+    """Indexes whose app ignores the cancel and finishes anyway."""
+
+
+def fault_plan(rng: random.Random) -> Plan:
+    """The outcomes (``EXACT_OUTCOMES``, the rest "ok") in a random order, and the cancels."""
     outcomes = [o for o, n in EXACT_OUTCOMES.items() for _ in range(n)]
     outcomes += ["ok"] * (TRAININGS - len(outcomes))
     rng.shuffle(outcomes)
@@ -201,10 +220,25 @@ async def test_500_trainings_under_faults_and_sigkills(
     cancel_at = {i: 0.0 for i in picked[:CANCEL_QUEUED]}
     cancel_at |= {i: 1.6 for i in picked[CANCEL_QUEUED:]}  # 1 s queued + 2 s running
     ignores = set(picked[CANCEL_QUEUED + CANCEL_RUNNING :])
-    sim_config = SimConfig(
+    return Plan(outcomes, cancel_at, ignores)
+
+
+async def submit_planned(client: Client, plan: Plan, i: int, limiter: trio.CapacityLimiter) -> None:
+    """Submit training ``i`` of ``plan`` (at most ``limiter`` at once) and cancel it if planned."""
+    async with limiter:
+        extra = {"sim_cancel": "ignore"} if i in plan.ignores else {}
+        rid = await client.submit(i, plan.outcomes[i], **extra)
+    if i in plan.cancel_at:
+        await trio.sleep(plan.cancel_at[i])
+        await client.cancel(rid)
+
+
+def fault_mix(seed: int) -> SimConfig:
+    """The simulator under the whole fault mix (the module doc's first run)."""
+    return SimConfig(
         queue_seconds=1.0,
         run_seconds=2.0,
-        seed=4,
+        seed=seed,
         faults=Faults(
             drop_webhook=0.3,
             duplicate_webhook=0.1,
@@ -218,28 +252,31 @@ async def test_500_trainings_under_faults_and_sigkills(
         ),
         webhook_retry_delays=WEBHOOK_RETRIES,
     )
-    layers = {
-        "poller": {
-            "first_check_after_seconds": 1.0,
-            "interval_seconds": 1.0,
-            "max_backoff_seconds": 2.0,
-            "concurrency": 16,
-        },
-        "startup": {"concurrency": 16},
-        "delayed": {"after_seconds": 8.0, "verify_after_seconds": 2.0},
-        "completeness": {"interval_seconds": 4.0},
-        "emergency": {"deadline_seconds": DEADLINE_SECONDS},
-    }
-    async with harness(nursery, tmp_path, sim_config, layers=layers) as h:
-        submitters = trio.CapacityLimiter(4)
 
-        async def submit(i: int) -> None:
-            async with submitters:
-                extra = {"sim_cancel": "ignore"} if i in ignores else {}
-                rid = await h.submit(i, outcomes[i], **extra)
-            if i in cancel_at:
-                await trio.sleep(cancel_at[i])
-                await h.cancel(rid)
+
+#: The layers' timings of the fault-mix run (compressed like the demo).
+FAULT_MIX_LAYERS: Mapping[str, Mapping[str, Any]] = {
+    "poller": {
+        "first_check_after_seconds": 1.0,
+        "interval_seconds": 1.0,
+        "max_backoff_seconds": 2.0,
+        "concurrency": 16,
+    },
+    "startup": {"concurrency": 16},
+    "delayed": {"after_seconds": 8.0, "verify_after_seconds": 2.0},
+    "completeness": {"interval_seconds": 4.0},
+    "emergency": {"deadline_seconds": DEADLINE_SECONDS},
+}
+
+
+@pytest.mark.slow  # ~45 s; not deselected by default: CI runs it
+async def test_500_trainings_under_faults_and_sigkills(
+    nursery: trio.Nursery, tmp_path: Path
+) -> None:
+    rng = random.Random(4)
+    plan = fault_plan(rng)
+    async with harness(nursery, tmp_path, fault_mix(4), layers=FAULT_MIX_LAYERS) as h:
+        submitters = trio.CapacityLimiter(4)
 
         async def crash_at_random_moments() -> None:
             for _ in range(KILLS):
@@ -250,7 +287,7 @@ async def test_500_trainings_under_faults_and_sigkills(
             chaos.start_soon(crash_at_random_moments)
             async with trio.open_nursery() as submissions:
                 for i in range(TRAININGS):
-                    submissions.start_soon(submit, i)
+                    submissions.start_soon(submit_planned, h, plan, i, submitters)
                     await trio.sleep(0.02)
         # The last "never" training ends at its deadline, at most DEADLINE_SECONDS from now.
         await h.wait_until_finished(TRAININGS, timeout=DEADLINE_SECONDS + 30.0)
