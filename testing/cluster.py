@@ -247,6 +247,8 @@ async def run_cluster_demo(
         print(text, file=out, flush=True)
 
     sim = demo_simulator(seed)
+    # One connection per webhook: the balancer then spreads deliveries, not connections.
+    sim.config.webhook_connection_per_delivery = True
     async with trio.open_nursery() as nursery:
         await nursery.start(sim.serve)
         async with (

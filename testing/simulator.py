@@ -266,6 +266,10 @@ class SimConfig:
     webhook_timeout_seconds: float = 10.0
     webhook_ca_file: str | None = None
     """CA bundle for https webhook receivers (default: certifi's)."""
+    webhook_connection_per_delivery: bool = False
+    """Open a new connection for every webhook delivery instead of keeping one alive, so a
+    load balancer in front of several instances spreads the deliveries, not only the
+    connections (fal does not document which its senders do)."""
     tls: bool = False
     certfile: str | None = None
     keyfile: str | None = None
@@ -466,8 +470,14 @@ class Simulator:
         verify: ssl.SSLContext | bool = True
         if self.config.webhook_ca_file:
             verify = ssl.create_default_context(cafile=self.config.webhook_ca_file)
+        limits = httpx.Limits(max_connections=100, max_keepalive_connections=20)  # httpx's
+        if self.config.webhook_connection_per_delivery:
+            limits = httpx.Limits(max_connections=100, max_keepalive_connections=0)
         client = httpx.AsyncClient(
-            timeout=self.config.webhook_timeout_seconds, verify=verify, trust_env=False
+            timeout=self.config.webhook_timeout_seconds,
+            verify=verify,
+            trust_env=False,
+            limits=limits,
         )
         try:
             async with trio.open_nursery() as nursery:
