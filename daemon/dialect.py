@@ -73,6 +73,11 @@ class Dialect:
         until no other process migrates the same database. Whether it had to wait."""
         return False
 
+    def retryable(self, error: BaseException) -> bool:
+        """Whether a write failed only because it met another process's transaction (a
+        deadlock the server broke by failing it): run alone again, it may well pass."""
+        return False
+
     def transaction_lost(self, connection: Any) -> bool:
         """Whether the transaction of a write batch is gone, so that a COMMIT would store
         nothing (``connection`` is the driver's own connection)."""
@@ -186,6 +191,18 @@ class PostgresDialect(Dialect):
         log.info("another instance is migrating the schema; waiting for it")
         db.execute_sql("SELECT pg_advisory_xact_lock(%s)", (SCHEMA_LOCK_KEY,))
         return True
+
+    def retryable(self, error: BaseException) -> bool:
+        """A deadlock (SQLSTATE 40P01: two batches of different instances locking the same
+        trainings in different orders; the server fails one statement after
+        ``deadlock_timeout``) or a serialization failure (40001). peewee raises its own
+        error while handling psycopg's, which carries the SQLSTATE."""
+        seen: BaseException | None = error
+        while seen is not None:
+            if getattr(seen, "sqlstate", None) in ("40P01", "40001"):
+                return True
+            seen = seen.__cause__ or seen.__context__
+        return False
 
     def claim(
         self, model: type[peewee.Model], candidates: peewee.ModelSelect, values: dict[str, Any]

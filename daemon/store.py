@@ -1161,7 +1161,7 @@ class Store:
                 self._last_batch_failed = True
                 return [(False, exc)] * len(batch)
             try:
-                return self._commit_batch(batch)
+                return self._retry_deadlocked(batch, self._commit_batch(batch))
             except _CutBeforeBegin as cut:
                 # Nothing of the batch ran: run it again, once, on a new connection.
                 try:
@@ -1177,6 +1177,18 @@ class Store:
                     return [(False, self._lost(again.error))] * len(batch)
         finally:
             self._committing_since = None
+
+    def _retry_deadlocked(
+        self, batch: list[_Write], results: list[tuple[bool, Any]]
+    ) -> list[tuple[bool, Any]]:
+        """Run each write the database failed for meeting another process's transaction
+        (``Dialect.retryable``) once more, alone in a transaction of its own, once the rest
+        of its batch is committed and its locks are released. Alone, a write locks only its
+        own rows, so it cannot meet the same deadlock from within its batch again."""
+        for i, (ok, value) in enumerate(results):
+            if not ok and isinstance(value, Exception) and self.dialect.retryable(value):
+                results[i] = self._commit_batch([batch[i]])[0]
+        return results
 
     def _commit_batch(self, batch: list[_Write]) -> list[tuple[bool, Any]]:
         """The batch in one transaction. Raises ``_CutBeforeBegin`` when the connection

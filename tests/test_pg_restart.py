@@ -10,6 +10,7 @@ session's shared one), each test on a fresh database of it.
 from __future__ import annotations
 
 import os
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +26,7 @@ from trainguard import supervisor
 from trainguard.dialect import PostgresDialect
 from trainguard.errors import StoreError
 from trainguard.plugins.manager import build_manager
-from trainguard.store import Connection, Schedule, open_store
+from trainguard.store import Connection, Schedule, Store, open_store
 from trainguard.supervisor import Daemon
 from trainguard.testing.postgres import PostgresServer
 from trainguard.testing.simulator import Simulator
@@ -245,3 +246,39 @@ def test_a_reconnect_waits_for_the_server_at_most_connect_timeout() -> None:
     assert PostgresDialect().open(url).connect_params["connect_timeout"] == 5
     mine = PostgresDialect().open(f"{url}?connect_timeout=1&sslmode=disable")
     assert mine.connect_params["connect_timeout"] == 1
+
+
+async def test_a_write_failed_by_a_deadlock_runs_again_alone_and_is_stored(
+    pg: PostgresServer,
+) -> None:
+    """Two instances' writes lock the same two rows in opposite orders: PostgreSQL breaks
+    the deadlock by failing one of them (40P01). That one runs again alone once the other
+    has committed, so both are stored; neither caller sees an error."""
+    url = pg.database()
+    barrier = threading.Barrier(2, timeout=10.0)
+    runs: list[str] = []
+
+    def lock_both(conn: Connection, first: str, second: str) -> str:
+        runs.append(first)
+        Schedule.select().where(Schedule.name == first).for_update().get()
+        if runs.count(first) == 1:
+            barrier.wait()  # both hold their first row: each now waits for the other's
+        Schedule.select().where(Schedule.name == second).for_update().get()
+        Schedule.update(next_at=Schedule.next_at + 1).where(
+            Schedule.name.in_([first, second])
+        ).execute()
+        return first
+
+    async with open_store(url) as a, open_store(url) as b:
+        await a.write(write_pair, 0)  # rows a0 and b0
+        done: list[str] = []
+
+        async def one(store: Store, first: str, second: str) -> None:
+            done.append(await store.write(lock_both, first, second))
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, a, "a0", "b0")
+            nursery.start_soon(one, b, "b0", "a0")
+        assert sorted(done) == ["a0", "b0"]
+        assert sorted(runs) == ["a0", "a0", "b0"] or sorted(runs) == ["a0", "b0", "b0"]
+        assert await a.read(lambda conn: sorted(s.next_at for s in Schedule.select())) == [2.0, 2.0]
