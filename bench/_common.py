@@ -254,6 +254,62 @@ async def start_daemon(
     return daemon, ready
 
 
+# -- databases -------------------------------------------------------------------------------
+#: A daemon's database: a SQLite file, or a database URL (``sqlite:///...`` or PostgreSQL).
+Db = Path | str
+DATABASES = ("sqlite", "postgresql")
+
+
+def db_url(db: Db) -> str:
+    """The ``[database] url`` of ``db``."""
+    return f"sqlite:///{db}" if isinstance(db, Path) else db
+
+
+def database_kinds(choice: str) -> list[str]:
+    """The backends a ``--database`` choice (sqlite, postgresql or both) runs, in order."""
+    return list(DATABASES) if choice == "both" else [choice]
+
+
+def add_database_option(parser: argparse.ArgumentParser, default: str = "sqlite") -> None:
+    parser.add_argument(
+        "--database",
+        choices=(*DATABASES, "both"),
+        default=default,
+        help="the daemon's database: a SQLite file, a throwaway PostgreSQL server (fsync on, "
+        "as SQLite's synchronous=FULL), or both in one run, with the ratio",
+    )
+
+
+class Databases:
+    """Fresh databases of one kind for a benchmark: SQLite files in the work directory, or
+    databases on one throwaway PostgreSQL server started on first use (fsync on, so that its
+    figures are durable ones like SQLite's) and stopped by ``close``."""
+
+    def __init__(self, kind: str, workdir: Path) -> None:
+        self.kind = kind
+        self.workdir = workdir
+        self._server: Any = None
+
+    def fresh(self, name: str) -> Db:
+        """A new, empty database for ``name``."""
+        if self.kind == "sqlite":
+            return self.workdir / f"{name}.db"
+        if self._server is None:
+            from trainguard.testing.postgres import PostgresServer
+
+            say("starting a throwaway PostgreSQL server (fsync on)")
+            self._server = PostgresServer(fsync=True).start()
+        return str(self._server.database())
+
+    def __enter__(self) -> Databases:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._server is not None:
+            self._server.stop()
+            self._server = None
+
+
 # -- configuration ---------------------------------------------------------------------------
 _installed: tuple[str, ...] | None = None
 
@@ -276,7 +332,7 @@ def installed_layers() -> tuple[str, ...]:
 def write_config(
     workdir: Path,
     *,
-    db_path: Path,
+    db_path: Db,
     queue_url: str,
     jwks_url: str,
     webhook_port: int,
@@ -286,9 +342,11 @@ def write_config(
     fal: Mapping[str, Any] | None = None,
     log_level: str = "info",
     name: str = "config.toml",
+    extra_tables: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> Path:
     """A config.toml for the daemon; every installed layer not in ``enabled`` (third-party
-    ones too: the benchmarks measure trainguard's own layers) gets ``enabled = false``."""
+    ones too: the benchmarks measure trainguard's own layers) gets ``enabled = false``.
+    ``db_path`` is a SQLite file or a database URL (``db_url``); ``extra_tables`` adds or overrides top-level tables (e.g. ``cluster``)."""
     fal_table = {
         "queue_url": queue_url,
         "jwks_url": jwks_url,
@@ -297,7 +355,7 @@ def write_config(
         **(fal or {}),
     }
     tables: dict[str, dict[str, Any]] = {
-        "database": {"url": f"sqlite:///{db_path}"},
+        "database": {"url": db_url(db_path)},
         "fal": fal_table,
         "webhook": {
             "listen": f"127.0.0.1:{webhook_port}",
@@ -306,6 +364,8 @@ def write_config(
         "metrics": {"listen": f"127.0.0.1:{metrics_port}"},
         "log": {"level": log_level},
     }
+    for table, values in (extra_tables or {}).items():
+        tables[table] = {**tables.get(table, {}), **values}
     chosen = set(enabled)
     for layer in dict.fromkeys((*LAYERS, *installed_layers())):
         tables[f"layers.{layer}"] = {"enabled": layer in chosen, **(layers or {}).get(layer, {})}
@@ -319,7 +379,7 @@ def write_config(
 
 
 def simulator_config(
-    workdir: Path, name: str, *, db_path: Path, sim_url: str, **options: Any
+    workdir: Path, name: str, *, db_path: Db, sim_url: str, **options: Any
 ) -> tuple[Path, int]:
     """``{name}.toml`` for a daemon on ``db_path`` talking to the simulator at ``sim_url``,
     on free ports (``options``: more ``write_config`` keywords, e.g. ``enabled``,
@@ -339,11 +399,18 @@ def simulator_config(
 
 
 def seeded_config(
-    workdir: Path, name: str, rows: Sequence[Mapping[str, Any]], *, sim_url: str, **options: Any
-) -> tuple[Path, Path, int]:
-    """A fresh database ``{name}.db`` seeded with ``rows``, and ``simulator_config`` for a
-    daemon on it; the database's path, the config's path and the daemon's metrics port."""
-    db_path = workdir / f"{name}.db"
+    workdir: Path,
+    name: str,
+    rows: Sequence[Mapping[str, Any]],
+    *,
+    sim_url: str,
+    db: Db | None = None,
+    **options: Any,
+) -> tuple[Db, Path, int]:
+    """A fresh database (``db``, by default ``{name}.db`` in ``workdir``) seeded with
+    ``rows``, and ``simulator_config`` for a daemon on it; the database, the config's path
+    and the daemon's metrics port."""
+    db_path = workdir / f"{name}.db" if db is None else db
     seed_database(db_path, rows)
     config, metrics_port = simulator_config(
         workdir, name, db_path=db_path, sim_url=sim_url, **options
@@ -474,13 +541,13 @@ def training_row(
     return row
 
 
-def seed_database(db_path: Path, rows: Sequence[Mapping[str, Any]], *, events: bool = True) -> None:
+def seed_database(db_path: Db, rows: Sequence[Mapping[str, Any]], *, events: bool = True) -> None:
     """Create the schema with the daemon's own migrations, then insert ``rows`` (and one
     "registered" event each, as the daemon would have written) in one transaction."""
     from trainguard.dialect import SqliteDialect
     from trainguard.store import Training, bound, migrate, open_database
 
-    db = open_database(f"sqlite:///{db_path}")
+    db = open_database(db_url(db_path))
     with bound(db):
         try:
             db.connect()
@@ -499,13 +566,21 @@ def seed_database(db_path: Path, rows: Sequence[Mapping[str, Any]], *, events: b
             db.close()
 
 
-def query(db_path: Path, sql: str, *args: Any) -> list[tuple[Any, ...]]:
-    """Read-only SQL on the daemon's database (WAL: safe while the daemon runs)."""
+def query(db_path: Db, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    """Read-only SQL on the daemon's database (SQLite in WAL mode, or PostgreSQL: safe while
+    the daemon runs); ``?`` placeholders on both."""
+    if isinstance(db_path, str) and not db_path.startswith("sqlite:"):
+        import psycopg
+
+        with psycopg.connect(db_path, autocommit=True) as conn:
+            return list(conn.execute(sql.replace("?", "%s"), args).fetchall())
+    if isinstance(db_path, str):
+        db_path = Path(db_path.removeprefix("sqlite:///"))
     with sqlite3.connect(f"file:{db_path}?mode=ro", uri=True, timeout=30) as db:
         return db.execute(sql, args).fetchall()
 
 
-def count_rows(db_path: Path, table_where: str, *args: Any) -> int:
+def count_rows(db_path: Db, table_where: str, *args: Any) -> int:
     """``SELECT COUNT(*) FROM {table_where}`` on the daemon's database (read-only)."""
     return int(query(db_path, f"SELECT COUNT(*) FROM {table_where}", *args)[0][0])
 
