@@ -352,6 +352,7 @@ def write_config(
         "jwks_url": jwks_url,
         "max_requests_per_second": 10_000.0,
         "timeout_seconds": 10.0,
+        "backup_queue_url": "",  # loopback only: never the shipped backup host
         **(fal or {}),
     }
     tables: dict[str, dict[str, Any]] = {
