@@ -289,6 +289,7 @@ class Databases:
         self.kind = kind
         self.workdir = workdir
         self._server: Any = None
+        self._postmaster = 0
 
     def fresh(self, name: str) -> Db:
         """A new, empty database for ``name``."""
@@ -299,7 +300,16 @@ class Databases:
 
             say("starting a throwaway PostgreSQL server (fsync on)")
             self._server = PostgresServer(fsync=True).start()
+            self._postmaster = int((self._server.data / "postmaster.pid").read_text().split()[0])
+            _OWN_ROOTS.add(self._postmaster)
         return str(self._server.database())
+
+    def server_cpu_seconds(self) -> float:
+        """CPU seconds the PostgreSQL server has used so far (the postmaster, its live
+        backends and those that ended); 0 for SQLite, which works inside the daemon."""
+        if self._server is None:
+            return 0.0
+        return _tree_jiffies(self._postmaster) / CLK_TCK
 
     def __enter__(self) -> Databases:
         return self
@@ -308,6 +318,7 @@ class Databases:
         if self._server is not None:
             self._server.stop()
             self._server = None
+            _OWN_ROOTS.discard(self._postmaster)
 
 
 # -- configuration ---------------------------------------------------------------------------
@@ -651,30 +662,45 @@ def _busy_jiffies() -> int:
     return user + nice + system + irq + softirq + steal
 
 
-def _own_jiffies() -> int:
-    """CPU time of this process, of its children already waited for, and of its live
-    children (and their waited-for children), in jiffies."""
-    me = os.getpid()
+#: Processes this benchmark started that are not its children (a PostgreSQL server, which
+#: daemonizes): their CPU is the benchmark's own, never "other processes'".
+_OWN_ROOTS: set[int] = set()
 
-    def stat(pid: int | str) -> list[str]:
-        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
-            raw = f.read()
-        return raw[raw.rindex(")") + 2 :].split()
+
+def _stat(pid: int | str) -> list[str]:
+    with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+        raw = f.read()
+    return raw[raw.rindex(")") + 2 :].split()
+
+
+def _tree_jiffies(root: int, listing: list[str] | None = None) -> int:
+    """CPU time of ``root``, of its children already waited for, and of its live children
+    (and their waited-for children), in jiffies."""
 
     def cpu(fields: list[str]) -> int:
         return sum(int(x) for x in fields[11:15])  # utime stime cutime cstime
 
-    total = cpu(stat(me))
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == me:
+    try:
+        total = cpu(_stat(root))
+    except (OSError, ValueError):
+        return 0
+    for entry in listing if listing is not None else os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == root:
             continue
         try:
-            fields = stat(entry)
+            fields = _stat(entry)
         except (OSError, ValueError):
             continue
-        if int(fields[1]) == me:
+        if int(fields[1]) == root:
             total += cpu(fields)
     return total
+
+
+def _own_jiffies() -> int:
+    """CPU time of this process and its children (``_tree_jiffies``), and of the trees of
+    ``_OWN_ROOTS``, in jiffies."""
+    listing = os.listdir("/proc")
+    return sum(_tree_jiffies(root, listing) for root in (os.getpid(), *_OWN_ROOTS))
 
 
 class ForeignLoad:

@@ -17,6 +17,10 @@ B. Steady state: ``next_check_at`` spread evenly over the first 60 s, ``interval
    restart_recovery's subject, and would bunch the schedule). After a warm-up, the daemon's
    CPU (utime+stime from /proc/PID/stat, all threads) over a window of at least 60 s, as a
    share of one core. Target: under 25%.
+
+``--database`` picks the daemon's database: sqlite (the default, as before), postgresql (a
+throwaway server, fsync on; its CPU, the postmaster and every backend, is reported beside the
+daemon's) or both, one after the other in one run, with the ratios PostgreSQL / SQLite.
 """
 
 from __future__ import annotations
@@ -30,9 +34,12 @@ from typing import Any
 import trio
 from _common import (
     Children,
+    Databases,
     ForeignLoad,
+    add_database_option,
     count_rows,
     cpu_seconds,
+    database_kinds,
     metrics,
     print_profile,
     profile_rows,
@@ -59,6 +66,7 @@ def status_checks(values: dict[str, float]) -> float:
 
 async def capacity(
     children: Children,
+    databases: Databases,
     workdir: Path,
     subs: list[dict[str, str]],
     sim_url: str,
@@ -73,13 +81,14 @@ async def capacity(
         name,
         [training_row(s, i, now=now, next_check_at=now - 1) for i, s in enumerate(subs)],
         sim_url=sim_url,
+        db=databases.fresh(name),
         enabled=("poller",),
         layers={"poller": {"interval_seconds": 3600.0, "concurrency": concurrency}},
     )
     daemon, _ready = await start_daemon(children, config, name, metrics_port)
     n = len(subs)
     first: float | None = None
-    cpu0 = sim0 = 0.0
+    cpu0 = sim0 = db0 = 0.0
     foreign = ForeignLoad()
     with trio.fail_after(600):
         while True:
@@ -88,6 +97,7 @@ async def capacity(
             if first is None and count > 0:
                 first, first_count = t, count
                 cpu0, sim0 = cpu_seconds(daemon.pid), cpu_seconds(sim_pid)
+                db0 = databases.server_cpu_seconds()
                 foreign.start()
             if count >= n:
                 break
@@ -101,6 +111,7 @@ async def capacity(
         "checks_per_second": (count - first_count) / wall,
         "daemon_cpu_share": (cpu_seconds(daemon.pid) - cpu0) / wall,
         "simulator_cpu_share": (cpu_seconds(sim_pid) - sim0) / wall,
+        "database_server_cpu_share": (databases.server_cpu_seconds() - db0) / wall,
         "foreign_cores": foreign.cores(),
     }
     children.stop(daemon)
@@ -109,6 +120,7 @@ async def capacity(
 
 async def steady(
     children: Children,
+    databases: Databases,
     workdir: Path,
     subs: list[dict[str, str]],
     sim_url: str,
@@ -130,6 +142,7 @@ async def steady(
         "steady",
         rows,
         sim_url=sim_url,
+        db=databases.fresh("steady"),
         enabled=BUILTIN_BUT_STARTUP,
         layers={"poller": {"interval_seconds": interval}},
     )
@@ -138,6 +151,7 @@ async def steady(
     await trio.sleep(warmup)
     before = status_checks(await metrics(metrics_port))
     cpu0, sim0, t0 = cpu_seconds(daemon.pid), cpu_seconds(sim_pid), time.monotonic()
+    db0 = databases.server_cpu_seconds()
     foreign = ForeignLoad()
     spy_out = workdir / "profile-steady.txt"
     spy = start_profile(children, daemon.pid, window - 2, spy_out) if profile else None
@@ -150,6 +164,7 @@ async def steady(
     wall = time.monotonic() - t0
     checks = status_checks(await metrics(metrics_port)) - before
     cpu = cpu_seconds(daemon.pid) - cpu0
+    db_cpu = databases.server_cpu_seconds() - db0
     overdue = count_rows(
         db_path,
         "trainings WHERE status = 'IN_PROGRESS' AND next_check_at < ?",
@@ -173,40 +188,50 @@ async def steady(
         "daemon_cpu_ms_per_check": 1000 * cpu / checks if checks else float("nan"),
         "running_cpu_share_every_10s": samples,
         "simulator_cpu_share": (cpu_seconds(sim_pid) - sim0) / wall,
+        "database_server_cpu_share": db_cpu / wall,
         "overdue_more_than_5s_at_end": overdue,
         "foreign_cores": foreign.cores(),
     }
 
 
-async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    figures: dict[str, Any] = {}
-    with Children(workdir) as children:
-        sim, sim_url = await start_simulator(children, run_seconds=3600, faults=["never_finish=1"])
-        say(f"submitting {args.trainings} never-finishing trainings to the simulator")
-        t0 = time.monotonic()
-        subs = await submit_to_simulator(sim_url, args.trainings)
-        say(f"  submitted in {time.monotonic() - t0:.1f} s")
-        for concurrency in args.concurrency:
-            say(f"A. capacity: {len(subs)} due at once, poller concurrency {concurrency}")
-            a = await capacity(children, workdir, subs, sim_url, sim.pid, concurrency)
-            figures[f"capacity_concurrency_{concurrency}"] = a
-            say(
-                f"  {a['checks_per_second']:.0f} status checks/s, daemon CPU "
-                f"{a['daemon_cpu_share']:.0%}, simulator CPU {a['simulator_cpu_share']:.0%}"
-            )
-        say(f"B. steady state: {len(subs)} trainings on a {args.interval:.0f} s interval")
-        b = await steady(
-            children,
-            workdir,
-            subs,
-            sim_url,
-            sim.pid,
-            interval=args.interval,
-            warmup=args.warmup,
-            window=args.window,
-            profile=args.profile,
+async def run_database(
+    children: Children,
+    databases: Databases,
+    workdir: Path,
+    subs: list[dict[str, str]],
+    sim_url: str,
+    sim_pid: int,
+    args: argparse.Namespace,
+) -> dict[str, Any]:
+    """A and B on one kind of database."""
+    figures: dict[str, Any] = {"database": databases.kind}
+    for concurrency in args.concurrency:
+        say(
+            f"A. capacity on {databases.kind}: {len(subs)} due at once, "
+            f"poller concurrency {concurrency}"
         )
-        figures["steady"] = b
+        a = await capacity(children, databases, workdir, subs, sim_url, sim_pid, concurrency)
+        figures[f"capacity_concurrency_{concurrency}"] = a
+        say(
+            f"  {a['checks_per_second']:.0f} status checks/s, daemon CPU "
+            f"{a['daemon_cpu_share']:.0%}, simulator CPU {a['simulator_cpu_share']:.0%}"
+        )
+    say(
+        f"B. steady state on {databases.kind}: {len(subs)} trainings on a {args.interval:.0f} s interval"
+    )
+    b = await steady(
+        children,
+        databases,
+        workdir,
+        subs,
+        sim_url,
+        sim_pid,
+        interval=args.interval,
+        warmup=args.warmup,
+        window=args.window,
+        profile=args.profile,
+    )
+    figures["steady"] = b
     figures["targets"] = {
         "cpu_share_below": 0.25,
         "met": b["daemon_cpu_share"] < 0.25,
@@ -215,16 +240,64 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     return figures
 
 
+def ratios(sqlite: dict[str, Any], postgresql: dict[str, Any]) -> dict[str, float]:
+    """PostgreSQL / SQLite for the figures that compare."""
+    out = {}
+    for key, a in sqlite.items():
+        if key.startswith("capacity_"):
+            out[f"{key}_checks_per_second"] = (
+                postgresql[key]["checks_per_second"] / a["checks_per_second"]
+            )
+    steady_pg, steady_lite = postgresql["steady"], sqlite["steady"]
+    out["steady_daemon_cpu_share"] = steady_pg["daemon_cpu_share"] / steady_lite["daemon_cpu_share"]
+    out["steady_daemon_and_server_cpu_share"] = (
+        steady_pg["daemon_cpu_share"] + steady_pg["database_server_cpu_share"]
+    ) / steady_lite["daemon_cpu_share"]
+    return out
+
+
+async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
+    per_kind: dict[str, Any] = {}
+    with Children(workdir) as children:
+        sim, sim_url = await start_simulator(children, run_seconds=3600, faults=["never_finish=1"])
+        say(f"submitting {args.trainings} never-finishing trainings to the simulator")
+        t0 = time.monotonic()
+        subs = await submit_to_simulator(sim_url, args.trainings)
+        say(f"  submitted in {time.monotonic() - t0:.1f} s")
+        for kind in database_kinds(args.database):
+            with Databases(kind, workdir) as databases:
+                per_kind[kind] = await run_database(
+                    children, databases, workdir, subs, sim_url, sim.pid, args
+                )
+    if len(per_kind) == 1:
+        return next(iter(per_kind.values()))
+    return {**per_kind, "ratio_postgresql_to_sqlite": ratios(**per_kind)}
+
+
 def report(f: dict[str, Any]) -> None:
+    if "ratio_postgresql_to_sqlite" not in f:
+        report_one(f)
+        return
+    report_one(f["sqlite"])
+    report_one(f["postgresql"])
+    r = f["ratio_postgresql_to_sqlite"]
     print()
-    print("poller capacity")
+    print("poller capacity, PostgreSQL / SQLite")
+    for key, value in r.items():
+        print(f"  {key:45} {value:6.2f}")
+
+
+def report_one(f: dict[str, Any]) -> None:
+    print()
+    print(f"poller capacity on {f.get('database', 'sqlite')}")
     for key, a in f.items():
         if key.startswith("capacity_"):
             print(
                 f"  A. all due at once, concurrency {a['concurrency']:>2}: "
                 f"{a['checks_per_second']:6.0f} status checks/s over {a['seconds']:.1f} s; "
                 f"daemon CPU {a['daemon_cpu_share']:.0%} of a core, simulator "
-                f"{a['simulator_cpu_share']:.0%}; other processes {a['foreign_cores']:.2f} cores"
+                f"{a['simulator_cpu_share']:.0%}, database server {a['database_server_cpu_share']:.0%}; "
+                f"other processes {a['foreign_cores']:.2f} cores"
             )
     b = f["steady"]
     print(
@@ -232,7 +305,8 @@ def report(f: dict[str, Any]) -> None:
         f"{b['daemon_cpu_share']:.1%} of one core over {b['window_seconds']:.0f} s "
         f"(target < 25%); {b['checks_per_second']:.0f} checks/s "
         f"(offered {b['offered_checks_per_second']:.0f}/s); {b['daemon_cpu_ms_per_check']:.2f} ms CPU "
-        f"per check; overdue at end {b['overdue_more_than_5s_at_end']}; other processes "
+        f"per check; database server CPU {b['database_server_cpu_share']:.1%}; overdue at end "
+        f"{b['overdue_more_than_5s_at_end']}; other processes "
         f"{b['foreign_cores']:.2f} cores"
     )
     print_profile(b["profile"])
@@ -256,6 +330,7 @@ def options(parser: argparse.ArgumentParser) -> None:
         "--concurrency", type=int, nargs="+", default=[8, 32], help="poller concurrency for A"
     )
     parser.add_argument("--profile", action="store_true", help="sample the daemon with py-spy in B")
+    add_database_option(parser)
 
 
 if __name__ == "__main__":
