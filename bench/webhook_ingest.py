@@ -15,6 +15,11 @@ and its training COMPLETED by the webhook layer. Also measured (diagnostic): the
 with ``[log] level = "warning"``, to show what per-webhook logging costs.
 
 Targets (issue 4): listener/ceiling >= 0.8; p99 < 50 ms at 200 webhooks/s offered.
+
+``--database`` picks the daemon's database: sqlite (the default, as before), postgresql (a
+throwaway server, fsync on, as SQLite's synchronous=FULL; its CPU, the postmaster and every
+backend, is reported beside the daemon's) or both: the ceiling once, then the listener on
+each, with the ratios PostgreSQL / SQLite.
 """
 
 from __future__ import annotations
@@ -32,10 +37,13 @@ from _common import (
     PYTHON,
     ROOT,
     Children,
+    Databases,
     ForeignLoad,
+    add_database_option,
     count_rows,
     cpu_seconds,
     daemon_args,
+    database_kinds,
     fake_submission,
     free_port,
     lora_result,
@@ -84,12 +92,19 @@ def sign_file(path: Path, subs: list[dict[str, str]], private_key: Any) -> None:
             )
 
 
-async def run_wrk(url: str, file: Path, pid: int, args: argparse.Namespace) -> dict[str, Any]:
+async def run_wrk(
+    url: str,
+    file: Path,
+    pid: int,
+    args: argparse.Namespace,
+    databases: Databases | None = None,
+) -> dict[str, Any]:
     """One wrk run (``--threads``, ``--connections``, ``--duration`` from ``args``); its
-    figures plus the server's CPU over the run."""
+    figures plus the server's CPU over the run (and the database server's, if any)."""
     await wait_quiet()
     foreign = ForeignLoad()
     cpu0, t0 = cpu_seconds(pid), time.monotonic()
+    db0 = databases.server_cpu_seconds() if databases else 0.0
     result = await trio.run_process(
         [
             "wrk",
@@ -117,6 +132,8 @@ async def run_wrk(url: str, file: Path, pid: int, args: argparse.Namespace) -> d
     data["ok_per_second"] = ok / (data["duration_us"] / 1e6)
     data["ok"] = ok
     data["server_cpu_share"] = cpu / wall  # of one core
+    if databases is not None and databases.kind == "postgresql":  # SQLite: inside the daemon
+        data["database_server_cpu_share"] = (databases.server_cpu_seconds() - db0) / wall
     data["foreign_cores"] = foreign.cores()
     return data
 
@@ -145,32 +162,14 @@ async def run_loadgen(url: str, file: Path, *, rate: float, duration: float) -> 
 
 
 async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
-    figures: dict[str, Any] = {
+    shared: dict[str, Any] = {
         "command": f"wrk -t{args.threads} -c{args.connections} -d{args.duration}s (pre-signed, distinct webhooks); loadgen {args.rate}/s x {args.duration}s"
     }
     private_key, jwk = signing.generate_keypair()
     jwks_dir = workdir / "jwks" / ".well-known"
     jwks_dir.mkdir(parents=True)
     (jwks_dir / "jwks.json").write_text(json.dumps(signing.jwks_document([jwk])))
-
-    n_load = int(args.rate * args.duration) + 10
-    runs = ["info", "warning"] if args.quiet_logs_too else ["info"]
-    subs = {
-        level: (
-            [fake_submission() for _ in range(args.requests)],
-            [fake_submission() for _ in range(n_load)],
-        )
-        for level in runs
-    }
-    now = time.time()
-    rows = [
-        training_row(sub, i, now=now)
-        for i, sub in enumerate(s for level in runs for part in subs[level] for s in part)
-    ]
-    db_path = workdir / "trainguard.db"
-    say(f"seeding {len(rows)} IN_PROGRESS trainings (one per webhook to be sent)")
-    seed_database(db_path, rows, events=False)
-
+    per_kind: dict[str, Any] = {}
     with Children(workdir) as children:
         jwks_port = free_port()
         jwks = children.spawn(
@@ -201,101 +200,162 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
         )
         ceiling_url = f"http://127.0.0.1:{ceiling_port}{WEBHOOK_PATH}"
         await wait_http(ceiling_url, ceiling)
+        for kind in database_kinds(args.database):
+            with Databases(kind, workdir) as databases:
+                per_kind[kind] = await listener_runs(
+                    children,
+                    databases,
+                    args,
+                    workdir,
+                    shared,
+                    jwks_url=jwks_url,
+                    private_key=private_key,
+                    ceiling=(ceiling_url, ceiling.pid),
+                )
+    if len(per_kind) == 1:
+        return next(iter(per_kind.values()))
+    lite, pg = per_kind["sqlite"], per_kind["postgresql"]
+    return {
+        **per_kind,
+        "ratio_postgresql_to_sqlite": {
+            "listener_ok_per_second": pg["listener_wrk_log_info"]["ok_per_second"]
+            / lite["listener_wrk_log_info"]["ok_per_second"],
+            "p99_ms_at_fixed_rate": pg["listener_fixed_rate"]["p99_ms"]
+            / lite["listener_fixed_rate"]["p99_ms"],
+        },
+    }
 
-        for level in runs:
-            wrk_subs, load_subs = subs[level]
-            webhook_port, metrics_port = free_port(), free_port()
-            config = write_config(
-                workdir,
-                db_path=db_path,
-                queue_url="http://127.0.0.1:9",
-                jwks_url=jwks_url,
-                webhook_port=webhook_port,
-                metrics_port=metrics_port,
-                enabled=("webhook",),
-                log_level=level,
-                name=f"config-{level}.toml",
-            )
-            daemon = children.spawn(daemon_args(config), f"daemon-{level}")
-            await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
-            url = f"http://127.0.0.1:{webhook_port}{WEBHOOK_PATH}"
-            say(f"daemon (webhook layer only, log level {level}) ready on {url}")
 
-            wrk_file, load_file = workdir / f"wrk-{level}.txt", workdir / f"load-{level}.txt"
-            say(f"pre-signing {len(wrk_subs) + len(load_subs)} webhooks")
-            sign_file(wrk_file, wrk_subs, private_key)
-            sign_file(load_file, load_subs, private_key)
+async def listener_runs(
+    children: Children,
+    databases: Databases,
+    args: argparse.Namespace,
+    workdir: Path,
+    shared: dict[str, Any],
+    *,
+    jwks_url: str,
+    private_key: Any,
+    ceiling: tuple[str, int],
+) -> dict[str, Any]:
+    """The real listener on one kind of database (and the ceiling the first time, kept in
+    ``shared``); the figures of this database, with the ceiling's."""
+    kind = databases.kind
+    ceiling_url, ceiling_pid = ceiling
+    n_load = int(args.rate * args.duration) + 10
+    runs = ["info", "warning"] if args.quiet_logs_too else ["info"]
+    subs = {
+        level: (
+            [fake_submission() for _ in range(args.requests)],
+            [fake_submission() for _ in range(n_load)],
+        )
+        for level in runs
+    }
+    now = time.time()
+    rows = [
+        training_row(sub, i, now=now)
+        for i, sub in enumerate(s for level in runs for part in subs[level] for s in part)
+    ]
+    db_path = databases.fresh("trainguard")
+    say(f"seeding {len(rows)} IN_PROGRESS trainings on {kind} (one per webhook to be sent)")
+    seed_database(db_path, rows, events=False)
+    figures: dict[str, Any] = {"database": kind}
+    for level in runs:
+        wrk_subs, load_subs = subs[level]
+        webhook_port, metrics_port = free_port(), free_port()
+        config = write_config(
+            workdir,
+            db_path=db_path,
+            queue_url="http://127.0.0.1:9",
+            jwks_url=jwks_url,
+            webhook_port=webhook_port,
+            metrics_port=metrics_port,
+            enabled=("webhook",),
+            log_level=level,
+            name=f"config-{kind}-{level}.toml",
+        )
+        daemon = children.spawn(daemon_args(config), f"daemon-{kind}-{level}")
+        await wait_http(f"http://127.0.0.1:{metrics_port}/readyz", daemon)
+        url = f"http://127.0.0.1:{webhook_port}{WEBHOOK_PATH}"
+        say(f"daemon (webhook layer only, log level {level}, {kind}) ready on {url}")
 
-            if level == "info":
-                say(f"wrk against the ceiling for {args.duration} s")
-                figures["ceiling_wrk"] = await run_wrk(ceiling_url, wrk_file, ceiling.pid, args)
-                say(f"  ceiling: {figures['ceiling_wrk']['ok_per_second']:.0f} requests/s")
+        wrk_file = workdir / f"wrk-{kind}-{level}.txt"
+        load_file = workdir / f"load-{kind}-{level}.txt"
+        say(f"pre-signing {len(wrk_subs) + len(load_subs)} webhooks")
+        sign_file(wrk_file, wrk_subs, private_key)
+        sign_file(load_file, load_subs, private_key)
 
-            before = await metrics(metrics_port)
-            say(f"wrk against the real listener (log level {level}) for {args.duration} s")
-            profile = workdir / f"profile-{level}.txt"
-            spy = (
-                start_profile(children, daemon.pid, args.duration - 1, profile)
-                if args.profile
-                else None
-            )
-            real = await run_wrk(url, wrk_file, daemon.pid, args)
-            await trio.sleep(1.0)  # let requests still in flight when wrk stopped finish
-            if spy is not None:
-                spy.wait(30)
-                figures[f"profile_log_{level}"] = profile_rows(profile, args.profile_top)
-                say(f"  profile (py-spy, collapsed stacks) in {profile}")
-            after = await metrics(metrics_port)
-            outcomes = {
-                key.split('outcome="')[1].rstrip('"}'): after[key] - before.get(key, 0.0)
-                for key in after
-                if key.startswith("trainguard_webhooks_received_total{")
-                and after[key] - before.get(key, 0.0)
-            }
-            real["outcomes"] = outcomes
-            commits = after["trainguard_db_commits_total"] - before["trainguard_db_commits_total"]
-            written = (
-                after["trainguard_db_commit_batch_size_sum"]
-                - before["trainguard_db_commit_batch_size_sum"]
-            )
-            real["db_commits"] = commits
-            real["mean_rows_per_commit"] = written / commits if commits else 0.0
-            figures[f"listener_wrk_log_{level}"] = real
+        if level == "info" and "ceiling_wrk" not in shared:
+            say(f"wrk against the ceiling for {args.duration} s")
+            shared["ceiling_wrk"] = await run_wrk(ceiling_url, wrk_file, ceiling_pid, args)
+            say(f"  ceiling: {shared['ceiling_wrk']['ok_per_second']:.0f} requests/s")
+
+        before = await metrics(metrics_port)
+        say(f"wrk against the real listener (log level {level}) for {args.duration} s")
+        profile = workdir / f"profile-{level}.txt"
+        spy = (
+            start_profile(children, daemon.pid, args.duration - 1, profile)
+            if args.profile
+            else None
+        )
+        real = await run_wrk(url, wrk_file, daemon.pid, args, databases)
+        await trio.sleep(1.0)  # let requests still in flight when wrk stopped finish
+        if spy is not None:
+            spy.wait(30)
+            figures[f"profile_log_{level}"] = profile_rows(profile, args.profile_top)
+            say(f"  profile (py-spy, collapsed stacks) in {profile}")
+        after = await metrics(metrics_port)
+        outcomes = {
+            key.split('outcome="')[1].rstrip('"}'): after[key] - before.get(key, 0.0)
+            for key in after
+            if key.startswith("trainguard_webhooks_received_total{")
+            and after[key] - before.get(key, 0.0)
+        }
+        real["outcomes"] = outcomes
+        commits = after["trainguard_db_commits_total"] - before["trainguard_db_commits_total"]
+        written = (
+            after["trainguard_db_commit_batch_size_sum"]
+            - before["trainguard_db_commit_batch_size_sum"]
+        )
+        real["db_commits"] = commits
+        real["mean_rows_per_commit"] = written / commits if commits else 0.0
+        figures[f"listener_wrk_log_{level}"] = real
+        say(
+            f"  listener: {real['ok_per_second']:.0f} requests/s; outcomes {outcomes}; "
+            f"{real['mean_rows_per_commit']:.1f} writes per commit"
+        )
+        if outcomes.get("duplicate"):
             say(
-                f"  listener: {real['ok_per_second']:.0f} requests/s; outcomes {outcomes}; "
-                f"{real['mean_rows_per_commit']:.1f} writes per commit"
+                f"  NOTE: {outcomes['duplicate']:.0f} duplicates: wrk ran out of distinct "
+                "webhooks (raise --requests)"
             )
-            if outcomes.get("duplicate"):
-                say(
-                    f"  NOTE: {outcomes['duplicate']:.0f} duplicates: wrk ran out of distinct "
-                    "webhooks (raise --requests)"
-                )
 
-            if level == "info":
-                say(f"open-loop {args.rate:.0f} requests/s against the ceiling")
-                figures["ceiling_fixed_rate"] = await run_loadgen(
-                    ceiling_url, load_file, rate=args.rate, duration=args.duration
-                )
-                say(f"  ceiling p99 {figures['ceiling_fixed_rate']['p99_ms']:.1f} ms")
-                say(f"open-loop {args.rate:.0f} requests/s against the real listener")
-                fixed = await run_loadgen(url, load_file, rate=args.rate, duration=args.duration)
-                figures["listener_fixed_rate"] = fixed
-                say(f"  listener p99 {fixed['p99_ms']:.1f} ms, {fixed['statuses']}")
-            await trio.sleep(0.5)
-            children.stop(daemon)
-
-            sent = {s["request_id"] for s in wrk_subs}
-            if level == "info":
-                sent |= {s["request_id"] for s in load_subs}
-            stored = count_rows(db_path, "webhook_receipts WHERE verification = 'verified'")
-            completed = count_rows(
-                db_path, "trainings WHERE status = 'COMPLETED' AND result_layer = 'webhook'"
+        if level == "info" and "ceiling_fixed_rate" not in shared:
+            say(f"open-loop {args.rate:.0f} requests/s against the ceiling")
+            shared["ceiling_fixed_rate"] = await run_loadgen(
+                ceiling_url, load_file, rate=args.rate, duration=args.duration
             )
-            figures[f"db_after_log_{level}"] = {
-                "verified_receipts_total": stored,
-                "trainings_completed_by_webhook_total": completed,
-            }
+            say(f"  ceiling p99 {shared['ceiling_fixed_rate']['p99_ms']:.1f} ms")
+        if level == "info":
+            say(f"open-loop {args.rate:.0f} requests/s against the real listener")
+            fixed = await run_loadgen(url, load_file, rate=args.rate, duration=args.duration)
+            figures["listener_fixed_rate"] = fixed
+            say(f"  listener p99 {fixed['p99_ms']:.1f} ms, {fixed['statuses']}")
+        await trio.sleep(0.5)
+        children.stop(daemon)
 
+        sent = {s["request_id"] for s in wrk_subs}
+        if level == "info":
+            sent |= {s["request_id"] for s in load_subs}
+        stored = count_rows(db_path, "webhook_receipts WHERE verification = 'verified'")
+        completed = count_rows(
+            db_path, "trainings WHERE status = 'COMPLETED' AND result_layer = 'webhook'"
+        )
+        figures[f"db_after_log_{level}"] = {
+            "verified_receipts_total": stored,
+            "trainings_completed_by_webhook_total": completed,
+        }
+
+    figures = {**shared, **figures}
     info = figures["listener_wrk_log_info"]
     ceiling_ok = figures["ceiling_wrk"]["ok_per_second"]
     figures["ratio_listener_to_ceiling"] = info["ok_per_second"] / ceiling_ok
@@ -319,9 +379,23 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
 
 
 def report(f: dict[str, Any]) -> None:
+    if "ratio_postgresql_to_sqlite" not in f:
+        report_one(f)
+        return
+    report_one(f["sqlite"])
+    report_one(f["postgresql"])
+    r = f["ratio_postgresql_to_sqlite"]
+    print()
+    print(
+        f"webhook ingest, PostgreSQL / SQLite: {r['listener_ok_per_second']:.2f} x the webhooks "
+        f"per second; {r['p99_ms_at_fixed_rate']:.2f} x the p99 at the fixed rate"
+    )
+
+
+def report_one(f: dict[str, Any]) -> None:
     ceiling, real = f["ceiling_wrk"], f["listener_wrk_log_info"]
     print()
-    print("webhook ingest (" + f["command"] + ")")
+    print(f"webhook ingest on {f.get('database', 'sqlite')} (" + f["command"] + ")")
     print(
         f"  ceiling (serve_asgi, 200, no work)   {ceiling['ok_per_second']:8.0f} req/s   "
         f"wrk p99 {ceiling['latency_p99_us'] / 1000:6.1f} ms   server CPU {ceiling['server_cpu_share']:.0%} of a core"
@@ -329,6 +403,11 @@ def report(f: dict[str, Any]) -> None:
     print(
         f"  real listener (verify+store+apply)   {real['ok_per_second']:8.0f} req/s   "
         f"wrk p99 {real['latency_p99_us'] / 1000:6.1f} ms   daemon CPU {real['server_cpu_share']:.0%} of a core"
+        + (
+            f", database server {real['database_server_cpu_share']:.0%}"
+            if "database_server_cpu_share" in real
+            else ""
+        )
     )
     print(
         f"  ratio listener/ceiling               {f['ratio_listener_to_ceiling']:8.2f}          (target >= 0.80)"
@@ -375,6 +454,7 @@ def options(parser: argparse.ArgumentParser) -> None:
         "--profile", action="store_true", help="sample the daemon with py-spy during wrk"
     )
     parser.add_argument("--profile-top", type=int, default=40, help="frames to list")
+    add_database_option(parser)
 
 
 def main() -> None:
