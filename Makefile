@@ -29,8 +29,11 @@ test: $(STAMP)
 	$(BIN)/python -m pytest
 
 # Benchmarks print their figures and write them under bench-results/; they are not tests
-# (no figure fails them). All of them take about 15 minutes; each stops by itself and kills
-# what it started. webhook_ingest needs wrk (Debian: apt-get install -y wrk). Each one waits
+# (no figure fails them). All of them take about 21 minutes; each stops by itself and kills
+# what it started. webhook_ingest needs wrk (Debian: apt-get install -y wrk); failover and
+# fal_calls need PostgreSQL's server binaries (a throwaway server, as the tests use).
+# webhook_ingest and poller_capacity run on SQLite here (figures comparable with earlier
+# runs); `--database both` runs them on PostgreSQL too, with the ratio. Each one waits
 # (boundedly) for other processes to go quiet and reports the load they added anyway.
 bench: $(STAMP)
 	$(BIN)/python bench/store_ingest.py --out bench-results/store_ingest.json
@@ -39,6 +42,8 @@ bench: $(STAMP)
 	$(BIN)/python bench/restart_recovery.py --out bench-results/restart_recovery.json
 	$(BIN)/python bench/memory.py --out bench-results/memory.json
 	$(BIN)/python bench/time_to_result.py --out bench-results/time_to_result.json
+	$(BIN)/python bench/failover.py --out bench-results/failover.json
+	$(BIN)/python bench/fal_calls.py --out bench-results/fal_calls.json
 
 clean:
 	rm -rf $(VENV) var build *.egg-info

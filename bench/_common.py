@@ -96,10 +96,21 @@ def run_main(
     bench: Callable[[argparse.Namespace, Path], Awaitable[dict[str, Any]]],
     report: Callable[[dict[str, Any]], None],
     prefix: str,
+    *,
+    needs_postgresql: Callable[[argparse.Namespace], bool] = lambda args: False,
 ) -> None:
     """A benchmark's main: parse the arguments, run ``bench`` in a work directory, print
-    ``report`` and write the figures to ``--out``."""
+    ``report`` and write the figures to ``--out``. When ``needs_postgresql`` says so for
+    these arguments and its server binaries are absent, the benchmark is skipped (said and
+    written to ``--out``), as webhook_ingest is without wrk: ``make bench`` goes on."""
     args = parse_args(description, options)
+    if needs_postgresql(args):
+        from trainguard.testing.postgres import INSTALL_HINT, find_binaries
+
+        if find_binaries() is None:
+            print(f"{Path(sys.argv[0]).stem} SKIPPED: {INSTALL_HINT}")
+            write_json(args.out, {"skipped": "PostgreSQL's server binaries are not installed"})
+            return
     with work_directory(args.keep, prefix) as workdir:
         figures = trio.run(bench, args, workdir)
     report(figures)

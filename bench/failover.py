@@ -222,4 +222,4 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    run_main(__doc__, options, bench, report, "bench-failover-")
+    run_main(__doc__, options, bench, report, "bench-failover-", needs_postgresql=lambda args: True)

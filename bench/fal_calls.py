@@ -320,4 +320,6 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    run_main(__doc__, options, bench, report, "bench-fal-calls-")
+    run_main(
+        __doc__, options, bench, report, "bench-fal-calls-", needs_postgresql=lambda args: True
+    )

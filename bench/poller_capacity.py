@@ -334,4 +334,11 @@ def options(parser: argparse.ArgumentParser) -> None:
 
 
 if __name__ == "__main__":
-    run_main(__doc__, options, bench, report, "bench-poller-")
+    run_main(
+        __doc__,
+        options,
+        bench,
+        report,
+        "bench-poller-",
+        needs_postgresql=lambda args: args.database != "sqlite",
+    )

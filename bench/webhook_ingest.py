@@ -63,6 +63,7 @@ from _common import (
 )
 
 from trainguard import signing
+from trainguard.testing.postgres import INSTALL_HINT, find_binaries
 
 WEBHOOK_PATH = "/fal/webhook"
 LUA = ROOT / "bench" / "_wrk_signed.lua"
@@ -462,6 +463,10 @@ def main() -> None:
     if shutil.which("wrk") is None:
         print("webhook_ingest SKIPPED: wrk is not installed (Debian: apt-get install -y wrk)")
         write_json(args.out, {"skipped": "wrk is not installed"})
+        return
+    if args.database != "sqlite" and find_binaries() is None:
+        print(f"webhook_ingest SKIPPED: {INSTALL_HINT}")
+        write_json(args.out, {"skipped": "PostgreSQL's server binaries are not installed"})
         return
     with work_directory(args.keep, "bench-webhook-") as workdir:
         try:
