@@ -13,7 +13,8 @@ the renew cycle) it is SIGKILLed, and the survivors' /metrics are read every 50 
   ``trainguard_layer_passes_total{layer="completeness"}`` moving (a completeness pass has run
   elsewhere: the sweeps run again).
 
-The killed instance is started again (a new instance id) before the next repetition. Repeated
+The new leader's ``GET /v1/instances`` (the leases in the database) must then name it as
+the one holder of the role. The killed instance is started again (a new instance id) before the next repetition. Repeated
 ``--repeats`` times for each ``--lease`` (``[cluster] lease_seconds``; default 15, the
 shipped value, and 3), with ``heartbeat_seconds`` the shipped 5 s or a third of a shorter
 lease. The bound is the lease: a dead leader's lease expires at most ``lease_seconds`` after
@@ -66,6 +67,14 @@ class Instance:
         self.proc = children.spawn(daemon_args(self.config), self.name)
         await wait_http(f"http://127.0.0.1:{self.metrics_port}/readyz", self.proc)
 
+    async def sweeps_holders(self) -> list[str]:
+        """Per ``GET /v1/instances`` on this instance (the leases in the database): the
+        metrics listeners of the instances holding the sweeps role."""
+        async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
+            reply = await client.get(f"http://127.0.0.1:{self.metrics_port}/v1/instances")
+        reply.raise_for_status()
+        return [i["metrics_listen"] for i in reply.json()["items"] if "sweeps" in i["roles"]]
+
     async def reading(self) -> dict[str, float] | None:
         """The leader gauge and the completeness passes, or None while it does not answer."""
         try:
@@ -116,7 +125,9 @@ async def one_failover(
                 continue
             break
     assert new_leader is not None and leader_at is not None
+    holders = await new_leader.sweeps_holders()
     result = {
+        "database_agrees": holders == [f"127.0.0.1:{new_leader.metrics_port}"],
         "killed": leader.name,
         "new_leader": new_leader.name,
         "leader_seconds": leader_at,
@@ -164,7 +175,8 @@ async def run_lease(
         say(
             f"  kill {n + 1}: {run['killed']} -> {run['new_leader']}: leader after "
             f"{run['leader_seconds']:.2f} s, a pass after {run['pass_seconds']:.2f} s "
-            f"(other processes {run['foreign_cores']:.2f} cores)"
+            f"(other processes {run['foreign_cores']:.2f} cores); GET /v1/instances agrees: "
+            f"{run['database_agrees']}"
         )
     for inst in instances:
         if inst.proc is not None:
@@ -177,6 +189,7 @@ async def run_lease(
         "leader_seconds": summary([r["leader_seconds"] for r in runs]),
         "pass_seconds": summary([r["pass_seconds"] for r in runs]),
         "foreign_cores_max": max(r["foreign_cores"] for r in runs),
+        "database_agrees_every_time": all(r["database_agrees"] for r in runs),
     }
 
 
@@ -203,7 +216,8 @@ def report(f: dict[str, Any]) -> None:
             f"{lead['min']:.2f} / {lead['median']:.2f} / {lead['max']:.2f}; completeness pass "
             f"run {done['min']:.2f} / {done['median']:.2f} / {done['max']:.2f} "
             f"(pass interval {r['completeness_interval_seconds']:g} s); other processes up to "
-            f"{r['foreign_cores_max']:.2f} cores"
+            f"{r['foreign_cores_max']:.2f} cores; the new leader was the one lease holder in "
+            f"GET /v1/instances every time: {r['database_agrees_every_time']}"
         )
 
 
