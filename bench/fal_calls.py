@@ -21,7 +21,10 @@ next at most once per interval, after its ``next_check_at``, which is at least 0
 away with the shipped jitter), counted separately for two different instances (the
 claims should make that 0) and for one instance (retries of a transient answer, if faults are
 injected with ``--fault``). ``--fault NAME=VALUE`` adds simulator faults (e.g.
-``api_error_rate=0.1``); by default there are none but the lost webhooks.
+``api_error_rate=0.1``); by default there are none but the lost webhooks. With faults, a
+transient answer's backoff may be shorter than half an interval, and the retry may be claimed
+by another instance: such a pair counts under "two instances" too, so read that figure as
+"no duplicates" only without faults.
 """
 
 from __future__ import annotations
