@@ -294,7 +294,7 @@ def add_database_option(parser: argparse.ArgumentParser, default: str = "sqlite"
 class Databases:
     """Fresh databases of one kind for a benchmark: SQLite files in the work directory, or
     databases on one throwaway PostgreSQL server started on first use (fsync on, so that its
-    figures are durable ones like SQLite's) and stopped by ``close``."""
+    figures are durable ones like SQLite's) and removed when the ``with`` block ends."""
 
     def __init__(self, kind: str, workdir: Path) -> None:
         self.kind = kind
@@ -368,7 +368,8 @@ def write_config(
 ) -> Path:
     """A config.toml for the daemon; every installed layer not in ``enabled`` (third-party
     ones too: the benchmarks measure trainguard's own layers) gets ``enabled = false``.
-    ``db_path`` is a SQLite file or a database URL (``db_url``); ``extra_tables`` adds or overrides top-level tables (e.g. ``cluster``)."""
+    ``db_path`` is a SQLite file or a database URL (``db_url``); ``extra_tables`` adds or
+    overrides top-level tables (e.g. ``cluster``)."""
     fal_table = {
         "queue_url": queue_url,
         "jwks_url": jwks_url,
