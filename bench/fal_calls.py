@@ -289,25 +289,31 @@ def report(f: dict[str, Any]) -> None:
         f"FAL calls per training (poll every {f['poll_interval_seconds']:g} s, trainings run "
         f"{f['run_seconds']:g} s, no webhooks; faults {f['faults'] or 'none'})"
     )
+    print(
+        "  setup          trainings  calls/training (status + result; median, min-max)"
+        "  same training within half an interval: two instances / one"
+    )
     for r in f.values():
         if not isinstance(r, dict):
             continue
+        low, high = r["calls_per_training_min_max"]
+        print(
+            f"  {r['database']:10} x{r['instances']}  {r['trainings']:9}  "
+            f"{r['calls_per_training']:5.2f} ({r['status_calls_per_training']:.2f} + "
+            f"{r['result_calls_per_training']:.2f}; {r['calls_per_training_median']:g}, "
+            f"{low}-{high})"
+            f"{r['two_instances_within_half_interval']:24} / {r['one_instance_within_half_interval']}"
+        )
         gap = r["smallest_gap_between_instances_in_intervals"]
         print(
-            f"  {r['database']:10} x{r['instances']}: {r['calls_per_training']:5.2f} calls per "
-            f"training (status {r['status_calls_per_training']:.2f}, result "
-            f"{r['result_calls_per_training']:.2f}; median {r['calls_per_training_median']:g}, "
-            f"min/max {r['calls_per_training_min_max']}) over {r['trainings']} trainings; "
-            f"same training asked within half an interval: by two instances "
-            f"{r['two_instances_within_half_interval']}, by one "
-            f"{r['one_instance_within_half_interval']}; smallest gap between two instances "
+            "      smallest gap between two instances' calls: "
             + (f"{gap:.2f} intervals" if gap is not None else "none (one sender)")
-            + f"; mean gap between status calls {r['mean_status_gap_in_intervals']:.2f} intervals"
-            + f"; shares {r['share_per_instance']}; artifact GETs "
-            f"{r['file_gets_per_training']:.2f} and HEADs {r['file_heads_per_training']:.2f} per "
-            f"training; without a real result "
-            f"{r['trainings_without_a_real_result']}; all finished after "
-            f"{r['seconds_to_all_finished']:.1f} s; other processes {r['foreign_cores']:.2f} cores"
+            + f"; mean gap between status calls {r['mean_status_gap_in_intervals']:.2f} "
+            f"intervals; shares {r['share_per_instance']}; artifact GETs "
+            f"{r['file_gets_per_training']:.2f}, HEADs {r['file_heads_per_training']:.2f} per "
+            f"training; without a real result {r['trainings_without_a_real_result']}; all "
+            f"finished after {r['seconds_to_all_finished']:.1f} s; other processes "
+            f"{r['foreign_cores']:.2f} cores"
         )
 
 
