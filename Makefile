@@ -31,7 +31,8 @@ test: $(STAMP)
 # Benchmarks print their figures and write them under bench-results/; they are not tests
 # (no figure fails them). All of them take about 19 minutes (failover and fal_calls 2 each);
 # each stops by itself and kills what it started. webhook_ingest needs wrk (Debian:
-# apt-get install -y wrk); failover and fal_calls need PostgreSQL's server binaries (a throwaway server, as the tests use).
+# apt-get install -y wrk); failover and fal_calls need PostgreSQL's server binaries (a
+# throwaway server, as the tests use).
 # webhook_ingest and poller_capacity run on SQLite here (figures comparable with earlier
 # runs); `--database both` runs them on PostgreSQL too, with the ratio. Each one waits
 # (boundedly) for other processes to go quiet and reports the load they added anyway.
