@@ -107,6 +107,8 @@ class Cluster:
         self._leading: set[str] = set()
         #: Per role held by another: in how many seconds its lease expires (its last try).
         self._free_in: dict[str, float] = {}
+        #: Per role: who waits in ``taken`` for this instance to become its leader.
+        self._waiting: dict[str, list[trio.Event]] = {}
         if metrics is not None:
             for role in roles:
                 metrics.set_leader(role, False)
@@ -144,6 +146,18 @@ class Cluster:
         """Whether this instance holds ``role`` now, surely (see the module doc)."""
         return trio.current_time() < self._trusted_until.get(role, -math.inf)
 
+    async def taken(self, role: str) -> None:
+        """Return once this instance becomes the leader of ``role`` (a lease it did not hold
+        before is taken), so a layer that waits for the role runs the moment it has it."""
+        event = trio.Event()
+        waiting = self._waiting.setdefault(role, [])
+        waiting.append(event)
+        try:
+            await event.wait()
+        finally:
+            if event in waiting:
+                waiting.remove(event)
+
     async def try_lead(self, role: str) -> bool:
         """Take or renew the lease of ``role``; whether this instance holds it now. A
         database error means no: the lease may not have been renewed."""
@@ -174,6 +188,8 @@ class Cluster:
         if leads:
             self._leading.add(role)
             log.info("this instance is now the leader", role=role, instance=self.id)
+            for event in self._waiting.pop(role, []):
+                event.set()
         else:
             self._leading.discard(role)
             log.info("this instance is no longer the leader", role=role, instance=self.id)

@@ -226,6 +226,15 @@ class LayerContext:
         """Whether this instance holds leader ``role`` now (always, without a cluster)."""
         return self.cluster is None or self.cluster.is_leader(role)
 
+    async def wait_to_lead(self, role: str, seconds: float) -> None:
+        """Wait until this instance becomes the leader of ``role``, ``seconds`` at most
+        (a layer that only the leader runs starts the moment its instance takes over)."""
+        if self.leads(role):
+            return
+        assert self.cluster is not None  # leads() is always True without one
+        with trio.move_on_after(seconds):
+            await self.cluster.taken(role)
+
     def passed(self) -> None:
         """One pass of the layer's work finished: count it and beat."""
         self.heartbeat()
@@ -284,7 +293,7 @@ async def run_due(
     *,
     concurrency: int = 8,
     batch: int = 500,
-    gate: Callable[[], bool] | None = None,
+    role: str | None = None,
     task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED,
 ) -> None:
     """Forever: claim every training whose ``kind`` time has come and nobody holds
@@ -292,9 +301,9 @@ async def run_due(
     due. The schedule lives in the database; reconcile moves it. Claims make each check once
     at a time across instances; reconcile's idempotent, monotonic rules make a late answer
     of an owner whose claim was taken over change nothing. A pass takes ``batch`` trainings
-    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``. ``gate``: a pass
-    runs only while it says yes (a leader role); otherwise the layer waits, beating its
-    heartbeat."""
+    at most, and no more than ``CLAIM_ROUNDS`` rounds of ``concurrency``. ``role``: a pass
+    runs only while this instance is that role's leader; otherwise the layer waits for it,
+    beating its heartbeat."""
     limit = min(batch, concurrency * CLAIM_ROUNDS)
     limiter = trio.CapacityLimiter(concurrency)
 
@@ -313,9 +322,9 @@ async def run_due(
     task_status.started()
     gone = await ctx.gone_owners("trainings")
     while True:
-        if gate is not None and not gate():
+        if role is not None and not ctx.leads(role):
             ctx.heartbeat()
-            await trio.sleep(ctx.idle_seconds)
+            await ctx.wait_to_lead(role, ctx.idle_seconds)
             continue
         now = ctx.clock.now()
         claim = await ctx.store.claim_due(

@@ -49,7 +49,7 @@ class CompletenessLayer:
                 await trio.sleep(min(wait, IDLE_RECHECK_SECONDS))
             if not ctx.leads(SWEEPS):  # another instance runs this pass
                 ctx.heartbeat()
-                await trio.sleep(IDLE_RECHECK_SECONDS)
+                await ctx.wait_to_lead(SWEEPS, IDLE_RECHECK_SECONDS)
                 continue
             await self.sweep(ctx)
             await ctx.store.set_schedule(

@@ -50,9 +50,7 @@ class EmergencyLayer:
                     Observation(training.request_id, self.name, Kind.DEADLINE)
                 )
 
-        await run_due(
-            ctx, "deadline", last_chance, gate=lambda: ctx.leads(SWEEPS), task_status=task_status
-        )
+        await run_due(ctx, "deadline", last_chance, role=SWEEPS, task_status=task_status)
 
 
 @hookimpl

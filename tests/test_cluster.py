@@ -129,6 +129,32 @@ async def test_the_leader_resigns_and_the_other_leads_at_once(database_url: str)
         assert not await a.try_lead(SWEEPS)
 
 
+async def test_a_layer_waiting_for_the_lead_runs_the_moment_its_instance_takes_it(
+    database_url: str,
+) -> None:
+    """``Cluster.taken`` (``LayerContext.wait_to_lead``) returns when this instance becomes
+    the leader, not at the waiter's next poll: a sweep starts as soon as the lease is taken."""
+    async with two_instances(database_url) as (a, b), trio.open_nursery() as nursery:
+        assert await a.try_lead(SWEEPS)
+        woke: list[tuple[float, bool]] = []
+
+        async def waiter() -> None:
+            await b.taken(SWEEPS)
+            woke.append((trio.current_time(), b.is_leader(SWEEPS)))
+
+        nursery.start_soon(waiter)
+        await nursery.start(b.loops)
+        await trio.sleep(LEASE / 2)
+        assert woke == []  # a holds it
+        await a.resign()
+        await wait_for(lambda: b.is_leader(SWEEPS), timeout=LEASE)
+        led_at = trio.current_time()
+        await wait_for(lambda: bool(woke), timeout=1.0)
+        ((at, leader),) = woke
+        assert leader and at - led_at < 0.1
+        nursery.cancel_scope.cancel()
+
+
 async def test_a_dead_leader_is_replaced_within_its_lease_and_never_before_it_expired(
     database_url: str,
 ) -> None:
