@@ -1161,7 +1161,7 @@ class Store:
                 self._last_batch_failed = True
                 return [(False, exc)] * len(batch)
             try:
-                return self._retry_deadlocked(batch, self._commit_batch(batch))
+                results = self._commit_batch(batch)
             except _CutBeforeBegin as cut:
                 # Nothing of the batch ran: run it again, once, on a new connection.
                 try:
@@ -1171,10 +1171,11 @@ class Store:
                     self._last_batch_failed = True
                     return [(False, exc)] * len(batch)
                 try:
-                    return self._commit_batch(batch)
+                    results = self._commit_batch(batch)
                 except _CutBeforeBegin as again:
                     self._last_batch_failed = True
                     return [(False, self._lost(again.error))] * len(batch)
+            return self._retry_deadlocked(batch, results)
         finally:
             self._committing_since = None
 
@@ -1187,7 +1188,10 @@ class Store:
         own rows, so it cannot meet the same deadlock from within its batch again."""
         for i, (ok, value) in enumerate(results):
             if not ok and isinstance(value, Exception) and self.dialect.retryable(value):
-                results[i] = self._commit_batch([batch[i]])[0]
+                try:
+                    results[i] = self._commit_batch([batch[i]])[0]
+                except _CutBeforeBegin as cut:  # the rest is committed: this one alone fails
+                    results[i] = (False, self._lost(cut.error))
         return results
 
     def _commit_batch(self, batch: list[_Write]) -> list[tuple[bool, Any]]:

@@ -499,3 +499,51 @@ async def test_instances_starting_together_migrate_one_at_a_time(database_url: s
         for _ in range(6):
             nursery.start_soon(open_one)
     assert opened == [store_mod.SCHEMA_VERSION] * 6
+
+
+class _Deadlocked(Exception):
+    """Stands in for PostgreSQL's 40P01 in a test of what the store does with one."""
+
+
+async def test_a_retried_write_whose_begin_finds_the_connection_cut_fails_alone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A write failed by a deadlock runs again alone after its batch committed; if that
+    lone run's BEGIN finds the connection cut, only that write fails: the batch it was in
+    is committed and never runs a second time."""
+    batches: list[int] = []
+    runs: list[str] = []
+    async with open_store(f"sqlite:///{tmp_path / 'db.sqlite'}", on_commit=batches.append) as s:
+        monkeypatch.setattr(s.dialect, "retryable", lambda exc: isinstance(exc, _Deadlocked))
+        commit_batch = s._commit_batch
+
+        def cut_on_retry(batch: list[Any]) -> list[tuple[bool, Any]]:
+            if len(batch) == 1 and batch[0].args == ("deadlocked",):
+                raise store_mod._CutBeforeBegin(peewee.OperationalError("connection cut"))
+            return commit_batch(batch)
+
+        monkeypatch.setattr(s, "_commit_batch", cut_on_retry)
+
+        def write(conn: Connection, name: str) -> None:
+            runs.append(name)
+            if name == "deadlocked":
+                raise _Deadlocked(name)
+            _insert(conn, name)
+
+        outcomes: dict[str, BaseException | None] = {}
+
+        async def one(name: str) -> None:
+            try:
+                await s.write(write, name)
+                outcomes[name] = None
+            except Exception as exc:
+                outcomes[name] = exc
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(one, "deadlocked")
+            nursery.start_soon(one, "fine")
+        assert batches[0] == 2  # both were in one batch
+        assert isinstance(outcomes["deadlocked"], store_mod.StoreError)
+        assert outcomes["fine"] is None
+        assert runs == ["deadlocked", "fine"]  # the committed one never ran again
+        assert await s.read(lambda conn: Training.select().count()) == 1
