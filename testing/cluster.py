@@ -95,10 +95,11 @@ class InstanceCluster:
         await self.instances[index].daemon.start()
 
     async def start_all(self) -> None:
-        """One at a time: the first migrates the schema alone (instances do not yet wait
-        for each other's migration)."""
-        for instance in self.instances:
-            await instance.daemon.start()
+        """All at once, as an operator's hosts come up: one migrates the schema, the others
+        wait for it (``Dialect.lock_schema``); returns once every one is READY."""
+        async with trio.open_nursery() as nursery:
+            for instance in self.instances:
+                nursery.start_soon(instance.daemon.start)
 
     async def kill(self, index: int) -> None:
         """SIGKILL instance ``index`` and wait until the process is gone."""
