@@ -281,6 +281,23 @@ def database_kinds(choice: str) -> list[str]:
     return list(DATABASES) if choice == "both" else [choice]
 
 
+#: The key under which a ``--database both`` run keeps its PostgreSQL / SQLite ratios.
+RATIOS_KEY = "ratio_postgresql_to_sqlite"
+
+
+def report_per_database(
+    figures: dict[str, Any], report_one: Callable[[dict[str, Any]], None]
+) -> dict[str, Any] | None:
+    """Print the figures of a one-database run, or both databases' of a ``both`` run with
+    ``report_one``; the ratios of a ``both`` run (None for one database)."""
+    if RATIOS_KEY not in figures:
+        report_one(figures)
+        return None
+    report_one(figures["sqlite"])
+    report_one(figures["postgresql"])
+    return dict(figures[RATIOS_KEY])
+
+
 def add_database_option(parser: argparse.ArgumentParser, default: str = "sqlite") -> None:
     parser.add_argument(
         "--database",

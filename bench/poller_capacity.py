@@ -33,6 +33,7 @@ from typing import Any
 
 import trio
 from _common import (
+    RATIOS_KEY,
     Children,
     Databases,
     ForeignLoad,
@@ -43,6 +44,7 @@ from _common import (
     metrics,
     print_profile,
     profile_rows,
+    report_per_database,
     run_main,
     say,
     seeded_config,
@@ -271,16 +273,13 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
                 )
     if len(per_kind) == 1:
         return next(iter(per_kind.values()))
-    return {**per_kind, "ratio_postgresql_to_sqlite": ratios(**per_kind)}
+    return {**per_kind, RATIOS_KEY: ratios(**per_kind)}
 
 
 def report(f: dict[str, Any]) -> None:
-    if "ratio_postgresql_to_sqlite" not in f:
-        report_one(f)
+    r = report_per_database(f, report_one)
+    if r is None:
         return
-    report_one(f["sqlite"])
-    report_one(f["postgresql"])
-    r = f["ratio_postgresql_to_sqlite"]
     print()
     print("poller capacity, PostgreSQL / SQLite")
     for key, value in r.items():

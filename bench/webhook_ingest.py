@@ -35,6 +35,7 @@ from typing import Any
 import trio
 from _common import (
     PYTHON,
+    RATIOS_KEY,
     ROOT,
     Children,
     Databases,
@@ -51,6 +52,7 @@ from _common import (
     parse_args,
     print_profile,
     profile_rows,
+    report_per_database,
     say,
     seed_database,
     start_profile,
@@ -218,7 +220,7 @@ async def bench(args: argparse.Namespace, workdir: Path) -> dict[str, Any]:
     lite, pg = per_kind["sqlite"], per_kind["postgresql"]
     return {
         **per_kind,
-        "ratio_postgresql_to_sqlite": {
+        RATIOS_KEY: {
             "listener_ok_per_second": pg["listener_wrk_log_info"]["ok_per_second"]
             / lite["listener_wrk_log_info"]["ok_per_second"],
             "p99_ms_at_fixed_rate": pg["listener_fixed_rate"]["p99_ms"]
@@ -380,12 +382,9 @@ async def listener_runs(
 
 
 def report(f: dict[str, Any]) -> None:
-    if "ratio_postgresql_to_sqlite" not in f:
-        report_one(f)
+    r = report_per_database(f, report_one)
+    if r is None:
         return
-    report_one(f["sqlite"])
-    report_one(f["postgresql"])
-    r = f["ratio_postgresql_to_sqlite"]
     print()
     print(
         f"webhook ingest, PostgreSQL / SQLite: {r['listener_ok_per_second']:.2f} x the webhooks "
